@@ -1,0 +1,51 @@
+"""lightning_recipe: drop-in PyTorch Lightning callbacks that measure Karpathy's *Recipe for
+Training Neural Networks* and cs231n's *Learning and Evaluation* habits, log them to
+TensorBoard and say in plain words when training is silently broken.
+
+Example::
+
+    import lightning as L
+    import lightning_recipe as lr
+
+    trainer = L.Trainer(callbacks=lr.recipe_callbacks())
+    trainer.fit(model, datamodule)
+    for f in lr.findings(trainer):
+        print(f.severity, f.code, f.message)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_recipe.batch import BatchAdapter, BatchLayoutError
+from lightning_recipe.callback import RecipeCallback
+from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
+from lightning_recipe.suite import recipe_callbacks
+
+__version__ = "0.1.0"
+
+
+def findings(trainer: Any) -> list[Finding]:
+    """Every finding of every recipe callback on ``trainer``, in step order."""
+    from lightning_recipe.report import gather_findings
+
+    return gather_findings(trainer)
+
+
+__all__ = [
+    "CATALOG",
+    "BatchAdapter",
+    "BatchLayoutError",
+    "DataInspectionCheck",
+    "Finding",
+    "LossAtInitCheck",
+    "RecipeCallback",
+    "RecipeError",
+    "RecipeWarning",
+    "Severity",
+    "__version__",
+    "findings",
+    "recipe_callbacks",
+]

@@ -1,0 +1,422 @@
+"""Running the user's own step on a copy of the model, and seeing what reaches the loss.
+
+Every check needs "the loss of this model on this batch" and often "the logits and targets
+that went into the loss". Rather than guessing the model's ``forward`` signature, we call the
+user's ``training_step`` on a deep copy of the LightningModule (``self.log`` silenced, the
+trainer's loggers hidden) inside a :class:`LossCapture` torch-function mode that records every
+call to a ``torch.nn.functional`` loss (``nn.CrossEntropyLoss`` and friends call those too).
+RNG state is saved and restored around everything, so the real run is bit-identical.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+StepFn = Callable[[nn.Module, Any], Any]
+
+LOSS_FUNCTIONS: dict[Callable[..., Any], str] = {
+    F.cross_entropy: "cross_entropy",
+    F.nll_loss: "nll_loss",
+    F.binary_cross_entropy: "binary_cross_entropy",
+    F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits",
+    F.mse_loss: "mse_loss",
+    F.l1_loss: "l1_loss",
+    F.smooth_l1_loss: "smooth_l1_loss",
+    F.huber_loss: "huber_loss",
+    F.kl_div: "kl_div",
+    F.multi_margin_loss: "multi_margin_loss",
+    F.multilabel_margin_loss: "multilabel_margin_loss",
+    F.multilabel_soft_margin_loss: "multilabel_soft_margin_loss",
+    F.soft_margin_loss: "soft_margin_loss",
+    F.poisson_nll_loss: "poisson_nll_loss",
+    F.gaussian_nll_loss: "gaussian_nll_loss",
+    F.hinge_embedding_loss: "hinge_embedding_loss",
+    F.cosine_embedding_loss: "cosine_embedding_loss",
+    F.margin_ranking_loss: "margin_ranking_loss",
+    F.triplet_margin_loss: "triplet_margin_loss",
+    F.ctc_loss: "ctc_loss",
+}
+_LOSS_BY_NAME = {name: fn for fn, name in LOSS_FUNCTIONS.items()}
+#: losses over class scores with integer (or probability) targets
+CLASS_LOSSES = ("cross_entropy", "nll_loss", "multi_margin_loss")
+#: losses where "predict the target mean" is the natural baseline
+REGRESSION_LOSSES = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
+
+
+class ProbeSkip(Exception):
+    """A check cannot run on this model / batch; the message is the reason shown to the user."""
+
+
+@dataclass
+class LossCall:
+    """One call to a loss function seen during a probed step."""
+
+    name: str
+    input: Tensor
+    target: Any
+    kwargs: dict[str, Any]
+    output: Tensor
+    args: tuple = ()
+    #: "sigmoid" / "softmax" when the input is (a view of) the output of that function
+    squashed_by: str | None = None
+
+    @property
+    def function(self) -> Callable[..., Any]:
+        """The ``torch.nn.functional`` loss that was called."""
+        return _LOSS_BY_NAME[self.name]
+
+    def recompute(self, new_input: Tensor) -> Tensor:
+        """The same loss call (target, weights, reduction...) on another input."""
+        args = (new_input, *self.args[1:])
+        kwargs = {k: v for k, v in self.kwargs.items() if k != "input"}
+        return self.function(*args, **kwargs)
+
+
+_SQUASHERS: dict[Callable[..., Any], str] = {
+    torch.sigmoid: "sigmoid",
+    torch.Tensor.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.softmax: "softmax",
+    torch.Tensor.softmax: "softmax",
+    F.softmax: "softmax",
+}
+
+
+def _storage_ptr(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
+
+
+class LossCapture(TorchFunctionMode):
+    """Records calls to ``torch.nn.functional`` losses (only the outermost one of each), and
+    whether a loss input is the output of a sigmoid / softmax (by tensor storage; the outputs
+    are kept alive while capturing so a freed address cannot be mistaken for one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[LossCall] = []
+        self._squashed: dict[int, tuple[str, Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        squash = _SQUASHERS.get(func)
+        if squash is not None and isinstance(out, Tensor):
+            self._squashed[_storage_ptr(out)] = (squash, out)
+            return out
+        name = LOSS_FUNCTIONS.get(func)
+        if name is not None and args and isinstance(args[0], Tensor) and isinstance(out, Tensor):
+            target = args[1] if len(args) > 1 else kwargs.get("target")
+            hit = self._squashed.get(_storage_ptr(args[0]))
+            self.calls.append(
+                LossCall(name, args[0], target, dict(kwargs), out, tuple(args), hit[0] if hit else None)
+            )
+        return out
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._squashed.clear()
+        return super().__exit__(*exc)
+
+
+@dataclass
+class StepResult:
+    """The loss a probed step returned and the loss-function calls it made."""
+
+    loss: Tensor | None
+    calls: list[LossCall] = field(default_factory=list)
+
+    @property
+    def main_call(self) -> LossCall | None:
+        """The data loss: the loss call whose value equals the step's loss if there is one
+        (no regulariser added), else the first scalar loss call."""
+        scalar = [c for c in self.calls if c.output.dim() == 0]
+        if self.loss is not None and self.loss.dim() == 0:
+            lv = float(self.loss.detach())
+            for c in scalar:
+                cv = float(c.output.detach())
+                if abs(cv - lv) <= 1e-6 * max(1.0, abs(lv)):
+                    return c
+        if scalar:
+            return scalar[0]
+        return self.calls[0] if self.calls else None
+
+    @property
+    def data_loss(self) -> Tensor | None:
+        """The data loss (regularisers left out when we can tell them apart)."""
+        call = self.main_call
+        if call is not None:
+            out = call.output
+            return out if out.dim() == 0 else out.mean()
+        return self.loss
+
+
+# ---------------------------------------------------------------------------- RNG and modes
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Save and restore Python, NumPy, torch CPU and every CUDA device RNG state."""
+    py_state = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        np = None  # type: ignore[assignment]
+    cpu_state = torch.get_rng_state()
+    cuda_states = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda_states = torch.cuda.get_rng_state_all()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        if np_state is not None:
+            np.random.set_state(np_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+@contextmanager
+def preserved_modes(module: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextmanager
+def preserved_grads(module: nn.Module) -> Iterator[None]:
+    """Restore every parameter's ``.grad`` (the tensor object and its values) on exit."""
+    saved = [(p, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, g in saved:
+            if g is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g
+            else:
+                p.grad.copy_(g)
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily change ``torch.get_default_dtype()``."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ---------------------------------------------------------------------------- model copies
+_RECIPE_HOOK_IDS: set[int] = set()
+
+
+def track_hook(handle: Any) -> Any:
+    """Remember a hook handle registered by this package so copies can drop it."""
+    _RECIPE_HOOK_IDS.add(handle.id)
+    return handle
+
+
+def untrack_hook(handle: Any) -> None:
+    """Remove a hook registered with :func:`track_hook`."""
+    _RECIPE_HOOK_IDS.discard(handle.id)
+    handle.remove()
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _strip_recipe_hooks(module: nn.Module) -> None:
+    if not _RECIPE_HOOK_IDS:
+        return
+    for m in module.modules():
+        for name in _HOOK_DICTS:
+            hooks = m.__dict__.get(name)
+            if hooks:
+                for hid in list(hooks):
+                    if hid in _RECIPE_HOOK_IDS:
+                        del hooks[hid]
+
+
+class _SilentTrainer:
+    """Stands in for the trainer on a module copy: everything reads through, but no logger
+    is reachable, so user code on the copy cannot write to the user's logs."""
+
+    def __init__(self, trainer: Any) -> None:
+        object.__setattr__(self, "_trainer", trainer)
+
+    logger = None
+    loggers: tuple = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_trainer"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        pass  # a step on a copy must not change the real trainer
+
+
+def _noop(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
+    """A deep copy of a (Lightning)Module that is safe to run the user's steps on.
+
+    Datasets and data loaders held as attributes are shared, not copied. On the copy,
+    ``log``/``log_dict`` do nothing, hooks this package registered are dropped, and
+    ``self.trainer`` (when given) reads through to the trainer without reaching its loggers.
+    Raises :class:`ProbeSkip` if the model cannot be copied.
+    """
+    from torch.utils.data import DataLoader, Dataset
+
+    memo: dict[int, Any] = {}
+    for value in vars(module).values():
+        if isinstance(value, (Dataset, DataLoader)):
+            memo[id(value)] = value
+    if trainer is not None:
+        memo[id(trainer)] = trainer
+    try:
+        with preserved_rng():
+            clone = copy.deepcopy(module, memo)
+    except Exception as exc:
+        raise ProbeSkip(f"the model could not be deep-copied ({type(exc).__name__}: {exc})") from exc
+    _strip_recipe_hooks(clone)
+    for m in clone.modules():
+        if hasattr(m, "log_dict") and hasattr(m, "training_step"):
+            object.__setattr__(m, "log", _noop)
+            object.__setattr__(m, "log_dict", _noop)
+            if trainer is not None and "_trainer" in m.__dict__:
+                m.__dict__["_trainer"] = _SilentTrainer(trainer)
+    return clone
+
+
+# ---------------------------------------------------------------------------- running steps
+def call_training_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
+    """``module.training_step(batch[, batch_idx])`` as Lightning would call it."""
+    step = getattr(module, "training_step", None)
+    if step is None:
+        raise ProbeSkip("the module has no training_step; pass step_fn=(model, batch) -> loss")
+    try:
+        from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+
+        takes_idx = is_param_in_hook_signature(step, "batch_idx", min_args=2)
+    except Exception:
+        takes_idx = True
+    return step(batch, batch_idx) if takes_idx else step(batch)
+
+
+def extract_loss(output: Any) -> Tensor | None:
+    """The loss in a ``training_step`` return value: a tensor, ``{"loss": ...}`` or ``None``."""
+    if output is None:
+        return None
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+        if isinstance(loss, Tensor):
+            return loss
+        raise ProbeSkip("training_step returned a dict without a tensor under 'loss'")
+    raise ProbeSkip(f"training_step returned a {type(output).__name__}, not a loss tensor")
+
+
+def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch_idx: int = 0) -> StepResult:
+    """Run one step (the user's ``training_step`` or ``step_fn``) and capture its loss calls."""
+    with LossCapture() as capture:
+        out = step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
+    return StepResult(loss=extract_loss(out), calls=capture.calls)
+
+
+def is_manual_optimization(module: nn.Module) -> bool:
+    """True for a LightningModule with ``automatic_optimization = False``."""
+    return getattr(module, "automatic_optimization", True) is False
+
+
+# ---------------------------------------------------------------------------- reading losses
+@dataclass
+class ClassScores:
+    """Class scores and integer targets from a classification loss call, flattened to (N, C)."""
+
+    scores: Tensor  # (N, C)
+    target: Tensor | None  # (N,) integer classes, or None (probability targets)
+    num_classes: int
+    class_dim: int
+
+
+def class_scores(call: LossCall) -> ClassScores | None:
+    """View a classification loss call as (N, C) scores; ``None`` if it is not one."""
+    if call.name not in CLASS_LOSSES:
+        return None
+    x = call.input.detach()
+    if x.dim() == 1:  # unbatched (C,)
+        x = x.unsqueeze(0)
+        tgt = call.target.reshape(1) if isinstance(call.target, Tensor) else None
+        return ClassScores(x, tgt, x.shape[1], 1)
+    if x.dim() < 2:
+        return None
+    c = x.shape[1]
+    scores = x.movedim(1, -1).reshape(-1, c)
+    target = call.target if isinstance(call.target, Tensor) else None
+    if target is not None and not target.is_floating_point():
+        target = target.reshape(-1)
+        if target.numel() != scores.shape[0]:
+            target = None
+    elif target is not None:
+        target = None  # probability targets: no integer classes
+    return ClassScores(scores, target, c, 1)
+
+
+def looks_like_probabilities(call: LossCall) -> dict[str, float] | None:
+    """Evidence that a loss expecting logits / log-probabilities got probabilities.
+
+    ``cross_entropy`` and ``multi_margin_loss`` expect logits, ``nll_loss`` log-probabilities:
+    rows that lie in [0, 1] and sum to 1 are a softmax output (raw scores never do that).
+    ``binary_cross_entropy_with_logits`` expects logits; values alone cannot tell a sigmoid
+    output from small logits at init, so it is flagged only when the input is the output of a
+    ``sigmoid`` call seen during the step.
+    Returns ``None`` when the input does not look like probabilities.
+    """
+    x = call.input.detach().float()
+    if x.numel() == 0 or not bool(torch.isfinite(x).all()):
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    if call.name in CLASS_LOSSES:
+        view = class_scores(call)
+        if view is None or view.num_classes < 2:
+            return None
+        sums = view.scores.float().sum(dim=1)
+        smin, smax = float(sums.min()), float(sums.max())
+        if lo >= -1e-6 and hi <= 1 + 1e-6 and abs(smin - 1) < 1e-3 and abs(smax - 1) < 1e-3:
+            return {"min": lo, "max": hi, "row_sum_min": smin, "row_sum_max": smax}
+        return None
+    squashed = call.name == "binary_cross_entropy_with_logits" and call.squashed_by == "sigmoid"
+    if squashed and lo >= 0.0 and hi <= 1.0:
+        return {"min": lo, "max": hi, "count": float(x.numel()), "produced_by": "sigmoid"}
+    return None

@@ -1,0 +1,319 @@
+"""Finding the input and the target in a batch; zeroing inputs; slicing samples.
+
+Checks need "the input" (to zero it, to take a gradient with respect to it, to look at it) and
+"the target" (to count classes). Batches come in every shape, so :class:`BatchAdapter` guesses
+the common layouts and takes ``get_input`` / ``get_target`` callables for anything else:
+
+* a bare tensor: it is the input, there is no target;
+* a tuple / list (or namedtuple): the first tensor is the input, the second the target;
+* a dict (or any mapping): the first of :data:`INPUT_KEYS` / :data:`TARGET_KEYS` present;
+* an object with attributes named like those keys (a dataclass, a ``SimpleNamespace``).
+
+When it cannot tell, it raises :class:`BatchLayoutError`, whose message names the
+``get_input`` / ``get_target`` arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields, is_dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+INPUT_KEYS: tuple[str, ...] = (
+    "x",
+    "input",
+    "inputs",
+    "image",
+    "images",
+    "img",
+    "features",
+    "input_ids",
+    "data",
+    "src",
+    "tokens",
+)
+TARGET_KEYS: tuple[str, ...] = (
+    "y",
+    "label",
+    "labels",
+    "target",
+    "targets",
+    "tgt",
+    "class",
+    "classes",
+)
+
+Getter = Callable[[Any], Any]
+
+
+class BatchLayoutError(ValueError):
+    """The batch layout could not be read; the message says which argument to pass."""
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"Tensor{tuple(batch.shape)}"
+    if isinstance(batch, Mapping):
+        return "dict with keys " + ", ".join(repr(k) for k in list(batch)[:12])
+    if isinstance(batch, (list, tuple)):
+        inner = ", ".join(_describe(b) for b in list(batch)[:6])
+        return f"{type(batch).__name__} of {len(batch)} [{inner}]"
+    return type(batch).__name__
+
+
+def _key_lookup(batch: Any, keys: Sequence[str]) -> tuple[str, Any] | None:
+    if isinstance(batch, Mapping):
+        lowered = {str(k).lower(): k for k in batch}
+        for key in keys:
+            if key in lowered:
+                return lowered[key], batch[lowered[key]]
+        return None
+    if _is_namedtuple(batch):
+        for key in keys:
+            if key in batch._fields:
+                return key, getattr(batch, key)
+        return None
+    if is_dataclass(batch) and not isinstance(batch, type):
+        names = {f.name.lower(): f.name for f in fields(batch)}
+        for key in keys:
+            if key in names:
+                return names[key], getattr(batch, names[key])
+        return None
+    if hasattr(batch, "__dict__") and not isinstance(batch, Tensor):
+        attrs = {k.lower(): k for k in vars(batch)}
+        for key in keys:
+            if key in attrs:
+                return attrs[key], getattr(batch, attrs[key])
+    return None
+
+
+class BatchAdapter:
+    """Reads the input and the target of a batch, for every check that needs them.
+
+    Args:
+        get_input: ``callable(batch) -> Tensor`` returning the model input; overrides the guess.
+        get_target: ``callable(batch) -> Tensor | None`` returning the target; overrides the guess.
+
+    Example::
+
+        adapter = BatchAdapter(get_input=lambda b: b["pixels"], get_target=lambda b: b["digit"])
+        x = adapter.input(batch)
+    """
+
+    def __init__(self, get_input: Getter | None = None, get_target: Getter | None = None) -> None:
+        for name, fn in (("get_input", get_input), ("get_target", get_target)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"`{name}` must be a callable taking the batch, got {type(fn).__name__}")
+        self.get_input = get_input
+        self.get_target = get_target
+
+    # -------------------------------------------------------------- locate
+    def locate_input(self, batch: Any) -> tuple[Any, ...]:
+        """Path to the input inside the batch (``()`` for a bare tensor, ``(0,)``, ``("x",)``)."""
+        if isinstance(batch, Tensor):
+            return ()
+        if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or _is_namedtuple(batch):
+            hit = _key_lookup(batch, INPUT_KEYS)
+            if hit is not None:
+                return (hit[0],)
+        if isinstance(batch, (list, tuple)) and batch:
+            first = batch[0]
+            if isinstance(first, Tensor):
+                return (0,)
+            if isinstance(first, (Mapping, list, tuple)):
+                return (0, *self.locate_input(first))
+        raise BatchLayoutError(
+            f"lightning_recipe could not find the model input in a batch of type {_describe(batch)}; "
+            f"pass get_input=lambda batch: ... (and get_target=...) to the callback, "
+            f"or use one of the keys {list(INPUT_KEYS)}."
+        )
+
+    def locate_target(self, batch: Any) -> tuple[Any, ...] | None:
+        """Path to the target inside the batch, or ``None`` when the batch has none."""
+        if isinstance(batch, Tensor):
+            return None
+        if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or _is_namedtuple(batch):
+            hit = _key_lookup(batch, TARGET_KEYS)
+            if hit is not None:
+                return (hit[0],)
+            if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)):
+                return None
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            if isinstance(batch[0], (Mapping, list, tuple)) and not isinstance(batch[0], Tensor):
+                return (1,) if isinstance(batch[1], Tensor) else None
+            return (1,) if isinstance(batch[1], Tensor) else None
+        return None
+
+    # -------------------------------------------------------------- read
+    def input(self, batch: Any) -> Tensor:
+        """The model input (a tensor)."""
+        if self.get_input is not None:
+            value = self.get_input(batch)
+            if not isinstance(value, Tensor):
+                raise BatchLayoutError(
+                    f"`get_input` must return a Tensor, it returned {type(value).__name__}"
+                )
+            return value
+        value = _get_path(batch, self.locate_input(batch))
+        if not isinstance(value, Tensor):
+            raise BatchLayoutError(
+                f"the guessed input in a batch of type {_describe(batch)} is a "
+                f"{type(value).__name__}, not a Tensor; pass get_input=lambda batch: ... to the callback"
+            )
+        return value
+
+    def target(self, batch: Any) -> Tensor | None:
+        """The target tensor, or ``None`` when the batch carries none."""
+        if self.get_target is not None:
+            value = self.get_target(batch)
+            if value is not None and not isinstance(value, Tensor):
+                raise BatchLayoutError(
+                    f"`get_target` must return a Tensor or None, it returned {type(value).__name__}"
+                )
+            return value
+        if self.get_input is not None and not isinstance(batch, (Mapping, list, tuple)):
+            return None
+        path = self.locate_target(batch)
+        if path is None:
+            return None
+        value = _get_path(batch, path)
+        return value if isinstance(value, Tensor) else None
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of samples: the first dimension of the input."""
+        x = self.input(batch)
+        if x.dim() == 0:
+            raise BatchLayoutError("the batch input is a 0-d tensor; it has no batch dimension")
+        return int(x.shape[0])
+
+    # -------------------------------------------------------------- transform
+    def with_input(self, batch: Any, new_input: Tensor) -> Any:
+        """A shallow copy of ``batch`` with the input replaced (the original is untouched)."""
+        if self.get_input is not None:
+            old = self.get_input(batch)
+            return map_tensors(batch, lambda t: new_input if t is old else t)
+        return _set_path(batch, self.locate_input(batch), new_input)
+
+    def zero_inputs(self, batch: Any) -> Any:
+        """A copy of ``batch`` whose input is all zeros (same shape, dtype and device)."""
+        return self.with_input(batch, torch.zeros_like(self.input(batch)))
+
+    def slice(self, batch: Any, k: int) -> Any:
+        """The first ``k`` samples of ``batch``: every tensor (or list) whose first dimension
+        is the batch size is sliced, everything else is kept as is."""
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive int, got {k!r}")
+        n = self.batch_size(batch)
+        return slice_batch(batch, n, k)
+
+
+def _get_path(batch: Any, path: tuple[Any, ...]) -> Any:
+    value = batch
+    for key in path:
+        if isinstance(key, str) and not isinstance(value, Mapping):
+            value = getattr(value, key)
+        elif isinstance(value, (Mapping, list, tuple)):
+            value = value[key]
+        else:
+            value = getattr(value, key)
+    return value
+
+
+def _set_path(batch: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    key, rest = path[0], path[1:]
+    if isinstance(batch, Mapping):
+        out = dict(batch) if type(batch) is not dict else batch.copy()
+        out[key] = _set_path(batch[key], rest, new)
+        try:
+            return type(batch)(out) if type(batch) is not dict else out
+        except TypeError:
+            return out
+    if _is_namedtuple(batch):
+        if isinstance(key, int):
+            key = batch._fields[key]
+        return batch._replace(**{key: _set_path(getattr(batch, key), rest, new)})
+    if isinstance(batch, (list, tuple)):
+        items = list(batch)
+        items[key] = _set_path(items[key], rest, new)
+        return type(batch)(items) if isinstance(batch, list) else tuple(items)
+    if is_dataclass(batch) and not isinstance(batch, type):
+        return replace(batch, **{key: _set_path(getattr(batch, key), rest, new)})
+    import copy
+
+    out = copy.copy(batch)
+    setattr(out, key, _set_path(getattr(batch, key), rest, new))
+    return out
+
+
+def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a nested batch, keeping the containers' types."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        out = {k: map_tensors(v, fn) for k, v in batch.items()}
+        if type(batch) is dict:
+            return out
+        try:
+            return type(batch)(out)
+        except TypeError:
+            return out
+    if _is_namedtuple(batch):
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        items = [map_tensors(v, fn) for v in batch]
+        return items if isinstance(batch, list) else tuple(items)
+    if is_dataclass(batch) and not isinstance(batch, type):
+        return replace(batch, **{f.name: map_tensors(getattr(batch, f.name), fn) for f in fields(batch)})
+    return batch
+
+
+def slice_batch(batch: Any, n: int, k: int) -> Any:
+    """The first ``k`` of ``n`` samples of any batch structure (tensors and lists of length n)."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value[:k] if value.dim() > 0 and value.shape[0] == n else value
+        if isinstance(value, Mapping):
+            out = {key: cut(v) for key, v in value.items()}
+            if type(value) is dict:
+                return out
+            try:
+                return type(value)(out)
+            except TypeError:
+                return out
+        if _is_namedtuple(value):
+            return type(value)(*(cut(v) for v in value))
+        if (
+            isinstance(value, list)
+            and len(value) == n
+            and n != k
+            and not any(isinstance(v, Tensor) for v in value)
+        ):
+            return value[:k]
+        if isinstance(value, (list, tuple)):
+            items = [cut(v) for v in value]
+            return items if isinstance(value, list) else tuple(items)
+        if is_dataclass(value) and not isinstance(value, type):
+            return replace(value, **{f.name: cut(getattr(value, f.name)) for f in fields(value)})
+        return value
+
+    return cut(batch)
+
+
+def to_dtype(batch: Any, dtype: torch.dtype) -> Any:
+    """A copy of the batch with every floating-point tensor cast to ``dtype``."""
+    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def detach_clone(batch: Any) -> Any:
+    """A detached copy of every tensor in the batch (for keeping a batch across steps)."""
+    return map_tensors(batch, lambda t: t.detach().clone())

@@ -1,0 +1,215 @@
+"""The base class of every recipe callback: findings, emission, guarding, resume state."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from lightning.pytorch.callbacks import Callback
+
+from lightning_recipe import _context
+from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, check_code
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ON_ERROR_CHOICES = ("warn", "raise")
+
+
+def validate_on_error(on_error: str) -> str:
+    """Check the ``on_error`` argument and return it."""
+    if on_error not in ON_ERROR_CHOICES:
+        raise ValueError(f"`on_error` must be one of {ON_ERROR_CHOICES}, got {on_error!r}")
+    return on_error
+
+
+class RecipeCallback(Callback):
+    """Base of every ``lightning_recipe`` callback.
+
+    It keeps the callback's findings (:attr:`findings`), issues each warning/error finding once
+    per code as a :class:`~lightning_recipe.RecipeWarning` on rank zero, raises
+    :class:`~lightning_recipe.RecipeError` for error findings when ``on_error="raise"``, turns an
+    internal failure of a diagnostic into an ``internal-error`` info finding (the user's run goes
+    on), and saves its findings in checkpoints so a resumed run neither repeats nor loses them.
+
+    Subclasses implement Lightning hooks, call :meth:`report` with measured numbers, and put
+    their key figures in :attr:`figures` (they go to ``recipe_report.json``).
+
+    Example::
+
+        class MyCheck(RecipeCallback):
+            def on_train_start(self, trainer, pl_module):
+                self.report(trainer, "check-skipped", "info", "nothing to check", {"why": "demo"})
+    """
+
+    def __init__(self, *, on_error: str = "warn") -> None:
+        super().__init__()
+        self.on_error = validate_on_error(on_error)
+        self._findings: list[Finding] = []
+        self._emitted: set[str] = set()
+        self._broken = False
+        #: key figures for the report, JSON-ready: {"loss": 2.31, ...}
+        self.figures: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ findings
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings this callback has made so far, in the order it made them."""
+        return list(self._recipe_findings())
+
+    def _recipe_findings(self) -> list[Finding]:
+        # created lazily too, so subclasses of other callbacks (EarlyStopping) that run
+        # their own __init__ chain still work
+        if not hasattr(self, "_findings"):
+            self._findings = []
+            self._emitted = set()
+            self._broken = False
+            self.figures = {}
+            self.on_error = "warn"
+        return self._findings
+
+    def report(
+        self,
+        trainer: Any | None,
+        code: str,
+        severity: Severity | str,
+        message: str,
+        evidence: dict[str, Any] | None = None,
+        *,
+        step: int | None = None,
+    ) -> Finding:
+        """Record a finding; warn (rank zero, once per code) and raise if asked to.
+
+        Args:
+            trainer: the trainer (``None`` in ``preflight``).
+            code: a code from :data:`~lightning_recipe.findings.CATALOG`.
+            severity: ``"info"``, ``"warning"`` or ``"error"``.
+            message: one sentence with the measured numbers and what to try.
+            evidence: the numbers behind the message.
+            step: defaults to ``trainer.global_step``.
+        """
+        found = Finding(
+            code=check_code(code),
+            severity=Severity(severity),
+            message=message,
+            source=type(self).__name__,
+            step=_context.global_step(trainer) if step is None else int(step),
+            evidence=dict(evidence or {}),
+        )
+        self._recipe_findings().append(found)
+        if found.severity is not Severity.INFO and code not in self._emitted:
+            self._emitted.add(code)
+            if _context.is_global_zero(trainer):
+                warnings.warn(f"[{code}] {message}", RecipeWarning, stacklevel=2)
+        if trainer is not None:
+            from lightning_recipe import tensorboard
+
+            tensorboard.findings_changed(trainer)
+        if found.severity is Severity.ERROR and self.on_error == "raise":
+            raise RecipeError(found)
+        return found
+
+    def has_reported(self, code: str) -> bool:
+        """True if this callback already made a finding with ``code``."""
+        return any(f.code == code for f in self._recipe_findings())
+
+    # ------------------------------------------------------------------ guarding
+    def run_safely(self, trainer: Any | None, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn(*args)``; on an internal failure report ``internal-error``, turn this
+        callback off and return ``None``. :class:`RecipeError` passes through."""
+        if getattr(self, "_broken", False):
+            return None
+        try:
+            return fn(*args)
+        except RecipeError:
+            raise
+        except Exception as exc:
+            self._broken = True
+            try:
+                self.teardown_diagnostics()
+            except Exception:
+                pass
+            self.report(
+                trainer,
+                "internal-error",
+                Severity.INFO,
+                f"{type(self).__name__} failed internally in {what} and turned itself off; "
+                f"training continues unaffected ({type(exc).__name__}: {exc}).",
+                {"where": what, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return None
+
+    def teardown_diagnostics(self) -> None:
+        """Detach hooks and free buffers; called when the callback turns itself off.
+        Subclasses with hooks or snapshots override it."""
+
+    @property
+    def active(self) -> bool:
+        """False once the callback turned itself off after an internal error."""
+        return not getattr(self, "_broken", False)
+
+    # ------------------------------------------------------------------ lifecycle
+    def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
+        """Charts this callback adds to the custom-scalars layout:
+        ``{"Recipe": {"title": ("Multiline", [tag regex, ...])}}``. Default: none."""
+        return {}
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        from lightning_recipe.tensorboard import recipe_callbacks_of
+
+        if stage == "fit":
+            callbacks = recipe_callbacks_of(trainer)
+            if callbacks and callbacks[0] is self:
+                _context.reset_trainer_state(trainer)
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_recipe import tensorboard
+
+        tensorboard.write_layout(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_recipe import report
+
+        report.write_report_if_last(trainer, self)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.teardown_diagnostics()
+        from lightning_recipe import report
+
+        report.write_report_if_last(trainer, self)
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "findings": [f.to_dict() for f in self._recipe_findings()],
+            "emitted": sorted(self._emitted),
+            "figures": _context_safe(self.figures),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._findings = [Finding.from_dict(d) for d in state_dict.get("findings", [])]
+        self._emitted = set(state_dict.get("emitted", []))
+        self.figures = dict(state_dict.get("figures", {}))
+
+
+def _context_safe(figures: dict[str, Any]) -> dict[str, Any]:
+    from lightning_recipe.findings import _jsonable
+
+    return _jsonable(figures)
+
+
+def guarded(hook: F) -> F:
+    """Decorator for hook methods: skip when the callback is off, and turn an internal failure
+    into an ``internal-error`` info finding (see :meth:`RecipeCallback.run_safely`).
+
+    Do not put a hook that calls a collective (all-reduce, broadcast) behind it: a failure on
+    one rank would skip the collective there and hang the others. Use ``run_safely`` around
+    the local computation and call the collective unconditionally instead.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self: RecipeCallback, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.run_safely(trainer, hook.__name__, lambda: hook(self, trainer, *args, **kwargs))
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,92 @@
+"""Shared machinery of the one-shot checks: run once on the first training batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lightning_recipe._probe import ProbeSkip, StepFn
+from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.callback import RecipeCallback, guarded
+from lightning_recipe.findings import Severity
+
+
+class FirstBatchCheck(RecipeCallback):
+    """A check that measures once, on the first training batch, before any optimizer step.
+
+    It sees the batch as Lightning hands it to ``training_step`` (after the transfer to the
+    device). A resumed run that already ran the check does not run it again (the flag and the
+    findings are in the checkpoint); a run that starts at a step > 0 without that state reports
+    the skip. :meth:`check` does the work and can also be called without a trainer
+    (``lightning_recipe.preflight``).
+
+    Args:
+        get_input: ``callable(batch) -> Tensor`` for batch layouts the guess cannot read.
+        get_target: ``callable(batch) -> Tensor | None`` likewise for the target.
+        step_fn: ``callable(model, batch) -> loss`` replacing ``model.training_step`` (needed
+            for manual optimisation, where ``training_step`` steps the optimizers itself).
+        on_error: ``"warn"`` (default) or ``"raise"`` to stop the fit with ``RecipeError`` on an
+            error finding.
+    """
+
+    #: a short verb phrase for messages ("measure the loss at init")
+    what = "run"
+
+    def __init__(
+        self,
+        *,
+        get_input: Getter | None = None,
+        get_target: Getter | None = None,
+        step_fn: StepFn | None = None,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(on_error=on_error)
+        if step_fn is not None and not callable(step_fn):
+            raise TypeError(
+                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
+            )
+        self.adapter = BatchAdapter(get_input, get_target)
+        self.step_fn = step_fn
+        self.done = False
+
+    @guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.done:
+            return
+        self.done = True
+        if trainer.global_step > 0:
+            self.skip(
+                trainer, f"training resumed at step {trainer.global_step}, after the point where it applies"
+            )
+            return
+        self.run_check(trainer, pl_module, batch)
+
+    def run_check(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
+        """Run :meth:`check`, turning a :class:`ProbeSkip` or unreadable batch into a skip."""
+        try:
+            self.check(trainer, module, batch)
+        except (ProbeSkip, BatchLayoutError) as why:
+            self.skip(trainer, str(why))
+
+    def check(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
+        """Measure on ``batch``; report findings with :meth:`report`. Subclasses implement it."""
+        raise NotImplementedError
+
+    def skip(self, trainer: Any | None, reason: str) -> None:
+        """Report that the check could not run, and why (info)."""
+        self.figures["skipped"] = reason
+        self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"{type(self).__name__} did not {self.what}: {reason}.",
+            {"reason": reason},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "done": self.done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.done = bool(state_dict.get("done", False))

@@ -1,0 +1,182 @@
+"""The digits demo: a small CNN on scikit-learn's 8x8 digits, healthy or deliberately broken.
+
+``lightning-recipe demo`` trains it with the full suite; ``--bug NAME`` picks one of
+:data:`BUGS` so a new user sees a finding fire. Needs scikit-learn (``pip install
+lightning-recipe[demo]``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+#: broken variants of the demo and what each breaks
+BUGS: dict[str, str] = {
+    "softmax": "the model ends in a softmax, and cross_entropy applies another one",
+    "unnormalized": "the inputs stay in 0..16 instead of being standardised",
+}
+
+
+def load_digits_tensors(normalize: bool = True, val_fraction: float = 0.2, seed: int = 0) -> tuple:
+    """(x_train, y_train, x_val, y_val): images (N, 1, 8, 8) float32, labels int64.
+
+    With ``normalize`` the pixels are standardised with the training set's mean and std.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:  # pragma: no cover - the demo extra installs it
+        raise ImportError("the digits demo needs scikit-learn: pip install 'lightning-recipe[demo]'") from exc
+    import numpy as np
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.as_tensor(np.random.RandomState(seed).permutation(len(y)))
+    x, y = x[order], y[order]
+    n_val = int(len(y) * val_fraction)
+    x_train, y_train, x_val, y_val = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
+    if normalize:
+        mean, std = x_train.mean(), x_train.std()
+        x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    return x_train, y_train, x_val, y_val
+
+
+class _DictDataset(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's digits as (image, label) batches, or ``{"image", "label"}`` dicts."""
+
+    def __init__(
+        self, batch_size: int = 64, normalize: bool = True, dict_batches: bool = False, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.dict_batches = dict_batches
+        self.seed = seed
+
+    def setup(self, stage: str | None = None) -> None:
+        x_train, y_train, x_val, y_val = load_digits_tensors(self.normalize, seed=self.seed)
+        make = _DictDataset if self.dict_batches else TensorDataset
+        self.train_set, self.val_set = make(x_train, y_train), make(x_val, y_val)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+
+class DigitsCNN(L.LightningModule):
+    """A small CNN for 8x8 digits: two conv/BatchNorm/ReLU blocks, max-pool, dropout, MLP head."""
+
+    def __init__(self, lr: float = 2e-3, weight_decay: float = 1e-4, bug: str | None = None) -> None:
+        super().__init__()
+        if bug is not None and bug not in BUGS:
+            raise ValueError(f"`bug` must be one of {sorted(BUGS)} or None, got {bug!r}")
+        self.save_hyperparameters()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.features(x))
+        if self.hparams.bug == "softmax":
+            return logits.softmax(dim=-1)
+        return logits
+
+    def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = self._split(batch)
+        out = self(x)
+        loss = F.cross_entropy(out, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", (out.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = self._split(batch)
+        out = self(x)
+        self.log("val_loss", F.cross_entropy(out, y), prog_bar=True)
+        self.log("val_acc", (out.argmax(1) == y).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+
+def run_demo(
+    bug: str | None = None,
+    epochs: int = 8,
+    logdir: str | Path = "recipe_runs",
+    seed: int = 0,
+    quiet_lightning: bool = True,
+) -> tuple[L.Trainer, Any]:
+    """Train the digits CNN with the full suite and a TensorBoardLogger; return (trainer, report)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_recipe import recipe_callbacks
+    from lightning_recipe.report import find_report, load_report, log_dir_of
+
+    if bug is not None and bug not in BUGS:
+        raise ValueError(f"`bug` must be one of {sorted(BUGS)} or None, got {bug!r}")
+    if quiet_lightning:
+        _quiet_lightning()
+    L.seed_everything(seed, verbose=False)
+    model = DigitsCNN(bug=bug if bug in ("softmax",) else None)
+    data = DigitsDataModule(normalize=bug != "unnormalized", seed=seed)
+    logger = TensorBoardLogger(str(logdir), name=bug or "healthy")
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=recipe_callbacks(),
+        log_every_n_steps=5,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(model, data)
+    path = find_report(log_dir_of(trainer))
+    report = load_report(path)
+    report["path"] = str(path)
+    return trainer, report
+
+
+def _quiet_lightning() -> None:
+    import logging
+
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,341 @@
+"""The finding contract: what every recipe callback reports, and how it is emitted.
+
+This module is the stable public API described in ``DESIGN.md``: :class:`Severity`,
+:class:`Finding`, :class:`RecipeWarning`, :class:`RecipeError` and the catalog of finding
+codes (:data:`CATALOG`). A *finding* is one measured verdict ("the loss at init is 4.71, the
+chance loss is 2.30") with the numbers behind it, so a user reads a sentence and a program reads
+``evidence``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Severity(str, Enum):
+    """How loud a finding is: ``info`` is a measurement or a skip, ``warning`` a likely problem,
+    ``error`` a run that is very probably wasted."""
+
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+    @property
+    def rank(self) -> int:
+        """0 for info, 1 for warning, 2 for error (for sorting and thresholds)."""
+        return {"info": 0, "warning": 1, "error": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One verdict of one recipe callback.
+
+    Attributes:
+        code: kebab-case id from :data:`CATALOG`, e.g. ``"loss-at-init"``.
+        severity: :class:`Severity`.
+        message: one sentence: what was measured, against what, and what to try.
+        source: the class name of the callback that saw it.
+        step: ``trainer.global_step`` when it was seen.
+        evidence: the numbers behind it, e.g. ``{"loss": 4.71, "expected": 2.30}``.
+
+    Example::
+
+        for f in lightning_recipe.findings(trainer):
+            if f.severity is Severity.ERROR:
+                print(f.code, f.evidence)
+    """
+
+    code: str
+    severity: Severity
+    message: str
+    source: str
+    step: int
+    evidence: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (severity as its string value)."""
+        d = asdict(self)
+        d["severity"] = self.severity.value
+        d["evidence"] = _jsonable(self.evidence)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Finding:
+        """Inverse of :meth:`to_dict` (used by resume and ``lightning-recipe report``)."""
+        return cls(
+            code=str(d["code"]),
+            severity=Severity(d["severity"]),
+            message=str(d["message"]),
+            source=str(d["source"]),
+            step=int(d["step"]),
+            evidence=dict(d.get("evidence") or {}),
+        )
+
+
+class RecipeWarning(UserWarning):
+    """Issued once per (source, code) for each warning or error finding, on rank zero only.
+
+    Its text starts with ``[code]`` so it can be filtered, e.g.
+    ``warnings.filterwarnings("ignore", message=r"\\[bias-before-norm\\]", category=RecipeWarning)``.
+    """
+
+
+class RecipeError(RuntimeError):
+    """Raised for an error finding when the user asked for it with ``on_error="raise"``."""
+
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(f"[{finding.code}] {finding.message}")
+        self.finding = finding
+
+
+@dataclass(frozen=True)
+class CodeInfo:
+    """One row of the catalog: what a code means and what to try."""
+
+    code: str
+    seen_by: str
+    meaning: str
+    try_this: str
+
+
+def _c(code: str, seen_by: str, meaning: str, try_this: str) -> tuple[str, CodeInfo]:
+    return code, CodeInfo(code, seen_by, meaning, try_this)
+
+
+#: Every finding code the package emits. The first block is DESIGN.md's catalog (public API);
+#: the last block are the codes this package adds (documented in the README).
+CATALOG: dict[str, CodeInfo] = dict(
+    [
+        _c(
+            "loss-at-init",
+            "LossAtInitCheck",
+            "The first loss of the untouched model is far from the chance loss "
+            "(-ln(1/C) for softmax over C classes, C-1 for a multiclass SVM).",
+            "Scale down the final layer's init, normalise the inputs; for regression start "
+            "the final bias at the target mean.",
+        ),
+        _c(
+            "softmax-before-loss",
+            "LossAtInitCheck / ModelLintCheck",
+            "The model's outputs are already probabilities (rows in [0,1] summing to 1) but "
+            "the loss expects logits (or log-probabilities).",
+            "Return raw logits from the model; cross_entropy applies log-softmax itself.",
+        ),
+        _c(
+            "input-not-normalized",
+            "DataInspectionCheck",
+            "The inputs as they enter the net are far outside [-1, 1] / [0, 1], or features "
+            "have wildly different scales.",
+            "Standardise the inputs (subtract the mean, divide by the std) or scale to [0, 1].",
+        ),
+        _c(
+            "bad-input",
+            "DataInspectionCheck",
+            "NaN/Inf or constant inputs in the batch as it enters the net.",
+            "Check the data pipeline: missing values, a division by zero, a broken augmentation.",
+        ),
+        _c(
+            "batch-mixing",
+            "BatchIndependenceCheck",
+            "The output of one sample depends on another sample's input (in eval mode).",
+            "Look for a view/reshape that should be a permute/transpose, or a reduction over "
+            "the batch dimension.",
+        ),
+        _c(
+            "gradcheck-failed",
+            "GradientCheck",
+            "Analytic and centred numeric gradients disagree (float64).",
+            "Check the backward of custom autograd Functions and custom layers.",
+        ),
+        _c(
+            "overfit-batch-failed",
+            "OverfitBatchCheck",
+            "A copy of the model cannot memorise one small batch with regularisation off.",
+            "Look for a bug in the model, the loss or the labels before training on everything.",
+        ),
+        _c(
+            "params-not-updating",
+            "ModelLintCheck / UpdateRatioMonitor",
+            "A trainable parameter is in no optimizer, gets no gradient, or never changes.",
+            "Pass all parameters to the optimizer; look for detach(), unused layers, requires_grad.",
+        ),
+        _c(
+            "bias-before-norm",
+            "ModelLintCheck",
+            "A Linear/Conv with bias=True feeds a BatchNorm, which cancels the bias (info).",
+            "Use bias=False before BatchNorm to save parameters.",
+        ),
+        _c(
+            "output-no-bias",
+            "ModelLintCheck",
+            "The final layer has no bias, so it cannot start at the data mean / class priors (info).",
+            "Use bias=True on the output layer.",
+        ),
+        _c(
+            "train-eval-mode",
+            "ModelLintCheck",
+            "Dropout/BatchNorm active during validation, or left in eval mode during training.",
+            "Do not call model.train()/eval() inside the steps; use F.dropout(training=self.training).",
+        ),
+        _c(
+            "grad-not-zeroed",
+            "ModelLintCheck",
+            "Gradients carried over between optimizer steps (manual optimisation) without "
+            "gradient accumulation being asked for.",
+            "Call optimizer.zero_grad() after each optimizer.step().",
+        ),
+        _c(
+            "input-independent",
+            "InputIndependentBaseline",
+            "After warm-up the loss with real inputs is not clearly below the loss with zeroed inputs.",
+            "Check that the inputs reach the model and that the labels depend on them.",
+        ),
+        _c(
+            "update-ratio-low",
+            "UpdateRatioMonitor",
+            "norm(update)/norm(weight) far below ~1e-3: the learning rate is probably too low.",
+            "Raise the learning rate (about 10x per decade the ratio is below 1e-3).",
+        ),
+        _c(
+            "update-ratio-high",
+            "UpdateRatioMonitor",
+            "norm(update)/norm(weight) far above ~1e-3: the learning rate is probably too high.",
+            "Lower the learning rate.",
+        ),
+        _c(
+            "dead-units",
+            "ActivationMonitor",
+            "ReLU units that are zero for the whole batch.",
+            "Lower the learning rate, check the init and the biases, or use LeakyReLU.",
+        ),
+        _c(
+            "saturated-units",
+            "ActivationMonitor",
+            "tanh/sigmoid units stuck at their limits.",
+            "Scale down the init (Xavier/Kaiming), normalise the inputs, add normalisation layers.",
+        ),
+        _c(
+            "vanishing-gradients",
+            "GradientMonitor",
+            "Gradient norms shrink by orders of magnitude from the last layer to the first.",
+            "Use ReLU-family activations, residual connections, normalisation, a better init.",
+        ),
+        _c(
+            "exploding-gradients",
+            "GradientMonitor",
+            "Gradient norms grow by orders of magnitude from the last layer to the first.",
+            "Lower the learning rate, clip gradients, check the init.",
+        ),
+        _c(
+            "non-finite-gradients",
+            "GradientMonitor",
+            "NaN/Inf in the gradients.",
+            "Lower the learning rate, check for log(0), division by zero, overflow in fp16.",
+        ),
+        _c(
+            "loss-diverged",
+            "LossCurveMonitor / RecipeEarlyStopping",
+            "The loss blew up far above its best value.",
+            "Lower the learning rate; add warm-up or gradient clipping.",
+        ),
+        _c(
+            "non-finite-loss",
+            "LossCurveMonitor / RecipeEarlyStopping",
+            "The loss is NaN or Inf.",
+            "Lower the learning rate; look for log(0) and division by zero.",
+        ),
+        _c(
+            "loss-not-decreasing",
+            "LossCurveMonitor / RecipeEarlyStopping",
+            "The loss curve stays flat.",
+            "Raise the learning rate, or look for a bug (overfit one batch first).",
+        ),
+        _c(
+            "lr-decayed-early",
+            "LossCurveMonitor",
+            "The learning rate fell below 1% of its start before half of the planned steps.",
+            "Check the scheduler's interval (step vs epoch) and milestones.",
+        ),
+        _c(
+            "overfitting",
+            "TrainValGapMonitor",
+            "Train accuracy far above validation accuracy.",
+            "More data, augmentation, weight decay, dropout, early stopping.",
+        ),
+        _c(
+            "underfitting",
+            "TrainValGapMonitor",
+            "Train and validation accuracy close together and both low.",
+            "A bigger model, longer training, a higher learning rate.",
+        ),
+        _c(
+            "prediction-instability",
+            "PredictionDynamicsMonitor",
+            "Predictions on a fixed batch keep flipping late in training.",
+            "Lower the learning rate or decay it; a larger batch.",
+        ),
+        _c(
+            "noisy-filters",
+            "FirstLayerFilterMonitor",
+            "First-layer filters are still as noisy as at init (info).",
+            "Train longer, tune the learning rate, add weight decay.",
+        ),
+        _c(
+            "early-stopped",
+            "RecipeEarlyStopping",
+            "Why training stopped, and which weights were restored (info).",
+            "Nothing to do; read the epoch the restored weights come from.",
+        ),
+        # --- codes added by this package (documented in the README) ---
+        _c(
+            "loss-broadcast",
+            "LossAtInitCheck",
+            "An element-wise loss got input and target of different shapes and broadcast them "
+            "((B, 1) vs (B,) gives a (B, B) loss): every prediction is compared with every target.",
+            "Make the shapes equal, e.g. output.squeeze(-1) or target.view_as(output).",
+        ),
+        _c(
+            "check-skipped",
+            "every callback",
+            "A check or monitor could not run on this model or batch and was skipped (info).",
+            "Read the reason; pass get_input/get_target/step_fn if the batch layout is unusual.",
+        ),
+        _c(
+            "internal-error",
+            "every callback",
+            "A diagnostic failed internally; the training run continued unaffected (info).",
+            "Report it with the message; the rest of the suite keeps working.",
+        ),
+    ]
+)
+
+
+def check_code(code: str) -> str:
+    """Return ``code`` if it is in the catalog, else raise ``ValueError`` naming the allowed ones."""
+    if code not in CATALOG:
+        raise ValueError(f"Unknown finding code {code!r}; allowed codes: {sorted(CATALOG)}")
+    return code
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy / torch scalars and tuples in evidence into plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Enum):
+        return value.value
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            return value.tolist() if hasattr(value, "tolist") else str(value)
+    if isinstance(value, float) and value != value:  # NaN stays representable as a string
+        return "nan"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -1,0 +1,207 @@
+"""The end-of-fit report: a findings table on the console, ``recipe/report`` in TensorBoard and
+``<log_dir>/recipe_report.json`` (every finding plus each callback's key figures).
+
+``lightning-recipe report LOGDIR`` prints the same table from the JSON of a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning_recipe import _context
+from lightning_recipe.findings import Finding, Severity, _jsonable
+
+REPORT_FILE = "recipe_report.json"
+
+
+def gather_findings(trainer: Any) -> list[Finding]:
+    """Every finding of every recipe callback on ``trainer``, in step order (stable)."""
+    from lightning_recipe.tensorboard import recipe_callbacks_of
+
+    found: list[Finding] = []
+    for cb in recipe_callbacks_of(trainer):
+        found.extend(cb.findings)
+    return sorted(found, key=lambda f: f.step)
+
+
+def collect(trainer: Any) -> dict[str, Any]:
+    """The report as a JSON-ready dict."""
+    from lightning_recipe import __version__
+    from lightning_recipe.tensorboard import recipe_callbacks_of
+
+    callbacks = recipe_callbacks_of(trainer)
+    figures: dict[str, Any] = {}
+    for cb in callbacks:
+        name = type(cb).__name__
+        key = name if name not in figures else f"{name}#{len(figures)}"
+        figures[key] = _jsonable(dict(cb.figures))
+    found = gather_findings(trainer)
+    return {
+        "lightning_recipe_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "global_step": _context.global_step(trainer),
+        "epoch": int(getattr(trainer, "current_epoch", 0) or 0),
+        "world_size": _context.world_size(trainer),
+        "counts": count_by_severity(found),
+        "findings": [f.to_dict() for f in found],
+        "figures": figures,
+    }
+
+
+def count_by_severity(found: list[Finding]) -> dict[str, int]:
+    """``{"error": n, "warning": n, "info": n}``."""
+    counts = {s.value: 0 for s in (Severity.ERROR, Severity.WARNING, Severity.INFO)}
+    for f in found:
+        counts[f.severity.value] += 1
+    return counts
+
+
+def log_dir_of(trainer: Any) -> str:
+    """Where the report goes: the first logger's ``log_dir`` (TensorBoard/CSV), else its
+    ``save_dir``, else ``trainer.default_root_dir``. Unlike ``trainer.log_dir`` this calls no
+    collective, so it is safe on rank zero alone."""
+    loggers = getattr(trainer, "loggers", None) or []
+    if loggers:
+        first = loggers[0]
+        for attr in ("log_dir", "save_dir"):
+            value = getattr(first, attr, None)
+            if isinstance(value, (str, os.PathLike)) and value:
+                return os.fspath(value)
+    return os.fspath(getattr(trainer, "default_root_dir", None) or os.getcwd())
+
+
+# ---------------------------------------------------------------------------- formatting
+def format_table(found: list[Finding], width: int | None = None) -> str:
+    """A plain-text table of findings, most severe first, messages wrapped to the terminal."""
+    if width is None:
+        width = max(80, min(160, shutil.get_terminal_size((120, 20)).columns))
+    if not found:
+        return "lightning_recipe: no findings."
+    order = sorted(found, key=lambda f: (-f.severity.rank, f.step))
+    code_w = max(len("code"), *(len(f.code) for f in order))
+    step_w = max(len("step"), *(len(str(f.step)) for f in order))
+    head = f"{'severity':<8}  {'step':>{step_w}}  {'code':<{code_w}}  message"
+    indent = 8 + 2 + step_w + 2 + code_w + 2
+    msg_w = max(30, width - indent)
+    lines = [head, "-" * min(width, indent + msg_w)]
+    for f in order:
+        wrapped = textwrap.wrap(f"{f.message} ({f.source})", msg_w) or [""]
+        lines.append(f"{f.severity.value:<8}  {f.step:>{step_w}}  {f.code:<{code_w}}  {wrapped[0]}")
+        lines.extend(" " * indent + more for more in wrapped[1:])
+    return "\n".join(lines)
+
+
+def format_figures(figures: dict[str, Any], width: int = 100) -> str:
+    """Each callback's key figures on one wrapped line."""
+    lines = []
+    for name, figs in figures.items():
+        if not figs:
+            continue
+        parts = [f"{k}={_fmt(v)}" for k, v in figs.items() if not isinstance(v, (dict, list))]
+        if not parts:
+            continue
+        text = f"{name}: " + ", ".join(parts)
+        lines.extend(textwrap.wrap(text, width, subsequent_indent="    "))
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_text(report: dict[str, Any], width: int | None = None) -> str:
+    """The console report: a summary line, the findings table and the key figures."""
+    found = [Finding.from_dict(d) for d in report.get("findings", [])]
+    c = report.get("counts") or count_by_severity(found)
+    head = (
+        f"lightning_recipe report: {c.get('error', 0)} error(s), {c.get('warning', 0)} warning(s), "
+        f"{c.get('info', 0)} info at step {report.get('global_step', '?')}"
+    )
+    parts = [head, "", format_table(found, width)]
+    figs = format_figures(report.get("figures", {}), width or 100)
+    if figs:
+        parts += ["", "Key figures:", figs]
+    return "\n".join(parts)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as markdown (TensorBoard text ``recipe/report``)."""
+    from lightning_recipe.tensorboard import findings_markdown
+
+    found = [Finding.from_dict(d) for d in report.get("findings", [])]
+    c = report.get("counts") or count_by_severity(found)
+    out = [
+        f"**lightning_recipe report** at step {report.get('global_step')}: "
+        f"{c.get('error', 0)} error(s), {c.get('warning', 0)} warning(s), {c.get('info', 0)} info",
+        "",
+        findings_markdown(sorted(found, key=lambda f: (-f.severity.rank, f.step))),
+    ]
+    figures = report.get("figures", {})
+    if figures:
+        out += ["", "| callback | key figures |", "|---|---|"]
+        for name, figs in figures.items():
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in figs.items() if not isinstance(v, (dict, list)))
+            out.append(f"| {name} | {shown or '-'} |")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- writing
+def write_report_if_last(trainer: Any, callback: Any) -> dict[str, Any] | None:
+    """Write the report if ``callback`` is the last recipe callback on the trainer (so every
+    other callback's ``on_fit_end`` has run) and it was not written yet this fit."""
+    from lightning_recipe.tensorboard import recipe_callbacks_of
+
+    callbacks = recipe_callbacks_of(trainer)
+    if not callbacks or callbacks[-1] is not callback:
+        return None
+    state = _context.trainer_state(trainer)
+    if state.report_written:
+        return None
+    state.report_written = True
+    return write_report(trainer)
+
+
+def write_report(trainer: Any, verbose: bool | None = None) -> dict[str, Any]:
+    """Write the console table, ``recipe/report`` and the JSON (rank zero); return the report."""
+    from lightning_recipe import tensorboard
+
+    report = collect(trainer)
+    if not _context.is_global_zero(trainer):
+        return report
+    tensorboard.flush_findings(trainer)
+    tensorboard.add_text(trainer, "recipe/report", format_markdown(report))
+    path = Path(log_dir_of(trainer)) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+    report["path"] = str(path)
+    if verbose is None:
+        verbose = any(getattr(cb, "verbose", True) for cb in tensorboard.recipe_callbacks_of(trainer))
+    if verbose:
+        print("\n" + format_text(report) + f"\n\n(report saved to {path})\n", flush=True)
+    return report
+
+
+def find_report(path: str | os.PathLike) -> Path:
+    """The newest ``recipe_report.json`` at or under ``path``."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise FileNotFoundError(f"no such file or directory: {p}")
+    candidates = sorted(p.rglob(REPORT_FILE), key=lambda q: q.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no {REPORT_FILE} under {p}")
+    return candidates[-1]
+
+
+def load_report(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a report written by :func:`write_report`."""
+    return json.loads(find_report(path).read_text())

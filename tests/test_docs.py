@@ -1,0 +1,19 @@
+"""The README documents every finding code and starts with the two commands."""
+
+from pathlib import Path
+
+from lightning_recipe.findings import CATALOG
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_lists_every_code_and_starts_with_the_commands():
+    text = (ROOT / "README.md").read_text()
+    head = text.split("```")[1]
+    assert "make demo" in head and "make test" in head
+    for code in CATALOG:
+        assert f"`{code}`" in text, code
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
