@@ -317,3 +317,39 @@ def to_dtype(batch: Any, dtype: torch.dtype) -> Any:
 def detach_clone(batch: Any) -> Any:
     """A detached copy of every tensor in the batch (for keeping a batch across steps)."""
     return map_tensors(batch, lambda t: t.detach().clone())
+
+
+class BatchStash:
+    """Keeps detached copies of the first ``max_batches`` batches it is offered.
+
+    Monitors that evaluate on validation data take their batches from the validation loop the
+    trainer runs anyway (including the sanity check), instead of iterating the dataloader
+    themselves, which would consume RNG and start workers. Feed it from
+    ``on_validation_batch_start`` (dataloader 0 only).
+
+    Example::
+
+        stash = BatchStash(max_batches=2)
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            stash.offer(batch, dataloader_idx)
+    """
+
+    def __init__(self, max_batches: int = 1) -> None:
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise ValueError(f"`max_batches` must be a positive int, got {max_batches!r}")
+        self.max_batches = max_batches
+        self.batches: list[Any] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.batches) >= self.max_batches
+
+    def offer(self, batch: Any, dataloader_idx: int = 0) -> bool:
+        """Keep ``batch`` if there is room and it comes from dataloader 0; True if kept."""
+        if self.full or dataloader_idx != 0:
+            return False
+        self.batches.append(detach_clone(batch))
+        return True
+
+    def clear(self) -> None:
+        self.batches = []
