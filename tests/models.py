@@ -194,3 +194,44 @@ def accumulator(logdir: Path | str):
     )
     acc.Reload()
     return acc
+
+
+# ---------------------------------------------------------------------------- sequences
+def token_blobs(n: int = 256, length: int = 12, vocab: int = 50, classes: int = 3, seed: int = 0):
+    """Token ids (n, length) whose class is the most frequent of ``classes`` marker tokens."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randint(classes, vocab, (n, length), generator=g)
+    marks = torch.randint(0, length, (n, 4), generator=g)
+    x.scatter_(1, marks, y[:, None].expand(-1, 4))
+    return x, y
+
+
+class GRUNet(nn.Module):
+    """Embedding -> GRU -> last hidden state -> Linear."""
+
+    def __init__(self, vocab: int = 50, classes: int = 3, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.rnn = nn.GRU(dim, dim, batch_first=True)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(self.emb(tokens))
+        return self.out(h[:, -1])
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + positions -> 1 TransformerEncoder layer -> mean pool -> Linear."""
+
+    def __init__(self, vocab: int = 50, classes: int = 3, dim: int = 16, length: int = 12) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.zeros(1, length, dim))
+        layer = nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.enc(self.emb(tokens) + self.pos[:, : tokens.shape[1]])
+        return self.out(h.mean(1))
