@@ -227,7 +227,7 @@ class BrowserPage:
             try:
                 proc.terminate()
                 proc.wait(timeout=10)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 proc.kill()
             shutil.rmtree(profile, ignore_errors=True)
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from models import Classifier, blobs, cnn, image_blobs, loaders, mlp  # noqa: E402
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
-import lightning_recipe as lr  # noqa: E402
+import lightning_recipe as lr
+from models import Classifier, blobs, cnn, image_blobs, loaders, mlp
 
 
 def build(cfg: dict):
