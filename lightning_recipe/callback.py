@@ -51,6 +51,8 @@ class RecipeCallback(Callback):
         self._broken = False
         #: key figures for the report, JSON-ready: {"loss": 2.31, ...}
         self.figures: dict[str, Any] = {}
+        #: print the findings table at fit end (the JSON and TensorBoard report are always written)
+        self.verbose = True
 
     # ------------------------------------------------------------------ findings
     @property

@@ -26,6 +26,7 @@ def recipe_callbacks(
     get_target: Any = None,
     step_fn: Any = None,
     on_error: str = "warn",
+    verbose: bool = True,
     **overrides: Any,
 ) -> list[Callback]:
     """The full ``lightning_recipe`` suite, ready for ``Trainer(callbacks=...)``.
@@ -35,6 +36,8 @@ def recipe_callbacks(
         get_target: ``callable(batch) -> Tensor | None``, likewise.
         step_fn: ``callable(model, batch) -> loss`` instead of ``training_step`` in the checks.
         on_error: ``"warn"`` or ``"raise"`` (stop the fit on an error finding).
+        verbose: print the findings table at the end of fit (the JSON report and the
+            TensorBoard text are written either way).
         **overrides: per callback, by its snake-case name (see :data:`SUITE`): a dict of
             arguments, ``False`` to leave it out, or a ready callback instance to use instead.
 
@@ -67,4 +70,7 @@ def recipe_callbacks(
         kwargs = {k: v for k, v in shared.items() if k in params and v is not None}
         kwargs.update(choice)
         out.append(cls(**kwargs))
+    for cb in out:
+        if hasattr(cb, "verbose"):
+            cb.verbose = verbose
     return out
