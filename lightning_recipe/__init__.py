@@ -19,7 +19,9 @@ from typing import Any
 
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError
 from lightning_recipe.callback import RecipeCallback
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
 from lightning_recipe.suite import recipe_callbacks
@@ -37,9 +39,11 @@ def findings(trainer: Any) -> list[Finding]:
 __all__ = [
     "CATALOG",
     "BatchAdapter",
+    "BatchIndependenceCheck",
     "BatchLayoutError",
     "DataInspectionCheck",
     "Finding",
+    "GradientCheck",
     "LossAtInitCheck",
     "RecipeCallback",
     "RecipeError",

@@ -21,7 +21,32 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 BUGS: dict[str, str] = {
     "softmax": "the model ends in a softmax, and cross_entropy applies another one",
     "unnormalized": "the inputs stay in 0..16 instead of being standardised",
+    "batch-view": "a reshape where a permute was meant mixes the samples of each batch",
+    "custom-backward": "a hand-written SiLU autograd.Function whose backward forgets a term",
 }
+
+#: bugs that live in the model (the others live in the data)
+MODEL_BUGS = ("softmax", "batch-view", "custom-backward")
+
+
+class _SiLUForgetsTerm(torch.autograd.Function):
+    """x * sigmoid(x), with the bug of the ``custom-backward`` demo: the backward returns
+    sigmoid(x) and forgets the x * sigmoid'(x) term of the product rule."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)  # correct: s + x * s * (1 - s)
+
+
+class _HandSiLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SiLUForgetsTerm.apply(x)
 
 
 def load_digits_tensors(normalize: bool = True, val_fraction: float = 0.2, seed: int = 0) -> tuple:
@@ -103,9 +128,14 @@ class DigitsCNN(L.LightningModule):
         self.head = nn.Sequential(
             nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
         )
+        if bug == "custom-backward":
+            self.head[3] = _HandSiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.features(x))
+        h = self.features(x)  # (B, 32, 4, 4)
+        if self.hparams.bug == "batch-view":
+            h = h.reshape(h.shape[1], h.shape[0], -1).transpose(0, 1)  # meant a permute: mixes samples
+        logits = self.head(h)
         if self.hparams.bug == "softmax":
             return logits.softmax(dim=-1)
         return logits
@@ -151,7 +181,7 @@ def run_demo(
     if quiet_lightning:
         _quiet_lightning()
     L.seed_everything(seed, verbose=False)
-    model = DigitsCNN(bug=bug if bug in ("softmax",) else None)
+    model = DigitsCNN(bug=bug if bug in MODEL_BUGS else None)
     data = DigitsDataModule(normalize=bug != "unnormalized", seed=seed)
     logger = TensorBoardLogger(str(logdir), name=bug or "healthy")
     trainer = L.Trainer(

@@ -7,13 +7,17 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 
 #: (override name, class) for every callback of the suite, in the order they run
 SUITE: list[tuple[str, type]] = [
     ("data_inspection", DataInspectionCheck),
     ("loss_at_init", LossAtInitCheck),
+    ("batch_independence", BatchIndependenceCheck),
+    ("gradient_check", GradientCheck),
 ]
 
 #: arguments handed to every callback of the suite that accepts them
