@@ -23,6 +23,8 @@ from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+from lightning_recipe.control.early_stopping import RecipeEarlyStopping
+from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
 from lightning_recipe.suite import recipe_callbacks
 
@@ -41,11 +43,13 @@ __all__ = [
     "BatchAdapter",
     "BatchIndependenceCheck",
     "BatchLayoutError",
+    "CheckpointEnsemble",
     "DataInspectionCheck",
     "Finding",
     "GradientCheck",
     "LossAtInitCheck",
     "RecipeCallback",
+    "RecipeEarlyStopping",
     "RecipeError",
     "RecipeWarning",
     "Severity",

@@ -23,6 +23,8 @@ BUGS: dict[str, str] = {
     "unnormalized": "the inputs stay in 0..16 instead of being standardised",
     "batch-view": "a reshape where a permute was meant mixes the samples of each batch",
     "custom-backward": "a hand-written SiLU autograd.Function whose backward forgets a term",
+    "lr-too-high": "the learning rate is 250x too high (0.5 instead of 2e-3)",
+    "nan-sample": "one training image has a NaN pixel (a missing value in the data)",
 }
 
 #: bugs that live in the model (the others live in the data)
@@ -88,16 +90,24 @@ class DigitsDataModule(L.LightningDataModule):
     """scikit-learn's digits as (image, label) batches, or ``{"image", "label"}`` dicts."""
 
     def __init__(
-        self, batch_size: int = 64, normalize: bool = True, dict_batches: bool = False, seed: int = 0
+        self,
+        batch_size: int = 64,
+        normalize: bool = True,
+        dict_batches: bool = False,
+        seed: int = 0,
+        corrupt: bool = False,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.normalize = normalize
+        self.corrupt = corrupt
         self.dict_batches = dict_batches
         self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         x_train, y_train, x_val, y_val = load_digits_tensors(self.normalize, seed=self.seed)
+        if self.corrupt:  # after normalising, or the mean/std would turn everything NaN
+            x_train[700, 0, 3, 3] = float("nan")
         make = _DictDataset if self.dict_batches else TensorDataset
         self.train_set, self.val_set = make(x_train, y_train), make(x_val, y_val)
 
@@ -181,15 +191,15 @@ def run_demo(
     if quiet_lightning:
         _quiet_lightning()
     L.seed_everything(seed, verbose=False)
-    model = DigitsCNN(bug=bug if bug in MODEL_BUGS else None)
-    data = DigitsDataModule(normalize=bug != "unnormalized", seed=seed)
+    model = DigitsCNN(lr=0.5 if bug == "lr-too-high" else 2e-3, bug=bug if bug in MODEL_BUGS else None)
+    data = DigitsDataModule(normalize=bug != "unnormalized", seed=seed, corrupt=bug == "nan-sample")
     logger = TensorBoardLogger(str(logdir), name=bug or "healthy")
     trainer = L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
         logger=logger,
-        callbacks=recipe_callbacks(),
+        callbacks=recipe_callbacks(monitor="val_loss"),
         log_every_n_steps=5,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -297,6 +297,14 @@ CATALOG: dict[str, CodeInfo] = dict(
             "Make the shapes equal, e.g. output.squeeze(-1) or target.view_as(output).",
         ),
         _c(
+            "ensemble-evaluated",
+            "CheckpointEnsemble",
+            "Single model vs snapshot ensemble vs averaged weights on the validation data, and "
+            "which wins by how much (info).",
+            "Use callback.averaged_model() / callback.ensemble() or the saved averaged checkpoint "
+            "when they win.",
+        ),
+        _c(
             "check-skipped",
             "every callback",
             "A check or monitor could not run on this model or batch and was skipped (info).",

@@ -11,6 +11,8 @@ from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+from lightning_recipe.control.early_stopping import RecipeEarlyStopping
+from lightning_recipe.control.ensemble import CheckpointEnsemble
 
 #: (override name, class) for every callback of the suite, in the order they run
 SUITE: list[tuple[str, type]] = [
@@ -18,14 +20,24 @@ SUITE: list[tuple[str, type]] = [
     ("loss_at_init", LossAtInitCheck),
     ("batch_independence", BatchIndependenceCheck),
     ("gradient_check", GradientCheck),
+    ("checkpoint_ensemble", CheckpointEnsemble),
+    ("early_stopping", RecipeEarlyStopping),
 ]
+
+#: callbacks that change the course of training or evaluate extra models: in the suite only when
+#: the user names the metric to monitor (``monitor=...``) or passes their arguments explicitly
+CONTROL = ("checkpoint_ensemble", "early_stopping")
 
 #: arguments handed to every callback of the suite that accepts them
 SHARED_ARGS = ("get_input", "get_target", "step_fn", "on_error")
 
+_HINTED = False
+
 
 def recipe_callbacks(
     *,
+    monitor: str | None = None,
+    mode: str = "min",
     get_input: Any = None,
     get_target: Any = None,
     step_fn: Any = None,
@@ -36,6 +48,11 @@ def recipe_callbacks(
     """The full ``lightning_recipe`` suite, ready for ``Trainer(callbacks=...)``.
 
     Args:
+        monitor: the validation metric you log (e.g. ``"val_loss"``). Naming it adds
+            :class:`RecipeEarlyStopping` on that metric (restoring the best weights at the end)
+            and :class:`CheckpointEnsemble` (snapshot ensemble and averaged weights, evaluated
+            every validation run). Without it they are left out, with one info line saying so.
+        mode: ``"min"`` or ``"max"`` for ``monitor``.
         get_input: ``callable(batch) -> Tensor``, for batch layouts the suite cannot guess.
         get_target: ``callable(batch) -> Tensor | None``, likewise.
         step_fn: ``callable(model, batch) -> loss`` instead of ``training_step`` in the checks.
@@ -47,7 +64,8 @@ def recipe_callbacks(
 
     Example::
 
-        trainer = L.Trainer(callbacks=recipe_callbacks(loss_at_init={"tolerance": 0.5},
+        trainer = L.Trainer(callbacks=recipe_callbacks(monitor="val_loss",
+                                                       loss_at_init={"tolerance": 0.5},
                                                        data_inspection=False))
     """
     known = {name for name, _ in SUITE}
@@ -56,10 +74,15 @@ def recipe_callbacks(
         raise ValueError(
             f"recipe_callbacks() got unknown callback name(s) {unknown}; allowed: {sorted(known)}"
         )
+    if monitor is not None and (not isinstance(monitor, str) or not monitor):
+        raise ValueError(f"`monitor` must be the name of a logged metric (a string), got {monitor!r}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"`mode` must be 'min' or 'max', got {mode!r}")
     shared = {"get_input": get_input, "get_target": get_target, "step_fn": step_fn, "on_error": on_error}
     out: list[Callback] = []
     for name, cls in SUITE:
-        choice = overrides.get(name, {})
+        default: Any = {} if name not in CONTROL or monitor is not None else False
+        choice = overrides.get(name, default)
         if choice is False or choice is None:
             continue
         if isinstance(choice, Callback):
@@ -72,9 +95,28 @@ def recipe_callbacks(
             )
         params = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in shared.items() if k in params and v is not None}
+        if name == "early_stopping":
+            kwargs.update({"monitor": monitor, "mode": mode})
         kwargs.update(choice)
+        if name == "early_stopping" and not kwargs.get("monitor"):
+            raise ValueError("recipe_callbacks(early_stopping={...}) needs a 'monitor' (or pass monitor=...)")
         out.append(cls(**kwargs))
     for cb in out:
         if hasattr(cb, "verbose"):
             cb.verbose = verbose
+    if monitor is None and not any(name in overrides for name in CONTROL):
+        _hint_control()
     return out
+
+
+def _hint_control() -> None:
+    global _HINTED
+    if _HINTED:
+        return
+    _HINTED = True
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    rank_zero_info(
+        "lightning_recipe: early stopping with best-weight restore and checkpoint ensembles are off; "
+        "pass recipe_callbacks(monitor='val_loss') (your validation metric) to turn them on."
+    )
