@@ -23,6 +23,8 @@ from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+from lightning_recipe.checks.model_lint import ModelLintCheck
+from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
@@ -48,6 +50,8 @@ __all__ = [
     "Finding",
     "GradientCheck",
     "LossAtInitCheck",
+    "ModelLintCheck",
+    "OverfitBatchCheck",
     "RecipeCallback",
     "RecipeEarlyStopping",
     "RecipeError",

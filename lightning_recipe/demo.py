@@ -25,10 +25,28 @@ BUGS: dict[str, str] = {
     "custom-backward": "a hand-written SiLU autograd.Function whose backward forgets a term",
     "lr-too-high": "the learning rate is 250x too high (0.5 instead of 2e-3)",
     "nan-sample": "one training image has a NaN pixel (a missing value in the data)",
+    "sigmoid": "the model ends in a sigmoid: cross_entropy sees scores squashed into (0, 1) "
+    "and cannot fall below 1.46",
+    "detach": "the conv features are detached before the head, so the conv layers never get a gradient",
+    "train-in-val": "validation_step calls self.train(): dropout and BatchNorm run in training mode "
+    "on validation data",
+    "no-zero-grad": "optimizer_zero_grad is overridden to do nothing, so gradients pile up from step to step",
+    "conv-bias": "the first conv has bias=True although a BatchNorm follows it (an info finding)",
+    "no-output-bias": "the output layer has bias=False (an info finding)",
 }
 
 #: bugs that live in the model (the others live in the data)
-MODEL_BUGS = ("softmax", "batch-view", "custom-backward")
+MODEL_BUGS = (
+    "softmax",
+    "batch-view",
+    "custom-backward",
+    "sigmoid",
+    "detach",
+    "train-in-val",
+    "no-zero-grad",
+    "conv-bias",
+    "no-output-bias",
+)
 
 
 class _SiLUForgetsTerm(torch.autograd.Function):
@@ -127,7 +145,7 @@ class DigitsCNN(L.LightningModule):
             raise ValueError(f"`bug` must be one of {sorted(BUGS)} or None, got {bug!r}")
         self.save_hyperparameters()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.Conv2d(1, 16, 3, padding=1, bias=bug == "conv-bias"),
             nn.BatchNorm2d(16),
             nn.ReLU(),
             nn.Conv2d(16, 32, 3, padding=1, bias=False),
@@ -136,18 +154,26 @@ class DigitsCNN(L.LightningModule):
             nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+            nn.Flatten(),
+            nn.Dropout(0.2),
+            nn.Linear(32 * 4 * 4, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10, bias=bug != "no-output-bias"),
         )
         if bug == "custom-backward":
             self.head[3] = _HandSiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)  # (B, 32, 4, 4)
+        if self.hparams.bug == "detach":
+            h = h.detach()
         if self.hparams.bug == "batch-view":
             h = h.reshape(h.shape[1], h.shape[0], -1).transpose(0, 1)  # meant a permute: mixes samples
         logits = self.head(h)
         if self.hparams.bug == "softmax":
             return logits.softmax(dim=-1)
+        if self.hparams.bug == "sigmoid":
+            return logits.sigmoid()
         return logits
 
     def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,10 +188,16 @@ class DigitsCNN(L.LightningModule):
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams.bug == "train-in-val":
+            self.train()
         x, y = self._split(batch)
         out = self(x)
         self.log("val_loss", F.cross_entropy(out, y), prog_bar=True)
         self.log("val_acc", (out.argmax(1) == y).float().mean(), prog_bar=True)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        if self.hparams.bug != "no-zero-grad":
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(

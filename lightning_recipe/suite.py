@@ -11,6 +11,8 @@ from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+from lightning_recipe.checks.model_lint import ModelLintCheck
+from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 
@@ -20,6 +22,8 @@ SUITE: list[tuple[str, type]] = [
     ("loss_at_init", LossAtInitCheck),
     ("batch_independence", BatchIndependenceCheck),
     ("gradient_check", GradientCheck),
+    ("overfit_batch", OverfitBatchCheck),
+    ("model_lint", ModelLintCheck),
     ("checkpoint_ensemble", CheckpointEnsemble),
     ("early_stopping", RecipeEarlyStopping),
 ]

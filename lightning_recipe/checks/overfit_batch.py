@@ -1,0 +1,591 @@
+"""OverfitBatchCheck: can a copy of the model memorise a handful of samples?"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_recipe import tensorboard
+from lightning_recipe._probe import (
+    CLASS_LOSSES,
+    REGRESSION_LOSSES,
+    LossCall,
+    ProbeSkip,
+    StepFn,
+    class_scores,
+    copy_module,
+    is_manual_optimization,
+    looks_like_probabilities,
+    preserved_rng,
+    run_step,
+)
+from lightning_recipe.batch import BatchLayoutError, Getter
+from lightning_recipe.checks.base import FirstBatchCheck
+from lightning_recipe.checks.loss_at_init import chance_input
+from lightning_recipe.findings import RecipeError, Severity
+
+#: losses that are >= 0 and reach 0 on a perfect prediction (hard targets)
+_ZERO_FLOOR = (
+    *CLASS_LOSSES,
+    *REGRESSION_LOSSES,
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "kl_div",
+    "soft_margin_loss",
+    "multilabel_soft_margin_loss",
+    "multilabel_margin_loss",
+    "hinge_embedding_loss",
+    "cosine_embedding_loss",
+    "margin_ranking_loss",
+    "triplet_margin_loss",
+    "ctc_loss",
+)
+_BINARY = ("binary_cross_entropy", "binary_cross_entropy_with_logits")
+_DROPOUT_FNS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    torch.dropout,
+    torch.alpha_dropout,
+    torch.feature_dropout,
+    torch.feature_alpha_dropout,
+}
+
+
+class OverfitBatchCheck(FirstBatchCheck):
+    """Overfit a handful of samples of the first batch on a copy of the model.
+
+    cs231n: "overfit a tiny subset of data (e.g. 20 samples) and make sure you can achieve zero
+    cost ... with regularisation set to zero"; Karpathy: "overfit one batch ... if they do not
+    [match the labels exactly], there is a bug somewhere". Before the first real step this check
+    takes the first ``num_samples`` samples of the first training batch and trains a deep copy of
+    the model on them alone, with your own ``training_step``: dropout off (dropout modules in
+    eval mode, functional dropout and attention dropout disabled; BatchNorm stays in train
+    mode), no weight decay, regularisers added in ``training_step`` left out (the objective is
+    the output of the loss function it calls), a fresh Adam (the recipe's "adam is safe").
+
+    The verdict uses the loss, measured against the loss the samples can reach at best (0, or
+    the entropy of smoothed / soft targets): memorised when ``loss - floor <= tolerance *
+    (reference - floor)``, the reference being the chance loss (a know-nothing prediction, the
+    same loss call LossAtInitCheck uses) for classifiers, the loss of predicting the target mean
+    for regression and the first loss otherwise. The accuracy on the samples is reported too,
+    but it is not required to reach 100%: duplicate inputs with different labels make that
+    impossible for a correct model (a causal transformer LM on 20 random sequences reached
+    99.84% accuracy, 1 of 640 positions sharing its prefix with another, at 3e-4 of the chance
+    loss).
+
+    Every step of the copy starts from the same RNG state, so augmentation or masking done
+    inside ``training_step`` draws the same values each time, as for a fixed dataset.
+
+    Learning rates are tried in turn (default 1e-2, then 1e-3, then 1e-4), each from a fresh
+    copy, until one memorises. A trial stops early when it memorises, when the loss becomes
+    non-finite, or when its best loss improved by less than 10% over the last ``patience``
+    steps (stuck). Measured on CPU (20 samples, 2-3 seeds), steps to memorise at 1e-2: MLP
+    17-21, CNN with BatchNorm and dropout 35-36, GRU 28-32, small transformer 20-22, the digits
+    CNN 14-15, non-linear regression MLP 39-59, MLP on random labels 26-37, 7-layer tanh MLP 9,
+    ResNet-style CNN 10-11, 6-layer pre-norm transformer 16-19, causal transformer LM 11-12, LSTM
+    10-12, 8-layer MLP 104-121. A 6-layer post-norm transformer and a plain 6-conv VGG stay
+    stuck at the class-prior loss at 1e-2 (given up after 51-58 steps) and memorise at 1e-3 (in
+    20-21 and 146-197 steps); at 1e-3 alone the CNN would need ~290 steps and the GRU over 300.
+    No single rate serves all of them, hence the sequence. The bugs it exists for stay stuck at
+    every rate, far from the 1% a healthy model reaches (``loss - floor`` as a fraction of
+    ``reference - floor``): an output multiplied by zero 1.00, zeroed inputs 0.93-0.96, a
+    softmax or sigmoid before ``cross_entropy`` 0.54 (stuck at ln(1 + 3/e) = 0.744 for 4
+    classes, with 100% accuracy; 0.64-0.68 on the digits CNN), a frozen 2-unit bottleneck
+    0.44-0.72, a sigmoid on a regression output 4-9x the mean-predictor loss, a regression
+    model whose input never arrives 1.00. A frozen feature extractor as wide as the samples are
+    many, or a ``.detach()`` before the head, is *not* caught here (the head alone memorises 20
+    samples; ModelLintCheck's ``params-not-updating`` catches it).
+
+    Findings:
+        * ``overfit-batch-failed`` (error) when no learning rate memorises the samples and every
+          trial got stuck or diverged, or when the loss does not depend on any trainable
+          parameter (``torch.no_grad()`` / ``.detach()`` around the whole model).
+        * the same failure only as info when the loss input is already probabilities and a
+          LossAtInitCheck or ModelLintCheck on the trainer reports that as ``softmax-before-loss``
+          (one bug, one error).
+        * ``overfit-batch-failed`` (info) when the budget (``max_steps`` per rate, ``time_limit``
+          seconds) ran out while the loss was still falling: no verdict, the numbers are given.
+
+    TensorBoard: ``recipe/overfit_batch/loss`` and ``recipe/overfit_batch/accuracy`` against the
+    probe's own step (written only to TensorBoard, whose tags take any step order).
+
+    Under DDP every rank memorises its own first samples on its own copy (SyncBatchNorm on the
+    copy uses the local batch only); nothing is reduced, so the finding describes each rank's
+    own batch.
+
+    Args:
+        num_samples: how many samples of the first batch to memorise (cs231n: ~20).
+        lrs: Adam learning rates to try in turn (each > 0).
+        max_steps: optimizer steps per learning rate at most.
+        time_limit: seconds for the whole check at most; when exceeded the check stops with an
+            info finding and the numbers reached.
+        tolerance: ``loss - floor`` must fall to this fraction of ``reference - floor``.
+        patience: a trial whose best loss improved by less than 10% over this many steps is
+            stuck.
+        get_input, get_target, step_fn, on_error: see :class:`FirstBatchCheck`.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[OverfitBatchCheck()])
+        trainer.fit(model, datamodule)
+        # "[overfit-batch-failed] A copy of the model could not memorise 20 samples of the first
+        #  batch (dropout and weight decay off, Adam at lr=0.01 (stuck after 64 steps), ...): the
+        #  best loss was 0.7437 (floor 0, chance loss 1.386, target <= 0.01386), accuracy 100.0%;
+        #  every prediction is right but the loss cannot fall further: ..."
+    """
+
+    what = "overfit the first samples"
+
+    def __init__(
+        self,
+        num_samples: int = 20,
+        lrs: tuple[float, ...] = (1e-2, 1e-3, 1e-4),
+        max_steps: int = 300,
+        time_limit: float = 30.0,
+        tolerance: float = 0.01,
+        patience: int = 50,
+        *,
+        get_input: Getter | None = None,
+        get_target: Getter | None = None,
+        step_fn: StepFn | None = None,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(get_input=get_input, get_target=get_target, step_fn=step_fn, on_error=on_error)
+        _positive_int("num_samples", num_samples)
+        _positive_int("max_steps", max_steps)
+        _positive_int("patience", patience)
+        if isinstance(lrs, (int, float)) and not isinstance(lrs, bool):
+            lrs = (lrs,)
+        if (
+            not isinstance(lrs, (tuple, list))
+            or not lrs
+            or not all(_is_number(v) and 0 < v < 10 for v in lrs)
+        ):
+            raise ValueError(f"`lrs` must be a non-empty sequence of learning rates in (0, 10), got {lrs!r}")
+        if not _is_number(time_limit) or not time_limit > 0:
+            raise ValueError(f"`time_limit` must be a number of seconds > 0, got {time_limit!r}")
+        if not _is_number(tolerance) or not 0 < tolerance < 1:
+            raise ValueError(f"`tolerance` must be a number in (0, 1), got {tolerance!r}")
+        self.num_samples = num_samples
+        self.lrs = tuple(float(v) for v in lrs)
+        self.max_steps = max_steps
+        self.time_limit = float(time_limit)
+        self.tolerance = float(tolerance)
+        self.patience = patience
+
+    # ------------------------------------------------------------------ one-shot API
+    def check(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
+        """Try to memorise the first ``num_samples`` samples of ``batch`` and judge."""
+        if self.step_fn is None and is_manual_optimization(module):
+            raise ProbeSkip(
+                "the module uses manual optimisation, so its training_step steps the optimizers; "
+                "pass step_fn=lambda model, batch: loss to run the overfit check"
+            )
+        samples, n = self._samples(batch)
+        deadline = time.perf_counter() + self.time_limit
+        trials: list[_Trial] = []
+        with preserved_rng():
+            for lr in self.lrs:
+                trial = self._trial(trainer, module, samples, lr, deadline)
+                trials.append(trial)
+                if trial.outcome in ("memorised", "no-grad", "time") or not trial.scale.judged:
+                    break
+        self._judge(trainer, trials, n)
+
+    # ------------------------------------------------------------------ work
+    def _samples(self, batch: Any) -> tuple[Any, int | None]:
+        try:
+            size = self.adapter.batch_size(batch)
+        except BatchLayoutError:
+            return batch, None  # the whole batch, its size unknown
+        k = min(self.num_samples, size)
+        return (self.adapter.slice(batch, k) if k < size else batch), k
+
+    def _trial(
+        self, trainer: Any | None, module: nn.Module, samples: Any, lr: float, deadline: float
+    ) -> _Trial:
+        model = copy_module(module, trainer)
+        _localize_sync_batchnorm(model)
+        for m in model.modules():
+            if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)):
+                m.eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ProbeSkip("the model has no trainable parameters")
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+        trial = _Trial(lr)
+        start = time.perf_counter()
+        with torch.enable_grad(), _NoDropout():
+            for step in range(self.max_steps):
+                try:
+                    # the same random draws every step: augmentation or masking done inside
+                    # training_step is frozen, as if the samples were a fixed dataset
+                    with preserved_rng():
+                        outcome = self._step(trial, model, samples, opt, step, deadline)
+                except (ProbeSkip, RecipeError):
+                    raise
+                except Exception as exc:
+                    raise ProbeSkip(
+                        f"training_step failed on a copy of the model at probe step {step} "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from exc
+                if outcome is not None:
+                    trial.outcome = outcome
+                    break
+        trial.seconds = time.perf_counter() - start
+        return trial
+
+    def _step(
+        self, trial: _Trial, model: nn.Module, samples: Any, opt: Any, step: int, deadline: float
+    ) -> str | None:
+        """One optimizer step on the samples; the trial's outcome when it ends here."""
+        result = run_step(model, samples, self.step_fn)
+        loss = result.data_loss
+        if loss is None:
+            raise ProbeSkip("training_step returned None on the first batch")
+        call = result.main_call
+        if step == 0:
+            trial.scale = _scale(call, loss)
+        if not loss.requires_grad:
+            trial.record(float(loss.detach().float()), None)
+            return "no-grad"
+        trial.record(float(loss.detach().float()), _accuracy(call))
+        if self._memorised(trial):
+            return "memorised"
+        if not math.isfinite(trial.losses[-1]):
+            return "diverged"
+        if self._stuck(trial):
+            return "stuck"
+        if time.perf_counter() > deadline:
+            return "time"
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return None
+
+    def _memorised(self, trial: _Trial) -> bool:
+        s = trial.scale
+        if not s.judged:
+            return False
+        return trial.losses[-1] - s.floor <= self.tolerance * (s.reference - s.floor)
+
+    def _stuck(self, trial: _Trial) -> bool:
+        n = len(trial.losses)
+        if n <= self.patience:
+            return False
+        floor = trial.scale.floor
+        before = min(trial.losses[: n - self.patience]) - floor
+        now = min(trial.losses) - floor
+        return now > before / 1.1
+
+    # ------------------------------------------------------------------ verdict
+    def _judge(self, trainer: Any | None, trials: list[_Trial], n: int | None) -> None:
+        done = next((t for t in trials if t.outcome == "memorised"), None)
+        best = done or min(trials, key=lambda t: t.best_gap)
+        s = best.scale
+        steps = sum(len(t.losses) for t in trials)
+        seconds = sum(t.seconds for t in trials)
+        evidence = {
+            "samples": n,
+            "loss_fn": s.loss_fn,
+            "lr": best.lr,
+            "steps": len(best.losses),
+            "total_steps": steps,
+            "seconds": round(seconds, 3),
+            "first_loss": best.losses[0],
+            "best_loss": best.best,
+            "floor": s.floor,
+            "reference": s.reference,
+            "reference_kind": s.reference_kind,
+            "relative_gap": best.relative_gap,
+            "accuracy": best.best_accuracy,
+            "tolerance": self.tolerance,
+            "trials": [t.summary() for t in trials],
+        }
+        self.figures.update({k: v for k, v in evidence.items() if k != "trials"})
+        self.figures["outcomes"] = [f"lr={t.lr:g}: {t.outcome}" for t in trials]
+        self._log_curve(trainer, best)
+        what = f"{n} samples of the first batch" if n else "the first batch"
+        acc = f", accuracy {best.best_accuracy:.1%}" if best.best_accuracy is not None else ""
+        if done is not None:
+            return
+        if best.outcome == "no-grad":
+            self.report(
+                trainer,
+                "overfit-batch-failed",
+                Severity.ERROR,
+                f"The loss of training_step ({best.losses[0]:.4g}) does not depend on any trainable "
+                "parameter, so nothing can learn: look for torch.no_grad(), .detach() or "
+                ".item() between the parameters and the loss.",
+                evidence,
+            )
+            return
+        tried = ", ".join(f"lr={t.lr:g} ({t.outcome} after {len(t.losses)} steps)" for t in trials)
+        numbers = (
+            f"the best loss was {best.best:.4g} (floor {s.floor:.4g}, {s.reference_kind} "
+            f"{s.reference:.4g}, target <= {s.floor + self.tolerance * (s.reference - s.floor):.4g}){acc}"
+        )
+        if not s.judged:
+            kind = f"{s.loss_fn} has no known floor" if s.loss_fn else "no torch.nn.functional loss was seen"
+            self.report(
+                trainer,
+                "overfit-batch-failed",
+                Severity.INFO,
+                f"Trained a copy of the model on {what} with Adam at {tried}: the loss went from "
+                f"{best.losses[0]:.4g} to {best.best:.4g}; {kind}, so this is not judged.",
+                evidence,
+            )
+        elif all(t.outcome in ("stuck", "diverged") for t in trials):
+            severity = Severity.ERROR
+            if s.probabilities:
+                hint = (
+                    f"the input of {s.loss_fn} is already probabilities, so it cannot fall to its "
+                    "floor: remove the softmax at the end of the model (softmax-before-loss)"
+                )
+                if _softmax_reported_elsewhere(trainer):
+                    severity = Severity.INFO  # the error is softmax-before-loss, reported once
+            elif best.best_accuracy == 1.0:
+                hint = (
+                    "every prediction is right but the loss cannot fall further: the output is "
+                    "probably squashed (a softmax/sigmoid before a loss that applies its own)"
+                )
+            else:
+                hint = (
+                    "a correct model drives it to ~0, so look for a bug in the model (a frozen or "
+                    "detached part, a squashed output, an input that never reaches the output), the "
+                    "loss or the labels, or for a model too small to fit even these samples"
+                )
+            self.report(
+                trainer,
+                "overfit-batch-failed",
+                severity,
+                f"A copy of the model could not memorise {what} (dropout and weight decay off, "
+                f"Adam at {tried}): {numbers}; {hint}.",
+                evidence,
+            )
+        else:
+            reason = "the time limit" if any(t.outcome == "time" for t in trials) else "max_steps"
+            self.report(
+                trainer,
+                "overfit-batch-failed",
+                Severity.INFO,
+                f"Not judged: {reason} ran out while the loss was still falling (Adam at {tried}; "
+                f"{seconds:.1f}s): {numbers}; raise time_limit / max_steps to get a verdict.",
+                evidence,
+            )
+
+    def _log_curve(self, trainer: Any | None, trial: _Trial) -> None:
+        writer = tensorboard.get_writer(trainer)
+        if writer is None:
+            return
+        for i, loss in enumerate(trial.losses):
+            if math.isfinite(loss):
+                writer.add_scalar("recipe/overfit_batch/loss", loss, global_step=i)
+        for i, acc in enumerate(trial.accuracies):
+            if acc is not None:
+                writer.add_scalar("recipe/overfit_batch/accuracy", acc, global_step=i)
+
+    def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
+        return {"Recipe": {"overfit one batch (probe steps)": ("Multiline", [r"recipe/overfit_batch/loss"])}}
+
+
+# ---------------------------------------------------------------------------- trial state
+@dataclass
+class _Scale:
+    """What the loss of this batch can reach (floor) and what it is measured against."""
+
+    loss_fn: str | None = None
+    floor: float = 0.0
+    reference: float = float("nan")
+    reference_kind: str = "first loss"
+    judged: bool = True
+    #: the loss input is already probabilities (softmax-before-loss)
+    probabilities: bool = False
+
+
+@dataclass
+class _Trial:
+    lr: float
+    outcome: str = "max_steps"
+    scale: _Scale = field(default_factory=_Scale)
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float | None] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def record(self, loss: float, accuracy: float | None) -> None:
+        self.losses.append(loss)
+        self.accuracies.append(accuracy)
+        if math.isnan(self.scale.reference) and math.isfinite(loss):
+            self.scale.reference = loss  # "first loss" reference
+
+    @property
+    def best(self) -> float:
+        finite = [v for v in self.losses if math.isfinite(v)]
+        return min(finite) if finite else float("nan")
+
+    @property
+    def best_gap(self) -> float:
+        gap = self.relative_gap
+        return gap if math.isfinite(gap) else float("inf")
+
+    @property
+    def relative_gap(self) -> float:
+        s = self.scale
+        span = s.reference - s.floor
+        return (self.best - s.floor) / span if span > 0 else float("nan")
+
+    @property
+    def best_accuracy(self) -> float | None:
+        seen = [a for a in self.accuracies if a is not None]
+        return max(seen) if seen else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "outcome": self.outcome,
+            "steps": len(self.losses),
+            "best_loss": self.best,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+# ---------------------------------------------------------------------------- helpers
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+
+
+def _scalar(t: Tensor) -> float:
+    t = t.detach().float()
+    return float(t if t.dim() == 0 else t.mean())
+
+
+def _scale(call: LossCall | None, loss: Tensor) -> _Scale:
+    """Floor and reference of the loss in ``call`` (the first-loss reference otherwise)."""
+    if call is None:
+        return _Scale(judged=False)
+    scale = _Scale(loss_fn=call.name, judged=call.name in _ZERO_FLOOR)
+    scale.probabilities = looks_like_probabilities(call) is not None
+    with torch.no_grad():
+        ideal = _ideal_input(call)
+        if ideal is not None:
+            scale.floor = max(0.0, _scalar(call.recompute(ideal)))
+        if call.name in CLASS_LOSSES or call.name in _BINARY:
+            base = chance_input(call)
+            if base is not None:
+                scale.reference, scale.reference_kind = _scalar(call.recompute(base)), "chance loss"
+        elif call.name in REGRESSION_LOSSES and _float_target_like(call):
+            mean = call.target.detach().float().mean().to(call.input.dtype)
+            ref = _scalar(call.recompute(mean.expand_as(call.input.detach())))
+            if ref > 0:
+                scale.reference, scale.reference_kind = ref, "mean-predictor loss"
+    return scale
+
+
+def _softmax_reported_elsewhere(trainer: Any | None) -> bool:
+    """True when LossAtInitCheck or ModelLintCheck is on the trainer: one of them reports
+    ``softmax-before-loss`` as the error, so the overfit failure it causes is only info."""
+    from lightning_recipe.checks.loss_at_init import LossAtInitCheck
+    from lightning_recipe.checks.model_lint import ModelLintCheck
+
+    callbacks = getattr(trainer, "callbacks", None) or []
+    return any(isinstance(cb, (LossAtInitCheck, ModelLintCheck)) for cb in callbacks)
+
+
+def _float_target_like(call: LossCall) -> bool:
+    t = call.target
+    return isinstance(t, Tensor) and t.is_floating_point()
+
+
+def _ideal_input(call: LossCall) -> Tensor | None:
+    """The best possible prediction for targets that are not hard (smoothed or soft labels);
+    ``None`` where the best loss is 0."""
+    x, t = call.input.detach(), call.target
+    if not isinstance(t, Tensor):
+        return None
+    if call.name == "cross_entropy":
+        smoothing = float(call.kwargs.get("label_smoothing", 0.0) or 0.0)
+        if len(call.args) > 7:  # (input, target, weight, size_average, ignore_index, reduce, reduction, ls)
+            smoothing = float(call.args[7] or 0.0)
+        soft = t.is_floating_point()
+        if not soft and smoothing == 0.0:
+            return None
+        c = x.shape[1] if x.dim() > 1 else x.shape[0]
+        if soft:
+            q = t.detach().to(x.dtype)
+        else:
+            q = F.one_hot(t.clamp(0, c - 1), c).to(x.dtype)
+            q = q.movedim(-1, 1) if x.dim() > 1 else q
+        q = (1 - smoothing) * q + smoothing / c
+        return q.clamp_min(1e-12).log()
+    if call.name in _BINARY and t.is_floating_point() and t.shape == x.shape:
+        soft = bool(((t > 0) & (t < 1)).any())
+        if not soft:
+            return None
+        p = t.detach().to(x.dtype).clamp(1e-6, 1 - 1e-6)
+        return p if call.name == "binary_cross_entropy" else torch.log(p / (1 - p))
+    return None
+
+
+def _accuracy(call: LossCall | None) -> float | None:
+    """Share of the samples the prediction gets right (classification losses only)."""
+    if call is None:
+        return None
+    with torch.no_grad():
+        view = class_scores(call)
+        if view is not None and view.target is not None:
+            valid = (view.target >= 0) & (view.target < view.num_classes)
+            if not bool(valid.any()):
+                return None
+            hit = view.scores.argmax(1) == view.target
+            return float(hit[valid].float().mean())
+        t = call.target
+        if call.name in _BINARY and isinstance(t, Tensor) and t.shape == call.input.shape:
+            cut = 0.5 if call.name == "binary_cross_entropy" else 0.0
+            return float(((call.input.detach() > cut) == (t > 0.5)).float().mean())
+    return None
+
+
+class _NoDropout(TorchFunctionMode):
+    """Turns functional dropout into the identity and attention dropout off (custom modules
+    that call ``F.dropout(x, p, self.training)`` directly)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUT_FNS and args:
+            return args[0]
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif "dropout_p" in kwargs:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm on a copy, using the local batch only (no collective)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _localize_sync_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.__class__ = _LocalBatchNorm
