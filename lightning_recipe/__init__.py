@@ -28,6 +28,7 @@ from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
+from lightning_recipe.preflight import preflight
 from lightning_recipe.suite import recipe_callbacks
 
 __version__ = "0.1.0"
@@ -59,5 +60,6 @@ __all__ = [
     "Severity",
     "__version__",
     "findings",
+    "preflight",
     "recipe_callbacks",
 ]

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="print the findings table of a finished run")
     rep.add_argument("logdir", help="a run directory, a parent of runs, or a recipe_report.json")
     rep.set_defaults(func=_report)
+    from lightning_recipe.preflight import add_parser
+
+    add_parser(sub)
     return parser
 
 

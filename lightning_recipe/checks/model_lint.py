@@ -241,6 +241,8 @@ class ModelLintCheck(RecipeCallback):
         guess = self.step_fn is None and is_manual_optimization(module)
         self._probe(trainer, "run the structural lints", self._forward_lints, module, batch, quiet=guess)
         if trainer is None:
+            if not guess:
+                self._probe(None, "probe gradient flow", self._gradient_flow, module, batch)
             self._check_eval_in_training(None, module)
             if _user_defined(module, "validation_step"):
                 with torch.no_grad():
@@ -270,6 +272,30 @@ class ModelLintCheck(RecipeCallback):
                 {"reason": reason, "what": what},
                 key=f"check-skipped:{what}",
             )
+
+    def _gradient_flow(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
+        """Without a fit (``preflight``): ``steps`` Adam steps on a copy with the same watch as in
+        training, so a parameter that gets no gradient is found before the job is queued, while
+        zero-initialised gates (ReZero, LoRA) still pass as they do over the first steps of a fit."""
+        model = copy_module(module, trainer)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            return
+        opt = torch.optim.Adam(params, lr=1e-3)
+        watch = _GradWatch(model, [opt])
+        with preserved_rng():
+            for _ in range(self.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = run_step(model, batch, self.step_fn).data_loss
+                if loss is None or not loss.requires_grad:
+                    raise ProbeSkip("the step's loss does not depend on any trainable parameter")
+                watch.before_backward()
+                loss.backward()
+                watch.before_step(opt)
+                opt.step()
+        self._grads = watch
+        self._finish_grads(trainer)
 
     def _optimizers_of_copy(self, trainer: Any | None, module: nn.Module) -> list[Any] | None:
         configure = getattr(module, "configure_optimizers", None)
