@@ -28,6 +28,8 @@ from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
+from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 from lightning_recipe.preflight import preflight
 from lightning_recipe.suite import recipe_callbacks
 
@@ -50,9 +52,11 @@ __all__ = [
     "DataInspectionCheck",
     "Finding",
     "GradientCheck",
+    "InputIndependentBaseline",
     "LossAtInitCheck",
     "ModelLintCheck",
     "OverfitBatchCheck",
+    "PredictionDynamicsMonitor",
     "RecipeCallback",
     "RecipeEarlyStopping",
     "RecipeError",

@@ -325,29 +325,46 @@ class BatchStash:
     Monitors that evaluate on validation data take their batches from the validation loop the
     trainer runs anyway (including the sanity check), instead of iterating the dataloader
     themselves, which would consume RNG and start workers. Feed it from
-    ``on_validation_batch_start`` (dataloader 0 only).
+    ``on_validation_batch_start``: only dataloader 0 counts, batch indices 0, 1, ... are kept
+    once each (a sanity check that saw fewer batches does not make the next run store batch 0
+    twice), and with ``max_examples`` only the first examples are cut out before copying.
 
     Example::
 
-        stash = BatchStash(max_batches=2)
+        stash = BatchStash(max_batches=2, adapter=BatchAdapter(), max_examples=256)
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-            stash.offer(batch, dataloader_idx)
+            stash.offer(batch, dataloader_idx, batch_idx)
     """
 
-    def __init__(self, max_batches: int = 1) -> None:
+    def __init__(
+        self, max_batches: int = 1, adapter: BatchAdapter | None = None, max_examples: int | None = None
+    ) -> None:
         if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
             raise ValueError(f"`max_batches` must be a positive int, got {max_batches!r}")
+        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+            raise ValueError(f"`max_examples` must be a positive int or None, got {max_examples!r}")
         self.max_batches = max_batches
+        self.adapter = adapter or BatchAdapter()
+        self.max_examples = max_examples
         self.batches: list[Any] = []
 
     @property
     def full(self) -> bool:
         return len(self.batches) >= self.max_batches
 
-    def offer(self, batch: Any, dataloader_idx: int = 0) -> bool:
-        """Keep ``batch`` if there is room and it comes from dataloader 0; True if kept."""
+    def offer(self, batch: Any, dataloader_idx: int = 0, batch_idx: int | None = None) -> bool:
+        """Keep ``batch`` if there is room, it comes from dataloader 0 and (when given)
+        ``batch_idx`` is the next index missing; True if kept."""
         if self.full or dataloader_idx != 0:
             return False
+        if batch_idx is not None and batch_idx != len(self.batches):
+            return False
+        if self.max_examples is not None:
+            try:
+                if self.adapter.batch_size(batch) > self.max_examples:
+                    batch = self.adapter.slice(batch, self.max_examples)
+            except BatchLayoutError:
+                pass  # kept whole; the user of the batch reports the unreadable layout
         self.batches.append(detach_clone(batch))
         return True
 

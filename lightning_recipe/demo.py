@@ -33,6 +33,7 @@ BUGS: dict[str, str] = {
     "no-zero-grad": "optimizer_zero_grad is overridden to do nothing, so gradients pile up from step to step",
     "conv-bias": "the first conv has bias=True although a BatchNorm follows it (an info finding)",
     "no-output-bias": "the output layer has bias=False (an info finding)",
+    "shuffled-labels": "the labels are shuffled apart from their images (train and val)",
 }
 
 #: bugs that live in the model (the others live in the data)
@@ -114,16 +115,22 @@ class DigitsDataModule(L.LightningDataModule):
         dict_batches: bool = False,
         seed: int = 0,
         corrupt: bool = False,
+        shuffle_labels: bool = False,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.normalize = normalize
         self.corrupt = corrupt
+        self.shuffle_labels = shuffle_labels
         self.dict_batches = dict_batches
         self.seed = seed
 
     def setup(self, stage: str | None = None) -> None:
         x_train, y_train, x_val, y_val = load_digits_tensors(self.normalize, seed=self.seed)
+        if self.shuffle_labels:
+            g = torch.Generator().manual_seed(self.seed)
+            y_train = y_train[torch.randperm(len(y_train), generator=g)]
+            y_val = y_val[torch.randperm(len(y_val), generator=g)]
         if self.corrupt:  # after normalising, or the mean/std would turn everything NaN
             x_train[700, 0, 3, 3] = float("nan")
         make = _DictDataset if self.dict_batches else TensorDataset
@@ -224,7 +231,12 @@ def run_demo(
         _quiet_lightning()
     L.seed_everything(seed, verbose=False)
     model = DigitsCNN(lr=0.5 if bug == "lr-too-high" else 2e-3, bug=bug if bug in MODEL_BUGS else None)
-    data = DigitsDataModule(normalize=bug != "unnormalized", seed=seed, corrupt=bug == "nan-sample")
+    data = DigitsDataModule(
+        normalize=bug != "unnormalized",
+        seed=seed,
+        corrupt=bug == "nan-sample",
+        shuffle_labels=bug == "shuffled-labels",
+    )
     logger = TensorBoardLogger(str(logdir), name=bug or "healthy")
     trainer = L.Trainer(
         max_epochs=epochs,

@@ -15,6 +15,8 @@ from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
+from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 
 #: (override name, class) for every callback of the suite, in the order they run
 SUITE: list[tuple[str, type]] = [
@@ -24,6 +26,8 @@ SUITE: list[tuple[str, type]] = [
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    ("input_independent", InputIndependentBaseline),
+    ("prediction_dynamics", PredictionDynamicsMonitor),
     ("checkpoint_ensemble", CheckpointEnsemble),
     ("early_stopping", RecipeEarlyStopping),
 ]

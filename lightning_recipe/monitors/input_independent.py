@@ -1,0 +1,354 @@
+"""InputIndependentBaseline: does the model do better with its real inputs than with zeros?"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_recipe import stats, tensorboard
+from lightning_recipe._probe import (
+    REGRESSION_LOSSES,
+    LossCall,
+    ProbeSkip,
+    StepFn,
+    copy_module,
+    is_manual_optimization,
+    preserved_rng,
+    run_step,
+)
+from lightning_recipe.batch import BatchAdapter, BatchLayoutError, BatchStash, Getter
+from lightning_recipe.callback import RecipeCallback, guarded
+from lightning_recipe.checks.loss_at_init import chance_input
+from lightning_recipe.findings import Severity
+
+TAG = "recipe/input_independent"
+MAX_HISTORY = 200
+#: each kept validation batch is cut to its first examples (bounded memory, bounded cost)
+MAX_EXAMPLES = 256
+
+
+class InputIndependentBaseline(RecipeCallback):
+    """Compare the validation loss with real inputs against the loss with all inputs zeroed.
+
+    Karpathy: "train an input-independent baseline (e.g. easiest is to just set all your inputs
+    to zero). This should perform worse than when you actually plug in your data without zeroing
+    it out. Does it? i.e. does your model learn to extract any information out of the input at
+    all?" Rather than training a second model, this callback asks the model being trained: after
+    every validation run (not the sanity check) it runs your ``training_step`` on a deep copy of
+    the model in eval mode (no gradients, every RNG restored, the copy freed right after) over the
+    first ``num_batches`` validation batches, once as they are and once with the input replaced by
+    zeros (``BatchAdapter.zero_inputs``; token ids become id 0, usually padding: still a valid
+    baseline). The batches are taken from the validation loop the trainer runs anyway (first
+    seen in the sanity check), cut to their first 256 examples and kept on their device for the
+    whole fit; the callback never iterates a dataloader. Cost: nothing between validation runs;
+    per validation run one deep copy of the model and ``2 * num_batches`` forward passes (42 ms
+    on the digits CNN with two batches of 256 and 103 images).
+
+    Logged: ``recipe/input_independent/real_loss``, ``.../zero_loss``, ``.../chance_loss`` (the
+    loss of a know-nothing prediction with your loss call: uniform class scores, or the target
+    mean for regression), charted together as "real vs zero-input loss" in the Recipe section of
+    Custom Scalars, and ``.../gap``, the quantity judged: ``(baseline - real) / |baseline|`` with
+    ``baseline = min(zero_loss, chance_loss)``, the best the model does without its input (zeros
+    can be out of distribution and give a loss above chance; capping at chance keeps that from
+    hiding a model that learned nothing).
+
+    Finding ``input-independent`` (error): after the first ``warmup`` validation runs, the gap is
+    below ``min_gap`` on ``patience`` validation runs in a row: the model extracts no information
+    from its input (the inputs never reach it, or are overwritten), or the labels do not depend on
+    the inputs (labels shuffled apart from their inputs, a misaligned join), or it has learned
+    nothing at all yet. A run whose gap grew by at least ``min_gap / 2`` since the previous run is
+    still learning and does not count (slow starts, learning-rate warm-up).
+
+    Measured (gap per validation run, 6 epochs, 5 seeds, 2 validation batches of 32 examples or
+    256 digits, 12-23 optimizer steps per epoch): models whose forward ignores the input stay
+    between -0.011 and 0.000; models trained on labels shuffled apart from their inputs (digits
+    CNN, MLP and CNN on blobs, GRU and transformer on token ids) between -0.13 and +0.04 on every
+    run, the gap never growing by more than 0.033 from one run to the next; all 31 broken runs
+    got the finding at the 4th validation run (one at the 5th). Healthy models at sensible
+    learning rates separate by a lot: digits CNN 0.77-0.82 after the first epoch and 0.94-0.96
+    after the second; MLP / CNN / GRU at Adam 1e-2 0.35-0.94 after the first; the transformer at
+    Adam 1e-3 0.11-0.31 after the second; an MLP on 35%-noisy labels 0.29-0.47; slow learners
+    (transformer at Adam 3e-4, GRU and MLP at 1e-3, CNN at SGD 1e-2) start near 0 but gain
+    0.03-0.17 per run, so the growth rule keeps them silent. None of these 60 healthy runs got a
+    finding. Hence ``min_gap=0.05``, ``warmup=2``, ``patience=2``. Reported too, and rightly:
+    SGD at lr 1e-3 (100x too low) that learned nothing in 72 steps (gaps -0.03..+0.02, 5 of 5
+    seeds), and a task whose inputs carry almost no information (blobs with centres 6x closer,
+    43-51% accuracy on 4 classes: 2 of 5 seeds, whose validation loss ended above chance); lower
+    ``min_gap`` for such weak-signal tasks.
+
+    Rank-local under DDP: each rank evaluates the first batches of its own validation shard and
+    rank zero's losses are logged; the per-run verdict "no clear gap" is reduced across ranks
+    with ``trainer.strategy.reduce_boolean_decision(all=True)`` (every rank must see it), called
+    on every rank after every validation run, so every rank keeps the same streak.
+
+    Args:
+        num_batches: how many validation batches to evaluate (each costs two forward passes).
+        min_gap: smallest relative gap ``(zero - real) / |zero|`` that counts as a clear gap.
+        warmup: validation runs at the start of fit that are never judged.
+        patience: validation runs in a row without a clear gap before the finding.
+        get_input: ``callable(batch) -> Tensor`` for batch layouts the guess cannot read.
+        get_target: ``callable(batch) -> Tensor | None`` likewise.
+        step_fn: ``callable(model, batch) -> loss`` replacing ``training_step`` (needed under
+            manual optimisation).
+        on_error: ``"warn"`` or ``"raise"`` (stop the fit with ``RecipeError`` on the finding).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[InputIndependentBaseline()], logger=TensorBoardLogger("runs"))
+        trainer.fit(model, datamodule)  # errors "[input-independent] ..." if inputs carry nothing
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 2,
+        min_gap: float = 0.05,
+        warmup: int = 2,
+        patience: int = 2,
+        *,
+        get_input: Getter | None = None,
+        get_target: Getter | None = None,
+        step_fn: StepFn | None = None,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(on_error=on_error)
+        for name, value, low in (
+            ("num_batches", num_batches, 1),
+            ("warmup", warmup, 0),
+            ("patience", patience, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        if (
+            isinstance(min_gap, bool)
+            or not isinstance(min_gap, (int, float))
+            or not math.isfinite(min_gap)
+            or not 0 <= min_gap < 1
+        ):
+            raise ValueError(f"`min_gap` must be a number in [0, 1), got {min_gap!r}")
+        if step_fn is not None and not callable(step_fn):
+            raise TypeError(
+                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
+            )
+        self.num_batches = num_batches
+        self.min_gap = float(min_gap)
+        self.warmup = warmup
+        self.patience = patience
+        self.adapter = BatchAdapter(get_input, get_target)
+        self.step_fn = step_fn
+        self._reset()
+
+    def _reset(self) -> None:
+        self._stash = BatchStash(self.num_batches, self.adapter, MAX_EXAMPLES)
+        self._gave_up = False
+        self._runs = 0
+        self._streak = 0
+        self._history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
+
+    def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
+        return {"Recipe": {"real vs zero-input loss": ("Multiline", [rf"{TAG}/(real|zero|chance)_loss"])}}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._reset()
+
+    def on_validation_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._stash.full or self._gave_up or not self.active:
+            return
+        self.run_safely(
+            trainer,
+            "on_validation_batch_start",
+            self._stash.offer,
+            batch,
+            dataloader_idx,
+            batch_idx,
+        )
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # not @guarded: every rank must reach the collective below after every validation run
+        if getattr(trainer, "sanity_checking", False) or not _fitting(trainer):
+            return
+        self._runs += 1
+        flat = bool(self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module))
+        flat = bool(trainer.strategy.reduce_boolean_decision(flat, all=True))
+        if self._runs <= self.warmup:
+            return
+        self._streak = self._streak + 1 if flat else 0
+        if self.active and self._streak >= self.patience and not self.has_reported("input-independent"):
+            self.run_safely(trainer, "on_validation_epoch_end", self._report_flat, trainer)
+
+    @guarded
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._history and not self._gave_up and not self.has_reported("check-skipped"):
+            self._skip(
+                trainer,
+                "no validation run ended during training (no val_dataloader, limit_val_batches=0, "
+                "or training ended before the first validation)",
+            )
+
+    def teardown_diagnostics(self) -> None:
+        self._stash.clear()
+
+    # ------------------------------------------------------------------ work
+    def _measure(self, trainer: Any, pl_module: Any) -> bool:
+        """Evaluate real vs zeroed inputs and log; True when the gap is not clear (rank-local)."""
+        if self._gave_up or not self._stash.batches:
+            return False
+        if self.step_fn is None and is_manual_optimization(pl_module):
+            return self._give_up(
+                trainer,
+                "the module uses manual optimisation, so its training_step steps the optimizers; "
+                "pass step_fn=lambda model, batch: loss",
+            )
+        try:
+            losses = self._evaluate(trainer, pl_module)
+        except (ProbeSkip, BatchLayoutError) as why:
+            return self._give_up(trainer, str(why))
+        real, zero = losses["real_loss"], losses["zero_loss"]
+        # the best the model could do without its input: the zero-input loss, capped at the
+        # know-nothing loss (zeros can be out of distribution and give a loss above chance)
+        baseline = min(zero, losses.get("chance_loss", zero))
+        gap = (baseline - real) / max(abs(baseline), 1e-8)
+        row = {"step": float(trainer.global_step), **losses, "gap": gap}
+        self._history.append(row)
+        metrics = {f"{TAG}/{k}": v for k, v in row.items() if k != "step" and math.isfinite(v)}
+        tensorboard.log_scalars(trainer, metrics)
+        self.figures.update({k: v for k, v in row.items() if k != "step"})
+        self.figures["validation_runs"] = self._runs
+        if not (math.isfinite(real) and math.isfinite(zero)):
+            return False  # non-finite losses are the loss monitors' business
+        growth = gap - self._history[-2]["gap"] if len(self._history) > 1 else 0.0
+        # a gap that grew by half the margin since the last run: still learning, not flat yet
+        return gap < self.min_gap and growth < self.min_gap / 2
+
+    def _evaluate(self, trainer: Any, pl_module: Any) -> dict[str, float]:
+        model = copy_module(pl_module, trainer)
+        try:
+            model.eval()
+            reals, zeros, chances = [], [], []
+            with preserved_rng(), torch.no_grad():
+                for batch in self._stash.batches:
+                    result = run_step(model, batch, self.step_fn)
+                    if result.data_loss is None:
+                        raise ProbeSkip("training_step returned None on a validation batch")
+                    reals.append(result.data_loss.detach().float().reshape(()))
+                    chance = _chance_loss(result.main_call)
+                    if chance is not None:
+                        chances.append(chance)
+                    zeros.append(self._zero_loss(model, batch))
+        finally:
+            del model
+        values = {"real_loss": torch.stack(reals).mean(), "zero_loss": torch.stack(zeros).mean()}
+        if len(chances) == len(reals):
+            values["chance_loss"] = torch.stack(chances).mean()
+        return stats.to_host(values)  # the one host transfer of this validation run
+
+    def _zero_loss(self, model: Any, batch: Any) -> Tensor:
+        zeroed = self.adapter.zero_inputs(batch)
+        try:
+            result = run_step(model, zeroed, self.step_fn)
+        except Exception as exc:
+            raise ProbeSkip(
+                f"the model could not run on zeroed inputs ({type(exc).__name__}: {exc}); pass "
+                "get_input=lambda batch: ... if the guessed input is not the model's input"
+            ) from exc
+        if result.data_loss is None:
+            raise ProbeSkip("training_step returned None on zeroed inputs")
+        return result.data_loss.detach().float().reshape(())
+
+    def _report_flat(self, trainer: Any) -> None:
+        recent = list(self._history)[-self.patience :]
+        last = recent[-1]
+        gaps = ", ".join(f"{round(r['gap'], 3) + 0.0:.1%}" for r in recent)
+        runs = f"the last {len(recent)} validation runs" if len(recent) > 1 else "the last validation run"
+        chance = last.get("chance_loss")
+        vs_chance = f" (chance level {chance:.4g})" if chance is not None else ""
+        self.report(
+            trainer,
+            "input-independent",
+            Severity.ERROR,
+            f"With real inputs the validation loss is {last['real_loss']:.4g}, with all inputs zeroed "
+            f"{last['zero_loss']:.4g}{vs_chance}: the real inputs beat the better of those baselines by "
+            f"{gaps} on {runs}, under the {self.min_gap:.0%} a model "
+            "that uses its input shows (healthy runs: 10% or more after two epochs); the model "
+            "extracts no information from its input: check that the inputs reach the model and that "
+            "the labels depend on them (not shuffled apart from them), or whether it learned nothing "
+            "at all (learning rate far too low).",
+            {
+                "real_loss": last["real_loss"],
+                "zero_loss": last["zero_loss"],
+                "chance_loss": chance,
+                "gaps": [r["gap"] for r in recent],
+                "min_gap": self.min_gap,
+                "patience": self.patience,
+                "validation_runs": self._runs,
+            },
+        )
+
+    def _give_up(self, trainer: Any, reason: str) -> bool:
+        self._gave_up = True
+        self._stash.clear()
+        self._skip(trainer, reason)
+        return False
+
+    def _skip(self, trainer: Any, reason: str) -> None:
+        self.figures["skipped"] = reason
+        self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"InputIndependentBaseline did not compare real and zeroed inputs: {reason}.",
+            {"reason": reason},
+        )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "runs": self._runs,
+            "streak": self._streak,
+            "history": [dict(r) for r in self._history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._reset()
+        self._runs = int(state_dict.get("runs", 0))
+        self._streak = int(state_dict.get("streak", 0))
+        self._history.extend({str(k): float(v) for k, v in r.items()} for r in state_dict.get("history", []))
+
+
+# ---------------------------------------------------------------------------- helpers
+def _chance_loss(call: LossCall | None) -> Tensor | None:
+    """The loss of a know-nothing prediction with the same loss call, or ``None``."""
+    if call is None:
+        return None
+    base = chance_input(call)
+    target = call.target
+    if (
+        base is None
+        and call.name in REGRESSION_LOSSES
+        and isinstance(target, Tensor)
+        and target.is_floating_point()
+        and target.numel() > 0
+    ):
+        base = target.detach().float().mean().to(call.input.dtype).expand_as(call.input.detach())
+    if base is None:
+        return None
+    try:
+        out = call.recompute(base).detach().float()
+    except Exception:
+        return None
+    return (out if out.dim() == 0 else out.mean()).reshape(())
+
+
+def _fitting(trainer: Any) -> bool:
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return getattr(fn, "value", fn) in ("fit", None)
