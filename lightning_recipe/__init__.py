@@ -29,7 +29,10 @@ from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
+from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
+from lightning_recipe.monitors.update_ratio import UpdateRatioMonitor
 from lightning_recipe.preflight import preflight
 from lightning_recipe.suite import recipe_callbacks
 
@@ -54,6 +57,7 @@ __all__ = [
     "GradientCheck",
     "InputIndependentBaseline",
     "LossAtInitCheck",
+    "LossCurveMonitor",
     "ModelLintCheck",
     "OverfitBatchCheck",
     "PredictionDynamicsMonitor",
@@ -62,6 +66,8 @@ __all__ = [
     "RecipeError",
     "RecipeWarning",
     "Severity",
+    "TrainValGapMonitor",
+    "UpdateRatioMonitor",
     "__version__",
     "findings",
     "preflight",

@@ -34,6 +34,12 @@ BUGS: dict[str, str] = {
     "conv-bias": "the first conv has bias=True although a BatchNorm follows it (an info finding)",
     "no-output-bias": "the output layer has bias=False (an info finding)",
     "shuffled-labels": "the labels are shuffled apart from their images (train and val)",
+    "sgd-too-high": "SGD at lr 20 (momentum 0.9) instead of AdamW 2e-3: updates larger than the weights",
+    "lr-too-low": "the learning rate is 1e-7 instead of 2e-3",
+    "lr-decay-per-step": "MultiStepLR(milestones=[2, 4, 6]) meant in epochs but stepped every batch",
+    "unused-block": "forward skips the second conv block, whose parameters stay in the optimizer",
+    "tiny-train-set": "training on 20 images (batch 4, no dropout): the model memorises them",
+    "tiny-model": "a linear layer on two pooled pixels (top / bottom brightness) instead of the CNN",
 }
 
 #: bugs that live in the model (the others live in the data)
@@ -47,6 +53,11 @@ MODEL_BUGS = (
     "no-zero-grad",
     "conv-bias",
     "no-output-bias",
+    "sgd-too-high",
+    "lr-decay-per-step",
+    "unused-block",
+    "tiny-model",
+    "tiny-train-set",
 )
 
 
@@ -116,12 +127,14 @@ class DigitsDataModule(L.LightningDataModule):
         seed: int = 0,
         corrupt: bool = False,
         shuffle_labels: bool = False,
+        train_subset: int | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.normalize = normalize
         self.corrupt = corrupt
         self.shuffle_labels = shuffle_labels
+        self.train_subset = train_subset
         self.dict_batches = dict_batches
         self.seed = seed
 
@@ -133,6 +146,8 @@ class DigitsDataModule(L.LightningDataModule):
             y_val = y_val[torch.randperm(len(y_val), generator=g)]
         if self.corrupt:  # after normalising, or the mean/std would turn everything NaN
             x_train[700, 0, 3, 3] = float("nan")
+        if self.train_subset:
+            x_train, y_train = x_train[: self.train_subset], y_train[: self.train_subset]
         make = _DictDataset if self.dict_batches else TensorDataset
         self.train_set, self.val_set = make(x_train, y_train), make(x_val, y_val)
 
@@ -169,9 +184,19 @@ class DigitsCNN(L.LightningModule):
         )
         if bug == "custom-backward":
             self.head[3] = _HandSiLU()
+        if bug == "tiny-train-set":
+            self.head[1].p = 0.0  # no dropout: nothing keeps it from memorising
+        if bug == "tiny-model":
+            self.features = nn.AdaptiveAvgPool2d((2, 1))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(2, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x)  # (B, 32, 4, 4)
+        if self.hparams.bug == "unused-block":
+            f = self.features
+            h = f[2](f[1](f[0](x)))  # block 1 only; block 2 (f[3:6]) is never called
+            h = f[6](torch.cat([h, h], dim=1))  # 16 -> 32 channels so the head still fits
+        else:
+            h = self.features(x)  # (B, 32, 4, 4)
         if self.hparams.bug == "detach":
             h = h.detach()
         if self.hparams.bug == "batch-view":
@@ -206,10 +231,14 @@ class DigitsCNN(L.LightningModule):
         if self.hparams.bug != "no-zero-grad":
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+    def configure_optimizers(self) -> Any:
+        if self.hparams.bug == "sgd-too-high":
+            return torch.optim.SGD(self.parameters(), lr=20.0, momentum=0.9)
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.bug == "lr-decay-per-step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4, 6], gamma=0.1)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
 
 
 def run_demo(
@@ -230,8 +259,11 @@ def run_demo(
     if quiet_lightning:
         _quiet_lightning()
     L.seed_everything(seed, verbose=False)
-    model = DigitsCNN(lr=0.5 if bug == "lr-too-high" else 2e-3, bug=bug if bug in MODEL_BUGS else None)
+    lr = {"lr-too-high": 0.5, "lr-too-low": 1e-7, "tiny-model": 0.1}.get(bug or "", 2e-3)
+    model = DigitsCNN(lr=lr, bug=bug if bug in MODEL_BUGS else None)
     data = DigitsDataModule(
+        batch_size=4 if bug == "tiny-train-set" else 64,
+        train_subset=20 if bug == "tiny-train-set" else None,
         normalize=bug != "unnormalized",
         seed=seed,
         corrupt=bug == "nan-sample",

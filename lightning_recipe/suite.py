@@ -16,7 +16,10 @@ from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
+from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
+from lightning_recipe.monitors.update_ratio import UpdateRatioMonitor
 
 #: (override name, class) for every callback of the suite, in the order they run
 SUITE: list[tuple[str, type]] = [
@@ -26,6 +29,9 @@ SUITE: list[tuple[str, type]] = [
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    ("update_ratio", UpdateRatioMonitor),
+    ("loss_curve", LossCurveMonitor),
+    ("train_val_gap", TrainValGapMonitor),
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
     ("checkpoint_ensemble", CheckpointEnsemble),

@@ -355,5 +355,7 @@ def test_tied_max_pool_on_constant_background_is_not_a_failure(tmp_path):
     for seed in (0, 1):
         L.seed_everything(seed, verbose=False)
         check = GradientCheck()
-        trainer(tmp_path / str(seed), [check], max_steps=1, logger=None).fit(Reinit(), DigitsDataModule(seed=0))
+        trainer(tmp_path / str(seed), [check], max_steps=1, logger=None).fit(
+            Reinit(), DigitsDataModule(seed=0)
+        )
         assert [f.code for f in check.findings] == [], check.findings

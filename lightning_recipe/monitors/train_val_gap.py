@@ -1,0 +1,442 @@
+"""TrainValGapMonitor: the gap between training and validation accuracy (cs231n)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+from lightning_recipe import stats, tensorboard
+from lightning_recipe.callback import RecipeCallback, guarded
+from lightning_recipe.findings import Severity
+from lightning_recipe.monitors.base import Streaks
+
+#: (train, val) metric names tried, in order, when none are given
+ACCURACY_GUESSES: tuple[tuple[str, str], ...] = (
+    ("train_acc", "val_acc"),
+    ("train_accuracy", "val_accuracy"),
+    ("train/acc", "val/acc"),
+    ("train/accuracy", "val/accuracy"),
+    ("acc", "val_acc"),
+)
+#: underfitting needs a training accuracy this far from chance towards 100% (else: not learning)
+LEARNED_MARGIN = 0.1
+LOSS_GUESSES: tuple[tuple[str, str], ...] = (
+    ("train_loss", "val_loss"),
+    ("train/loss", "val/loss"),
+    ("loss", "val_loss"),
+)
+
+
+class TrainValGapMonitor(RecipeCallback):
+    """Compare training and validation accuracy after each validation, cs231n's second chart.
+
+    cs231n: "The gap between the training and validation accuracy indicates the amount of
+    overfitting ... [if] the validation accuracy tracks the training accuracy fairly well, [the]
+    model capacity is not high enough: make the model larger." This monitor reads metrics you
+    already log (``self.log("train_acc", ...)``, ``self.log("val_acc", ...)``) from
+    ``trainer.callback_metrics``; it computes nothing itself and adds no hook to the model.
+
+    The validation values are taken in ``on_validation_end`` (the sanity check is skipped) and
+    judged in the following ``on_train_epoch_end``, where Lightning has just aggregated the
+    training epoch's ``on_epoch=True`` metrics (at ``on_validation_end`` they still hold the
+    previous epoch's values). Names: ``train_metric``/``val_metric`` and ``train_loss``/
+    ``val_loss`` if given, else the first pair found among ``train_acc``/``val_acc``,
+    ``train_accuracy``/``val_accuracy``, ``train/acc``/``val/acc``, ``train/accuracy``/
+    ``val/accuracy``, ``acc``/``val_acc`` (and ``train_loss``/``val_loss``, ``train/loss``/
+    ``val/loss``, ``loss``/``val_loss``), each tried with its ``_epoch`` variant first. All values
+    of one validation reach the host in one transfer.
+
+    It logs ``recipe/train_val/train_acc``, ``val_acc``, ``train_loss``, ``val_loss`` (copies
+    under stable tags, for the "Train vs val" custom-scalars charts), ``recipe/train_val_gap/acc``
+    (train - val accuracy) and ``recipe/train_val_gap/loss`` (val - train loss).
+
+    Findings (both warnings, once each):
+
+    * ``overfitting``: train accuracy above validation accuracy by more than ``gap`` on
+      ``patience`` validations in a row. Without accuracy metrics, the validation loss rose more
+      than ``loss_rise`` (relative) above its best while the training loss kept falling, on
+      ``patience`` validations in a row.
+    * ``underfitting``: train accuracy at most ``close`` above validation accuracy, both below
+      ``low_accuracy`` and the training accuracy above chance, on ``patience`` validations in a
+      row, while the best training accuracy of those validations is less than ``plateau`` above
+      the best before them (training has plateaued) and the learning rate is still on. Without
+      ``low_accuracy``, "low" means closer to chance than to 100%: below ``(1 + 1/C) / 2`` for
+      ``C`` classes (``num_classes``, or the class count another recipe callback measured,
+      e.g. :class:`~lightning_recipe.LossAtInitCheck`); without either, underfitting is not
+      judged (said in ``figures``).
+    * ``check-skipped`` (info): no pair of train/val metrics was found (the names tried are in
+      the message).
+
+    Where the numbers come from (this package's test models, batch 32, 2 seeds, 8-20 epochs):
+    healthy MLP/CNN/GRU/transformer runs on learnable data (128 validation samples) had train -
+    val accuracy of -0.24..+0.01, except the CNN's first epoch (+0.25 once: BatchNorm's running
+    statistics lag; ``patience`` = 3 keeps it quiet); the training accuracy is the mean over an
+    epoch of a model still improving, with dropout on, so it usually trails. The digits demo CNN
+    gave -0.20..+0.02, an MLP on heavily overlapping blobs +0.12 after 20 epochs (mild, real
+    overfitting). Broken: a 512-unit MLP memorising 48 noisy samples had train 0.85..1.00 / val
+    0.49..0.60 (gap 0.32..0.45) from its third epoch on, the digits CNN trained on 20 images
+    train 0.75..1.0 / val 0.29..0.69 (gap 0.31..0.46), so ``gap`` = 0.2 is 1.7x the largest
+    healthy gap after the first epoch and 1.5x below the smallest broken one. Underfitting: a
+    linear model on 2-D data whose classes need |x1| (4 classes, chance 0.25) plateaued at train
+    0.49..0.56 / val 0.49..0.59 from its third epoch (an MLP reaches 0.94..0.98 on the same
+    data), a linear model on two pooled pixels of the digits at 0.27..0.31 / 0.29..0.34 (chance
+    0.1); "low" is 0.625 and 0.55 there. A model at chance level (trained with lr = 0, or whose
+    learning rate decayed to ~0) is not "too small": it is not reported (train accuracy must be
+    10% of the way from chance to 100%, and some learning rate at least 1% of its peak).
+
+    Rank-local under DDP unless you log with ``sync_dist=True`` (then ``callback_metrics`` are
+    already reduced); no collective is called.
+
+    Args:
+        train_metric, val_metric: accuracy names in ``callback_metrics`` (higher is better).
+        train_loss, val_loss: loss names in ``callback_metrics``.
+        num_classes: the number of classes, for the chance level of ``underfitting``.
+        gap: train - val accuracy above which ``overfitting`` is reported (default 0.2).
+        close: largest train - val accuracy still "close" for ``underfitting`` (default 0.05).
+        low_accuracy: accuracy below which both are "low" (default from ``num_classes``).
+        plateau: training-accuracy gain over ``patience`` validations below which training has
+            plateaued (default 0.01).
+        loss_rise: relative rise of the validation loss above its best for the loss-only
+            ``overfitting`` test (default 0.2).
+        patience: consecutive validations a condition must hold (default 3).
+        on_error: ``"warn"`` or ``"raise"``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[TrainValGapMonitor(num_classes=10)])
+    """
+
+    def __init__(
+        self,
+        train_metric: str | None = None,
+        val_metric: str | None = None,
+        train_loss: str | None = None,
+        val_loss: str | None = None,
+        num_classes: int | None = None,
+        gap: float = 0.2,
+        close: float = 0.05,
+        low_accuracy: float | None = None,
+        plateau: float = 0.01,
+        loss_rise: float = 0.2,
+        patience: int = 3,
+        *,
+        on_error: str = "warn",
+    ) -> None:
+        super().__init__(on_error=on_error)
+        for name, value in (
+            ("train_metric", train_metric),
+            ("val_metric", val_metric),
+            ("train_loss", train_loss),
+            ("val_loss", val_loss),
+        ):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"`{name}` must be a metric name (non-empty str) or None, got {value!r}")
+        if (train_metric is None) != (val_metric is None):
+            raise ValueError("`train_metric` and `val_metric` must be given together")
+        if (train_loss is None) != (val_loss is None):
+            raise ValueError("`train_loss` and `val_loss` must be given together")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+        ):
+            raise ValueError(f"`num_classes` must be an int >= 2 or None, got {num_classes!r}")
+        _check_fraction("gap", gap)
+        _check_fraction("close", close)
+        _check_fraction("plateau", plateau)
+        if low_accuracy is not None:
+            _check_fraction("low_accuracy", low_accuracy)
+        if (
+            isinstance(loss_rise, bool)
+            or not isinstance(loss_rise, (int, float))
+            or not 0 < loss_rise < math.inf
+        ):
+            raise ValueError(f"`loss_rise` must be a positive number, got {loss_rise!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"`patience` must be a positive int, got {patience!r}")
+        self.acc_names = (train_metric, val_metric) if train_metric else None
+        self.loss_names = (train_loss, val_loss) if train_loss else None
+        self.num_classes = num_classes
+        self.gap = float(gap)
+        self.close = float(close)
+        self.low_accuracy = None if low_accuracy is None else float(low_accuracy)
+        self.plateau = float(plateau)
+        self.loss_rise = float(loss_rise)
+        self.patience = patience
+        self.streaks = Streaks()
+        self.history: list[dict[str, float]] = []
+        self._val: dict[str, Tensor | float] | None = None
+        self._skipped = False
+        self._lr_peak: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ hooks
+    @guarded
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if getattr(trainer, "sanity_checking", False) or self._skipped:
+            return
+        metrics = getattr(trainer, "callback_metrics", {}) or {}
+        found: dict[str, Tensor | float] = {}
+        for kind, names, guesses in (
+            ("acc", self.acc_names, ACCURACY_GUESSES),
+            ("loss", self.loss_names, LOSS_GUESSES),
+        ):
+            for val_name in _candidates([names[1]] if names else [g[1] for g in guesses]):
+                if val_name in metrics:
+                    found[f"val_{kind}"] = metrics[val_name]
+                    self.figures[f"val_{kind}_name"] = val_name
+                    break
+        self._val = found
+
+    @guarded
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluate(trainer)
+
+    @guarded
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._evaluate(trainer)  # a validation after the last completed epoch (max_steps mid-epoch)
+
+    def _evaluate(self, trainer: Any) -> None:
+        if self._val is None or self._skipped:
+            return
+        val, self._val = self._val, None
+        metrics = getattr(trainer, "callback_metrics", {}) or {}
+        values = dict(val)
+        for kind, names, guesses in (
+            ("acc", self.acc_names, ACCURACY_GUESSES),
+            ("loss", self.loss_names, LOSS_GUESSES),
+        ):
+            if f"val_{kind}" not in val:
+                continue
+            pairs = [names] if names else [g for g in guesses if g[1] == self.figures.get(f"val_{kind}_name")]
+            pairs = pairs or list(guesses)
+            for train_name in _candidates([p[0] for p in pairs]):
+                if train_name in metrics:
+                    values[f"train_{kind}"] = metrics[train_name]
+                    self.figures[f"train_{kind}_name"] = train_name
+                    break
+        host = stats.to_host(values)  # one transfer for this validation
+        has_acc = "train_acc" in host and "val_acc" in host
+        has_loss = "train_loss" in host and "val_loss" in host
+        if not has_acc and not has_loss:
+            self._skip(trainer, host)
+            return
+        self._log(trainer, host)
+        self.history.append(
+            {"step": float(trainer.global_step), "epoch": float(trainer.current_epoch), **host}
+        )
+        if has_acc:
+            self._judge_accuracy(trainer, host)
+        else:
+            self._judge_loss(trainer, host)
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: Any, host: dict[str, float]) -> None:
+        scalars = {f"recipe/train_val/{k}": v for k, v in host.items() if math.isfinite(v)}
+        if "train_acc" in host and "val_acc" in host:
+            scalars["recipe/train_val_gap/acc"] = host["train_acc"] - host["val_acc"]
+        if "train_loss" in host and "val_loss" in host:
+            scalars["recipe/train_val_gap/loss"] = host["val_loss"] - host["train_loss"]
+        scalars = {k: v for k, v in scalars.items() if math.isfinite(v)}
+        tensorboard.log_scalars(trainer, scalars)
+        self.figures.update({k: v for k, v in host.items()})
+
+    # ------------------------------------------------------------------ verdicts
+    def _judge_accuracy(self, trainer: Any, host: dict[str, float]) -> None:
+        train, val = host["train_acc"], host["val_acc"]
+        gap = train - val
+        self.figures["gap"] = gap
+        over = self.streaks.update("overfitting", gap > self.gap)
+        if over >= self.patience and not self.has_reported("overfitting"):
+            recent = self.history[-self.patience :]
+            pairs = ", ".join(f"{h['train_acc']:.3f}/{h['val_acc']:.3f}" for h in recent)
+            self.report(
+                trainer,
+                "overfitting",
+                Severity.WARNING,
+                f"Train accuracy is {gap:.3f} above validation accuracy ({train:.3f} vs {val:.3f}; "
+                f"train/val on the last {self.patience} validations: {pairs}; flag above {self.gap:.2f}): "
+                "the model is overfitting; get more data, add augmentation, weight decay or dropout, "
+                "or stop early (RecipeEarlyStopping).",
+                {
+                    "train_acc": train,
+                    "val_acc": val,
+                    "gap": gap,
+                    "history": _brief(recent),
+                    "threshold": self.gap,
+                },
+            )
+        self._judge_underfitting(trainer, train, val, gap)
+
+    def _judge_underfitting(self, trainer: Any, train: float, val: float, gap: float) -> None:
+        low = self._low_threshold(trainer)
+        if low is None:
+            self.figures["underfitting"] = "not judged: pass num_classes or low_accuracy"
+            return
+        self.figures["low_accuracy"] = low
+        # a model at chance level learns nothing at all: that is a bug or a dead learning rate
+        # (LossCurveMonitor's loss-not-decreasing), not a model that is too small
+        chance = self._chance(trainer)
+        learned = train > chance + LEARNED_MARGIN * (1.0 - chance)
+        # a plateau because the learning rate decayed to ~0 is not the model's capacity
+        training = self._lr_active(trainer)
+        both_low = gap <= self.close and train < low and val < low and learned and training
+        count = self.streaks.update("underfitting", both_low)
+        if count < self.patience or len(self.history) <= self.patience or self.has_reported("underfitting"):
+            return
+        before = max(h["train_acc"] for h in self.history[: -self.patience])
+        gain = max(h["train_acc"] for h in self.history[-self.patience :]) - before
+        if gain >= self.plateau:
+            return
+        recent = self.history[-self.patience :]
+        pairs = ", ".join(f"{h['train_acc']:.3f}/{h['val_acc']:.3f}" for h in recent)
+        self.report(
+            trainer,
+            "underfitting",
+            Severity.WARNING,
+            f"Train and validation accuracy are close and both low ({train:.3f} vs {val:.3f}, below "
+            f"{low:.3f}; train/val on the last {self.patience} validations: {pairs}) and training has "
+            f"plateaued (train accuracy +{gain:.3f} in {self.patience} validations): the model is "
+            "underfitting; make it bigger (more layers or units), train longer or raise the learning "
+            "rate (unless the labels are this noisy).",
+            {
+                "train_acc": train,
+                "val_acc": val,
+                "gap": gap,
+                "low_accuracy": low,
+                "train_gain": gain,
+                "history": _brief(recent),
+            },
+        )
+
+    def _judge_loss(self, trainer: Any, host: dict[str, float]) -> None:
+        train, val = host["train_loss"], host["val_loss"]
+        finite = [h for h in self.history if math.isfinite(h["val_loss"])]
+        if not finite or not math.isfinite(val):
+            return
+        best = min(finite, key=lambda h: h["val_loss"])
+        rose = val > best["val_loss"] + self.loss_rise * abs(best["val_loss"])
+        falling = math.isfinite(train) and train < best["train_loss"]
+        count = self.streaks.update("overfitting_loss", rose and falling)
+        if count < self.patience or self.has_reported("overfitting"):
+            return
+        self.report(
+            trainer,
+            "overfitting",
+            Severity.WARNING,
+            f"The validation loss rose from its best {best['val_loss']:.4g} (epoch {int(best['epoch'])}) to "
+            f"{val:.4g} while the training loss fell from {best['train_loss']:.4g} to {train:.4g}, on "
+            f"{self.patience} validations in a row: the model is overfitting; get more data, add "
+            "augmentation, weight decay or dropout, or stop early (RecipeEarlyStopping).",
+            {
+                "val_loss": val,
+                "best_val_loss": best["val_loss"],
+                "best_epoch": int(best["epoch"]),
+                "train_loss": train,
+                "train_loss_at_best": best["train_loss"],
+                "loss_rise": self.loss_rise,
+            },
+        )
+
+    def _low_threshold(self, trainer: Any) -> float | None:
+        if self.low_accuracy is not None:
+            return self.low_accuracy
+        c = self.num_classes or _measured_classes(trainer)
+        if not c:
+            return None
+        return (1.0 + 1.0 / c) / 2.0
+
+    def _lr_active(self, trainer: Any) -> bool:
+        """False when every param group's learning rate is below 1% of its peak (host floats)."""
+        rates = []
+        for i, opt in enumerate(getattr(trainer, "optimizers", None) or []):
+            for j, group in enumerate(getattr(opt, "param_groups", [])):
+                lr, start = group.get("lr"), group.get("initial_lr")
+                if isinstance(lr, Tensor) or lr is None:
+                    return True  # reading it would sync; assume it trains
+                key = f"{i}/{j}"
+                peak = max(self._lr_peak.get(key, 0.0), float(lr), float(start or 0.0))
+                self._lr_peak[key] = peak
+                rates.append((float(lr), peak))
+        return not rates or any(lr >= 0.01 * peak for lr, peak in rates if peak > 0)
+
+    def _chance(self, trainer: Any) -> float:
+        c = self.num_classes or _measured_classes(trainer)
+        return 1.0 / c if c else 0.0
+
+    def _skip(self, trainer: Any, host: dict[str, float]) -> None:
+        self._skipped = True
+        tried = (
+            [n for pair in (self.acc_names, self.loss_names) if pair for n in pair]
+            if self.acc_names or self.loss_names
+            else [n for pair in (*ACCURACY_GUESSES, *LOSS_GUESSES) for n in pair]
+        )
+        present = sorted(getattr(trainer, "callback_metrics", {}) or {})
+        self.figures["skipped"] = "no train/val metric pair found"
+        self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"TrainValGapMonitor found no pair of train/val metrics in callback_metrics (tried "
+            f"{', '.join(sorted(set(tried)))}, each also with '_epoch'; "
+            f"logged: {', '.join(present) or 'none'}); "
+            "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric.",
+            {"tried": sorted(set(tried)), "found": present},
+        )
+
+    # ------------------------------------------------------------------ layout and resume
+    def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
+        return {
+            "Recipe": {
+                "Train vs val loss": ("Multiline", [r"recipe/train_val/(train|val)_loss"]),
+                "Train vs val accuracy": ("Multiline", [r"recipe/train_val/(train|val)_acc"]),
+                "Train-val gap (acc: train - val, loss: val - train)": (
+                    "Multiline",
+                    [r"recipe/train_val_gap/.*"],
+                ),
+            }
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "streaks": self.streaks.state_dict(),
+            "history": [dict(h) for h in self.history],
+            "skipped": self._skipped,
+            "lr_peak": dict(self._lr_peak),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.streaks.load_state_dict(state_dict.get("streaks", {}))
+        self.history = [{str(k): float(v) for k, v in h.items()} for h in state_dict.get("history", [])]
+        self._skipped = bool(state_dict.get("skipped", False))
+        self._lr_peak = {str(k): float(v) for k, v in state_dict.get("lr_peak", {}).items()}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _candidates(names: Sequence[str]) -> list[str]:
+    """Each name's ``_epoch`` variant first, then the name itself."""
+    out: list[str] = []
+    for n in names:
+        out += [f"{n}_epoch", n]
+    return out
+
+
+def _measured_classes(trainer: Any) -> int | None:
+    """The class count another recipe callback measured (e.g. LossAtInitCheck's figures)."""
+    for cb in tensorboard.recipe_callbacks_of(trainer):
+        c = getattr(cb, "figures", {}).get("num_classes")
+        if isinstance(c, int) and not isinstance(c, bool) and c >= 2:
+            return c
+    return None
+
+
+def _brief(history: list[dict[str, float]]) -> list[dict[str, float]]:
+    keys = ("epoch", "train_acc", "val_acc", "train_loss", "val_loss")
+    return [{k: h[k] for k in keys if k in h} for h in history]
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}")
