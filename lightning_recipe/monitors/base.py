@@ -44,11 +44,19 @@ class StepMonitor(RecipeCallback):
         return self.every_n_steps or int(getattr(trainer, "log_every_n_steps", 50) or 50)
 
     def due(self, trainer: Any) -> bool:
-        """True on a logging step that was not handled yet (and while the monitor is on)."""
+        """True on a logging step that was not handled yet (and while the monitor is on).
+
+        A step is due when the global step reached a new multiple of the interval since the last
+        handled one, so manual optimisation with k optimizers (the step moves by k per batch)
+        still logs every interval. Do not put a collective behind it: it turns False on a rank
+        whose monitor switched itself off after an internal error.
+        """
         if not self.active:
             return False
-        step = trainer.global_step
-        return step % self.interval(trainer) == 0 and step != self._last_logged_step
+        step, n, last = trainer.global_step, self.interval(trainer), self._last_logged_step
+        if last < 0:
+            return step % n == 0
+        return step // n > last // n
 
     def mark_logged(self, trainer: Any) -> None:
         """Record that the current ``global_step`` was handled."""
