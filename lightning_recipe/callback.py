@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from lightning.pytorch.callbacks import Callback
@@ -109,8 +110,44 @@ class RecipeCallback(Callback):
 
             tensorboard.findings_changed(trainer)
         if found.severity is Severity.ERROR and self.on_error == "raise":
-            raise RecipeError(found)
+            if getattr(self, "_defer_errors", False):
+                if getattr(self, "_pending_error", None) is None:
+                    self._pending_error = found
+            else:
+                raise RecipeError(found)
         return found
+
+    @contextmanager
+    def rank_consistent_errors(self, trainer: Any | None) -> Iterator[None]:
+        """Hold back :class:`RecipeError` during the block; afterwards raise it on every rank if
+        any rank had an error finding.
+
+        With ``on_error="raise"`` under DDP this makes one ``reduce_boolean_decision`` after the
+        block, so the fit stops on all ranks together instead of one rank raising while the
+        others wait in the next all-reduce. Every rank must enter the block at the same point
+        (the first training batch, say); nothing is communicated with ``on_error="warn"``.
+        """
+        self._defer_errors = True
+        self._pending_error = None
+        try:
+            yield
+        finally:
+            self._defer_errors = False
+        pending, self._pending_error = self._pending_error, None
+        if self.on_error != "raise":
+            return
+        if trainer is not None and _context.world_size(trainer) > 1:
+            hit = bool(trainer.strategy.reduce_boolean_decision(pending is not None, all=False))
+        else:
+            hit = pending is not None
+        if hit:
+            if pending is not None:
+                raise RecipeError(pending)
+            raise RecipeError(
+                None,
+                f"{type(self).__name__} stopped the fit: another rank made an error finding "
+                "(on_error='raise'); that rank raised RecipeError with the finding in its message.",
+            )
 
     def has_reported(self, code: str) -> bool:
         """True if this callback already made a finding with ``code``."""

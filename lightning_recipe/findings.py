@@ -85,8 +85,10 @@ class RecipeWarning(UserWarning):
 class RecipeError(RuntimeError):
     """Raised for an error finding when the user asked for it with ``on_error="raise"``."""
 
-    def __init__(self, finding: Finding) -> None:
-        super().__init__(f"[{finding.code}] {finding.message}")
+    def __init__(self, finding: Finding | None, message: str | None = None) -> None:
+        text = message if message is not None else f"[{finding.code}] {finding.message}"  # type: ignore[union-attr]
+        super().__init__(text)
+        #: the error finding; ``None`` when it was seen on another DDP rank
         self.finding = finding
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_recipe._probe import ProbeSkip, StepFn
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
-from lightning_recipe.callback import RecipeCallback, guarded
+from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
 
 
@@ -49,9 +49,25 @@ class FirstBatchCheck(RecipeCallback):
         self.adapter = BatchAdapter(get_input, get_target)
         self.step_fn = step_fn
         self.done = False
+        self._seen = 0
 
-    @guarded
+    #: how many of the first training batches the check looks at
+    batches_needed = 1
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        # The gate counts batches only (the same on every rank), never the outcome, so under DDP
+        # every rank reaches ``rank_consistent_errors`` the same number of times.
+        if self._seen >= self.batches_needed:
+            return
+        self._seen += 1
+        with self.rank_consistent_errors(trainer):
+            self.run_safely(trainer, "on_train_batch_start", self.first_batches, trainer, pl_module, batch)
+        if self._seen >= self.batches_needed:
+            self.done = True
+
+    def first_batches(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        """Called on each of the first ``batches_needed`` batches. Default: :meth:`run_check` on
+        the first one, unless training resumed past the point where the check applies."""
         if self.done:
             return
         self.done = True
@@ -90,3 +106,4 @@ class FirstBatchCheck(RecipeCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.done = bool(state_dict.get("done", False))
+        self._seen = self.batches_needed if self.done else 0

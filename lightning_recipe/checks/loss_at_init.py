@@ -22,7 +22,6 @@ from lightning_recipe._probe import (
     run_step,
 )
 from lightning_recipe.batch import Getter
-from lightning_recipe.callback import guarded
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.findings import Severity
 
@@ -96,12 +95,12 @@ class LossAtInitCheck(FirstBatchCheck):
             raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}")
         self.tolerance = float(tolerance)
         self.num_batches = num_batches
+        self.batches_needed = num_batches
         self._copy: nn.Module | None = None
         self._samples: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ hooks
-    @guarded
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+    def first_batches(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         if self.done:
             return
         if not self._samples and self._copy is None and trainer.global_step > 0:

@@ -165,11 +165,19 @@ class ModelLintCheck(RecipeCallback):
     def teardown_diagnostics(self) -> None:
         self._grads = None
 
-    @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._static_done:
+        if not self._static_done:  # the same first batch on every rank
             self._static_done = True
-            self.static_check(trainer, pl_module, batch, list(trainer.optimizers))
+            with self.rank_consistent_errors(trainer):
+                self.run_safely(
+                    trainer,
+                    "on_train_batch_start",
+                    self.static_check,
+                    trainer,
+                    pl_module,
+                    batch,
+                    list(trainer.optimizers),
+                )
 
     @guarded
     def on_train_batch_end(

@@ -192,12 +192,15 @@ class LossCurveMonitor(StepMonitor):
             self._no_loss_batches += 1
         if self._due_now(trainer):
             self.mark_logged(trainer)
-            self._flush(trainer)
+            # every rank reaches this on the same steps; with on_error="raise" under DDP an error
+            # finding on any rank stops all of them together
+            with self.rank_consistent_errors(trainer):
+                self.run_safely(trainer, "on_train_batch_end", self._flush, trainer)
 
-    @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._pending or self._folded is not None:
-            self._flush(trainer)  # the tail of the run since the last logging step
+        with self.rank_consistent_errors(trainer):
+            if self._pending or self._folded is not None:  # the tail since the last logging step
+                self.run_safely(trainer, "on_train_end", self._flush, trainer)
         self.teardown_diagnostics()
 
     def teardown_diagnostics(self) -> None:
@@ -206,9 +209,8 @@ class LossCurveMonitor(StepMonitor):
 
     def _due_now(self, trainer: Any) -> bool:
         """A logging step: the global step reached the next multiple of the interval (with several
-        optimizers per batch under manual optimisation it moves by more than one per batch)."""
-        if not self.active:
-            return False
+        optimizers per batch under manual optimisation it moves by more than one per batch). It
+        depends on the step only, never on whether the monitor is on, so every DDP rank agrees."""
         step, n = trainer.global_step, self.interval(trainer)
         return step // n > max(self._last_logged_step, 0) // n
 
