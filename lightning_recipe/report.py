@@ -21,13 +21,43 @@ REPORT_FILE = "recipe_report.json"
 
 
 def gather_findings(trainer: Any) -> list[Finding]:
-    """Every finding of every recipe callback on ``trainer``, in step order (stable)."""
+    """Every finding of every recipe callback on ``trainer``, in step order (stable).
+
+    Under ``ddp_spawn`` (and other multiprocessing launchers) the callbacks that saw the findings
+    lived in the worker processes; in the launching process their lists are empty, so the
+    findings are read back from rank zero's ``recipe_report.json``.
+    """
     from lightning_recipe.tensorboard import recipe_callbacks_of
 
+    callbacks = recipe_callbacks_of(trainer)
     found: list[Finding] = []
-    for cb in recipe_callbacks_of(trainer):
+    for cb in callbacks:
         found.extend(cb.findings)
+    if not found and callbacks and _spawned(trainer):
+        found = _findings_from_report(trainer)
     return sorted(found, key=lambda f: f.step)
+
+
+def _spawned(trainer: Any) -> bool:
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return type(launcher).__name__ == "_MultiProcessingLauncher"
+
+
+def _findings_from_report(trainer: Any) -> list[Finding]:
+    # the launching process's logger never learned the worker's version (it would pick the next
+    # free one), so look for the newest report under the logger's root directory
+    path = Path(log_dir_of(trainer)) / REPORT_FILE
+    if not path.is_file():
+        loggers = getattr(trainer, "loggers", None) or []
+        root = getattr(loggers[0], "root_dir", None) if loggers else None
+        try:
+            path = find_report(root or getattr(trainer, "default_root_dir", "."))
+        except FileNotFoundError:
+            return []
+    try:
+        return [Finding.from_dict(d) for d in json.loads(path.read_text()).get("findings", [])]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def collect(trainer: Any) -> dict[str, Any]:

@@ -24,6 +24,23 @@ import lightning_recipe as lr
 from models import Classifier, blobs, cnn, image_blobs, loaders, mlp
 
 
+class NaNOnRank(torch.utils.data.Dataset):
+    """Wraps a (x, y) dataset; on one DDP rank every x has a NaN in feature 1."""
+
+    def __init__(self, base, rank: int) -> None:
+        self.base, self.rank = base, rank
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() == self.rank:
+            x = x.clone()
+            x[1] = float("nan")
+        return x, y
+
+
 def build(cfg: dict):
     if cfg.get("model") == "cnn":
         x, y = image_blobs(n=cfg.get("n", 256))
@@ -31,10 +48,13 @@ def build(cfg: dict):
     else:
         x, y = blobs(n=cfg.get("n", 256))
         net = mlp()
-    if cfg.get("bug") == "nan_input":
-        x[5, 1] = float("nan")
+    x = x * cfg.get("scale", 1.0)
     model = Classifier(net, lr=cfg.get("lr", 1e-2), optimizer=cfg.get("optimizer", "adam"))
-    train, val = loaders(x, y, batch_size=cfg.get("batch_size", 16))
+    train, val = loaders(x, y, batch_size=cfg.get("batch_size", 16), shuffle=cfg.get("shuffle", True))
+    if "nan_rank" in cfg:  # every training sample seen by that rank has a NaN feature
+        train = torch.utils.data.DataLoader(
+            NaNOnRank(train.dataset, cfg["nan_rank"]), batch_size=cfg.get("batch_size", 16), shuffle=True
+        )
     return model, train, val
 
 
@@ -60,9 +80,13 @@ def main() -> None:
         accumulate_grad_batches=cfg.get("accumulate", 1),
     )
     printed = io.StringIO()
+    raised = None
     with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
         warnings.simplefilter("always")
-        trainer.fit(model, train, val)
+        try:
+            trainer.fit(model, train, val)
+        except lr.RecipeError as exc:
+            raised = str(exc)
     rank = trainer.global_rank
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     result = {
@@ -78,10 +102,15 @@ def main() -> None:
         "global_step": trainer.global_step,
         "current_epoch": trainer.current_epoch,
         "should_stop": bool(trainer.should_stop),
+        "raised": raised,
+        "stopped_epoch": next(
+            (cb.stopped_epoch for cb in trainer.callbacks if type(cb).__name__ == "RecipeEarlyStopping"), None
+        ),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result, default=str))
     sys.stdout.write(printed.getvalue())
-    torch.distributed.barrier() if torch.distributed.is_initialized() else None
+    if raised is None and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":
