@@ -28,6 +28,9 @@ from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
+from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
+from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
@@ -48,13 +51,16 @@ def findings(trainer: Any) -> list[Finding]:
 
 __all__ = [
     "CATALOG",
+    "ActivationMonitor",
     "BatchAdapter",
     "BatchIndependenceCheck",
     "BatchLayoutError",
     "CheckpointEnsemble",
     "DataInspectionCheck",
     "Finding",
+    "FirstLayerFilterMonitor",
     "GradientCheck",
+    "GradientMonitor",
     "InputIndependentBaseline",
     "LossAtInitCheck",
     "LossCurveMonitor",

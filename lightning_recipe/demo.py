@@ -7,6 +7,7 @@ lightning-recipe[demo]``).
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,11 @@ BUGS: dict[str, str] = {
     "unused-block": "forward skips the second conv block, whose parameters stay in the optimizer",
     "tiny-train-set": "training on 20 images (batch 4, no dropout): the model memorises them",
     "tiny-model": "a linear layer on two pooled pixels (top / bottom brightness) instead of the CNN",
+    "dead-relu": "the hidden layer of the head starts with a bias of -10, so its ReLUs never fire",
+    "tanh-big-init": "a tanh hidden layer with N(0, 1) weights: its units saturate at +-1",
+    "deep-sigmoid": "a head of 7 sigmoid layers: the gradient vanishes on its way to the first layers",
+    "tanh-chaos": "a head of 16 tanh layers with weights 3x too large: the gradient explodes backwards",
+    "where-sqrt": "a ReLU written as torch.where(x > 0, x.sqrt(), 0): the untaken branch leaks NaN",
 }
 
 #: bugs that live in the model (the others live in the data)
@@ -58,6 +64,11 @@ MODEL_BUGS = (
     "unused-block",
     "tiny-model",
     "tiny-train-set",
+    "dead-relu",
+    "tanh-big-init",
+    "deep-sigmoid",
+    "tanh-chaos",
+    "where-sqrt",
 )
 
 
@@ -74,6 +85,28 @@ class _SiLUForgetsTerm(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         return grad * torch.sigmoid(x)  # correct: s + x * s * (1 - s)
+
+
+class _SqrtReLU(nn.Module):
+    """sqrt(x) for x > 0 else 0, written with torch.where: the ``where-sqrt`` demo bug. The
+    gradient of the branch not taken is still computed: d sqrt(x)/dx at x <= 0 is NaN/Inf, and
+    0 * NaN = NaN flows back through ``where``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x.sqrt(), torch.zeros_like(x))
+
+
+def _deep_head(depth: int, act: type[nn.Module], gain: float | None = None) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Dropout(0.2)]
+    width = 32 * 4 * 4
+    for _ in range(depth):
+        lin = nn.Linear(width, 64)
+        if gain is not None:
+            nn.init.normal_(lin.weight, 0.0, gain / math.sqrt(width))
+        layers += [lin, act()]
+        width = 64
+    layers.append(nn.Linear(64, 10))
+    return nn.Sequential(*layers)
 
 
 class _HandSiLU(nn.Module):
@@ -186,6 +219,17 @@ class DigitsCNN(L.LightningModule):
             self.head[3] = _HandSiLU()
         if bug == "tiny-train-set":
             self.head[1].p = 0.0  # no dropout: nothing keeps it from memorising
+        if bug == "dead-relu":
+            nn.init.constant_(self.head[2].bias, -10.0)
+        if bug == "tanh-big-init":
+            self.head[3] = nn.Tanh()
+            nn.init.normal_(self.head[2].weight, 0.0, 1.0)
+        if bug == "deep-sigmoid":
+            self.head = _deep_head(7, nn.Sigmoid)
+        if bug == "tanh-chaos":
+            self.head = _deep_head(16, nn.Tanh, gain=3.0)
+        if bug == "where-sqrt":
+            self.features[5] = _SqrtReLU()
         if bug == "tiny-model":
             self.features = nn.AdaptiveAvgPool2d((2, 1))
             self.head = nn.Sequential(nn.Flatten(), nn.Linear(2, 10))

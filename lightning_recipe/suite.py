@@ -15,6 +15,9 @@ from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
+from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
+from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
@@ -23,19 +26,26 @@ from lightning_recipe.monitors.update_ratio import UpdateRatioMonitor
 
 #: (override name, class) for every callback of the suite, in the order they run
 SUITE: list[tuple[str, type]] = [
+    # one-shot checks on the first batch
     ("data_inspection", DataInspectionCheck),
     ("loss_at_init", LossAtInitCheck),
     ("batch_independence", BatchIndependenceCheck),
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    # control (opt-in): before the monitors, so that when early stopping ends the fit the
+    # monitors' end-of-training hooks still see the last batch's gradients
+    ("checkpoint_ensemble", CheckpointEnsemble),
+    ("early_stopping", RecipeEarlyStopping),
+    # monitors
     ("update_ratio", UpdateRatioMonitor),
+    ("activations", ActivationMonitor),
+    ("gradients", GradientMonitor),
+    ("first_layer_filters", FirstLayerFilterMonitor),
     ("loss_curve", LossCurveMonitor),
     ("train_val_gap", TrainValGapMonitor),
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
-    ("checkpoint_ensemble", CheckpointEnsemble),
-    ("early_stopping", RecipeEarlyStopping),
 ]
 
 #: callbacks that change the course of training or evaluate extra models: in the suite only when

@@ -74,10 +74,11 @@ def log_scalars(trainer: Any | None, metrics: dict[str, float], step: int | None
 class HistogramBatch:
     """Histograms of a logging step, binned on the device, shipped to the host at once.
 
-    ``add`` queues the device-side statistics of a tensor (min, max, count, sum, sum of squares
-    and ``bins`` counts over the finite values of at most ``max_samples`` evenly strided
-    elements); ``flush`` stacks them, makes one host transfer and writes them with
-    ``add_histogram_raw``. Non-finite values are left out of the histogram (count them apart).
+    ``add`` keeps a float32 subsample (at most ``max_samples`` values, evenly strided with an
+    odd stride: see :func:`subsample`) of a tensor or of several tensors pooled into one
+    histogram; ``flush`` bins all of them in one vectorised pass (a fixed number of kernels,
+    whatever the number of histograms), makes one host transfer and writes them with
+    ``add_histogram_raw``. Non-finite values are left out of the histograms.
 
     Example::
 
@@ -88,9 +89,9 @@ class HistogramBatch:
     """
 
     def __init__(self, bins: int = 64, max_samples: int = 1 << 16) -> None:
-        if not isinstance(bins, int) or bins < 2:
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
             raise ValueError(f"`bins` must be an int >= 2, got {bins!r}")
-        if not isinstance(max_samples, int) or max_samples < bins:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < bins:
             raise ValueError(f"`max_samples` must be an int >= bins, got {max_samples!r}")
         self.bins = bins
         self.max_samples = max_samples
@@ -99,39 +100,63 @@ class HistogramBatch:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, tag: str, tensor: Tensor) -> None:
-        """Queue the histogram of ``tensor`` under ``tag`` (computed on its device)."""
-        x = tensor.detach().reshape(-1)
-        if x.numel() == 0:
-            return
-        if x.numel() > self.max_samples:
-            x = x[:: math.ceil(x.numel() / self.max_samples)]
-        self._items.append((tag, histogram_stats(x.float(), self.bins)))
+    def add(self, tag: str, tensors: Tensor | list[Tensor]) -> None:
+        """Queue the histogram of a tensor (or of several, pooled) under ``tag``."""
+        group = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+        group = [t for t in group if t.numel() > 0]
+        if group:
+            self._items.append((tag, subsample(group, self.max_samples)))
 
     def flush(self, writer: Any | None, step: int) -> None:
-        """Write the queued histograms (one device-to-host copy) and clear the queue."""
+        """Bin everything queued on the device, transfer once, write; clears the queue."""
         items, self._items = self._items, []
         if writer is None or not items:
             return
         device = items[0][1].device
-        packed = torch.stack([v.to(device) for _, v in items]).cpu().double().numpy()
-        for (tag, _), row in zip(items, packed):
+        rows = histogram_rows([v.to(device) for _, v in items], self.bins).cpu().double().numpy()
+        for (tag, _), row in zip(items, rows):
             write_histogram_row(writer, tag, row, self.bins, step)
 
 
-def histogram_stats(x: Tensor, bins: int) -> Tensor:
-    """[min, max, num, sum, sum_squares, counts...] of the finite values of 1-D ``x``."""
-    finite = torch.isfinite(x)
-    weight = finite.to(x.dtype)
-    inf = torch.tensor(float("inf"), device=x.device, dtype=x.dtype)
-    lo = torch.where(finite, x, inf).min()
-    hi = torch.where(finite, x, -inf).max()
-    xs = torch.where(finite, x, torch.zeros((), device=x.device, dtype=x.dtype))
+def subsample(tensors: list[Tensor], max_samples: int) -> Tensor:
+    """A float32 copy of at most about ``max_samples`` values of ``tensors`` (flattened and
+    concatenated), evenly strided on their device. The stride is odd so it does not alias with
+    the power-of-two sizes of feature maps (a stride of 16 over 16-wide maps would only ever see
+    their first column). A copy, so the full tensors are not kept alive."""
+    per = max(1, max_samples // max(1, len(tensors)))
+    parts = []
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.numel() > per:
+            stride = math.ceil(flat.numel() / per)
+            flat = flat[:: stride + 1 - stride % 2]
+        parts.append(flat)
+    device = parts[0].device
+    if len(parts) == 1:
+        return parts[0].to(dtype=torch.float32, copy=True)
+    return torch.cat([p.to(device=device, dtype=torch.float32) for p in parts])
+
+
+def histogram_rows(samples: list[Tensor], bins: int) -> Tensor:
+    """For each 1-D tensor: ``[min, max, count, sum, sum of squares, bin counts...]`` of its
+    finite values, as one (N, 5 + bins) tensor computed with a fixed number of kernels."""
+    mat = torch.nn.utils.rnn.pad_sequence(samples, batch_first=True, padding_value=float("nan"))
+    n = mat.shape[0]
+    finite = torch.isfinite(mat)
+    weight = finite.to(mat.dtype)
+    inf = torch.tensor(float("inf"), device=mat.device, dtype=mat.dtype)
+    lo = torch.where(finite, mat, inf).amin(dim=1, keepdim=True)
+    hi = torch.where(finite, mat, -inf).amax(dim=1, keepdim=True)
+    xs = torch.where(finite, mat, torch.zeros((), device=mat.device, dtype=mat.dtype))
     width = (hi - lo).clamp_min(1e-12)
     idx = ((xs - lo) / width * bins).floor().nan_to_num(0).clamp(0, bins - 1).long()
-    counts = torch.zeros(bins, device=x.device, dtype=x.dtype).scatter_add_(0, idx, weight)
-    head = torch.stack([lo, hi, weight.sum(), xs.sum(), (xs * xs).sum()])
-    return torch.cat([head, counts])
+    idx = idx + torch.arange(n, device=mat.device).unsqueeze(1) * bins
+    counts = torch.zeros(n * bins, device=mat.device, dtype=mat.dtype)
+    counts = counts.scatter_add_(0, idx.reshape(-1), weight.reshape(-1)).reshape(n, bins)
+    head = torch.cat(
+        [lo, hi, weight.sum(1, keepdim=True), xs.sum(1, keepdim=True), (xs * xs).sum(1, keepdim=True)], 1
+    )
+    return torch.cat([head, counts], 1)
 
 
 def write_histogram_row(writer: Any, tag: str, row: Any, bins: int, step: int) -> None:
