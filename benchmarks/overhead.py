@@ -15,6 +15,11 @@ forward, backward, optimizer and every callback hook included). Reported per con
   should be indistinguishable from 1.00 for every monitor;
 * ``logging``: median time of the logging steps / plain's median step;
 * ``one-shot``: extra seconds of step 0 (the preflight checks) over the median step.
+
+``plain (again)`` runs the plain configuration a second time: its distance from 1.00 is the
+noise of the measurement on this machine. Lightning itself costs about 17 us per callback per
+step (its hook dispatch wraps every call in a profiler context), so the suite's 15 callbacks
+cost about 0.25 ms a step before doing anything: 2.5% of a 10 ms step, under 1% of a 30 ms one.
 """
 
 from __future__ import annotations
@@ -55,19 +60,19 @@ class Block(nn.Module):
 
 
 def resnet_cnn() -> nn.Module:
-    """A small ResNet-style CNN for 3x16x16 inputs (about 0.1M parameters)."""
+    """A small ResNet-style CNN for 3x16x16 inputs (about 0.2M parameters, 12 conv/BN layers)."""
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1, bias=False),
-        nn.BatchNorm2d(16),
-        nn.ReLU(),
-        Block(16),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(3, 32, 3, padding=1, bias=False),
         nn.BatchNorm2d(32),
         nn.ReLU(),
         Block(32),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        Block(64),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(32, 10),
+        nn.Linear(64, 10),
     )
 
 
@@ -103,7 +108,7 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
-def data(steps: int, batch: int = 32) -> tuple[DataLoader, DataLoader]:
+def data(steps: int, batch: int = 64) -> tuple[DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(0)
     n = steps * batch
     y = torch.randint(0, 10, (n,), generator=g)
@@ -172,13 +177,17 @@ def summarise(res: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def configurations(only: list[str] | None) -> dict[str, Any]:
-    configs: dict[str, Any] = {"plain": lambda: [], "suite": lambda: lr.recipe_callbacks(verbose=False)}
+    configs: dict[str, Any] = {
+        "plain": lambda: [],
+        "plain (again)": lambda: [],  # the noise floor: plain against itself
+        "suite": lambda: lr.recipe_callbacks(verbose=False),
+    }
     for name, _ in SUITE:
         configs[name] = lambda name=name: lr.recipe_callbacks(
             verbose=False, **{other: False for other, _ in SUITE if other != name}
         )
     if only:
-        configs = {k: v for k, v in configs.items() if k in {"plain", *only}}
+        configs = {k: v for k, v in configs.items() if k in {"plain", "plain (again)", *only}}
     return configs
 
 
@@ -186,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["cnn", "mlp", "both"], default="both")
     parser.add_argument("--steps", type=int, default=201)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise)")
     parser.add_argument("--only", nargs="*", help="callback names (suite.SUITE) to measure besides plain")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--logdir", type=Path, default=Path("/tmp/lightning_recipe_bench"))
@@ -196,12 +206,13 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     kinds = ["cnn", "mlp"] if args.model == "both" else [args.model]
     out: dict[str, Any] = {"steps": args.steps, "repeats": args.repeats, "log_every_n_steps": LOG_EVERY}
     configs = configurations(args.only)
     for kind in kinds:
         raw: dict[str, list] = {name: [] for name in configs}
+        run(kind, [], min(args.steps, 60), args.logdir)  # warm-up: allocator, kernels, imports
         for _ in range(args.repeats):
             for name, make in configs.items():
                 raw[name].append(run(kind, make(), args.steps, args.logdir))

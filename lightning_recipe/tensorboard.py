@@ -100,12 +100,16 @@ class HistogramBatch:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, tag: str, tensors: Tensor | list[Tensor]) -> None:
-        """Queue the histogram of a tensor (or of several, pooled) under ``tag``."""
+    def add(self, tag: str, tensors: Tensor | list[Tensor]) -> Tensor | None:
+        """Queue the histogram of a tensor (or of several, pooled) under ``tag``; return the
+        queued float32 subsample (callers can take cheap statistics from it)."""
         group = [tensors] if isinstance(tensors, Tensor) else list(tensors)
         group = [t for t in group if t.numel() > 0]
-        if group:
-            self._items.append((tag, subsample(group, self.max_samples)))
+        if not group:
+            return None
+        sample = subsample(group, self.max_samples)
+        self._items.append((tag, sample))
+        return sample
 
     def flush(self, writer: Any | None, step: int) -> None:
         """Bin everything queued on the device, transfer once, write; clears the queue."""

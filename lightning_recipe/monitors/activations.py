@@ -378,10 +378,15 @@ class ActivationMonitor(StepMonitor):
             return
         site = name if count == 0 else f"{name}/call{count}"
         y = y.detach()
+        # mean/std from the histogram's evenly strided subsample (<= HISTOGRAM_SAMPLES values):
+        # a full-tensor var_mean per layer was most of a logging step's cost (1.7 ms per
+        # 64x32x16x16 activation on one CPU thread)
         if self.histograms:
-            self._hist.add(f"recipe/activations/{site}", [y])
+            sample = self._hist.add(f"recipe/activations/{site}", [y])
+        else:
+            sample = tensorboard.subsample([y], HISTOGRAM_SAMPLES)
+        var, mean = torch.var_mean(sample, correction=0)
         yf = y if y.dtype == torch.float32 else y.float()
-        var, mean = torch.var_mean(yf, correction=0)
         prefix = f"recipe/activation_stats/{site}"
         self._values[f"{prefix}/mean"] = mean
         self._values[f"{prefix}/std"] = var.sqrt()
