@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/lightning-recipe demo
 
+# The dashboard test drives headless Chromium when it is installed; without it that part is
+# skipped with its reason. Install it with: apt-get install chromium
 test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not found, the browser part of tests/test_dashboard.py will be skipped (apt-get install chromium)"
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)

@@ -26,6 +26,7 @@ class TrainerState:
     findings_step: int = -1
     findings_pending: bool = False
     report_written: bool = False
+    snapshot_written: bool = False
 
 
 def trainer_state(trainer: Any) -> TrainerState:

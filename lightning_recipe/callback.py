@@ -106,9 +106,9 @@ class RecipeCallback(Callback):
             if _context.is_global_zero(trainer):
                 warnings.warn(f"[{code}] {message}", RecipeWarning, stacklevel=2)
         if trainer is not None:
-            from lightning_recipe import tensorboard
+            from lightning_recipe import report
 
-            tensorboard.findings_changed(trainer)
+            report.findings_changed(trainer)
         if found.severity is Severity.ERROR and self.on_error == "raise":
             if getattr(self, "_defer_errors", False):
                 if getattr(self, "_pending_error", None) is None:
@@ -203,9 +203,10 @@ class RecipeCallback(Callback):
                 _context.reset_trainer_state(trainer)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_recipe import tensorboard
+        from lightning_recipe import report, tensorboard
 
         tensorboard.write_layout(trainer)
+        report.write_snapshot_once(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         from lightning_recipe import report
@@ -216,7 +217,7 @@ class RecipeCallback(Callback):
         self.teardown_diagnostics()
         from lightning_recipe import report
 
-        report.write_report_if_last(trainer, self)
+        report.write_report_if_last(trainer, self, status="failed")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

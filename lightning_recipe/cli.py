@@ -19,7 +19,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from lightning_recipe.report import find_report, format_text, load_report
+    import json
+
+    from lightning_recipe.report import find_report, format_markdown, format_text, load_report
 
     try:
         path = find_report(args.logdir)
@@ -27,8 +29,16 @@ def _report(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"lightning-recipe report: {exc}", file=sys.stderr)
         return 2
-    print(format_text(report))
-    print(f"\n(from {path})")
+    except ValueError as exc:  # a file being replaced right now: try again
+        print(f"lightning-recipe report: could not read {args.logdir} ({exc}); try again", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    elif args.format == "markdown":
+        print(format_markdown(report))
+    else:
+        print(format_text(report))
+        print(f"\n(from {path})")
     return 0
 
 
@@ -50,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     rep = sub.add_parser("report", help="print the findings table of a finished run")
-    rep.add_argument("logdir", help="a run directory, a parent of runs, or a recipe_report.json")
+    rep.add_argument(
+        "logdir",
+        help="a run directory, a parent of runs (the newest report is shown), or a recipe_report.json; "
+        "a run that is still going shows what it has found so far",
+    )
+    rep.add_argument("--format", choices=["text", "markdown", "json"], default="text")
     rep.set_defaults(func=_report)
     from lightning_recipe.preflight import add_parser
 

@@ -60,8 +60,8 @@ def _findings_from_report(trainer: Any) -> list[Finding]:
         return []
 
 
-def collect(trainer: Any) -> dict[str, Any]:
-    """The report as a JSON-ready dict."""
+def collect(trainer: Any, status: str = "finished") -> dict[str, Any]:
+    """The report as a JSON-ready dict; ``status`` is "running", "finished" or "failed"."""
     from lightning_recipe import __version__
     from lightning_recipe.tensorboard import recipe_callbacks_of
 
@@ -74,6 +74,7 @@ def collect(trainer: Any) -> dict[str, Any]:
     found = gather_findings(trainer)
     return {
         "lightning_recipe_version": __version__,
+        "status": status,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "global_step": _context.global_step(trainer),
         "epoch": int(getattr(trainer, "current_epoch", 0) or 0),
@@ -151,9 +152,11 @@ def format_text(report: dict[str, Any], width: int | None = None) -> str:
     """The console report: a summary line, the findings table and the key figures."""
     found = [Finding.from_dict(d) for d in report.get("findings", [])]
     c = report.get("counts") or count_by_severity(found)
+    status = report.get("status", "finished")
     head = (
         f"lightning_recipe report: {c.get('error', 0)} error(s), {c.get('warning', 0)} warning(s), "
         f"{c.get('info', 0)} info at step {report.get('global_step', '?')}"
+        + ("" if status == "finished" else f" (run {status})")
     )
     parts = [head, "", format_table(found, width)]
     figs = format_figures(report.get("figures", {}), width or 100)
@@ -169,7 +172,9 @@ def format_markdown(report: dict[str, Any]) -> str:
     found = [Finding.from_dict(d) for d in report.get("findings", [])]
     c = report.get("counts") or count_by_severity(found)
     out = [
-        f"**lightning_recipe report** at step {report.get('global_step')}: "
+        f"**lightning_recipe report** at step {report.get('global_step')}"
+        + ("" if report.get("status", "finished") == "finished" else f" (run {report['status']})")
+        + ": "
         f"{c.get('error', 0)} error(s), {c.get('warning', 0)} warning(s), {c.get('info', 0)} info",
         "",
         findings_markdown(sorted(found, key=lambda f: (-f.severity.rank, f.step))),
@@ -184,7 +189,45 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- writing
-def write_report_if_last(trainer: Any, callback: Any) -> dict[str, Any] | None:
+def findings_changed(trainer: Any) -> None:
+    """New findings: refresh ``recipe/findings`` in TensorBoard and the JSON on disk (rank zero),
+    so ``lightning-recipe report`` shows them while the run is still going."""
+    from lightning_recipe import tensorboard
+
+    tensorboard.findings_changed(trainer)
+    state = _context.trainer_state(trainer)
+    if state.snapshot_written and not state.report_written:
+        write_snapshot(trainer)
+
+
+def write_snapshot_once(trainer: Any) -> None:
+    """At fit start: the first ``recipe_report.json`` of the run (status "running")."""
+    state = _context.trainer_state(trainer)
+    if not state.snapshot_written:
+        state.snapshot_written = True
+        write_snapshot(trainer)
+
+
+def write_snapshot(trainer: Any, status: str = "running") -> Path | None:
+    """Write the report JSON with what is known now (rank zero); never raises."""
+    if not _context.is_global_zero(trainer):
+        return None
+    try:
+        return _write_json(trainer, collect(trainer, status))
+    except OSError:
+        return None
+
+
+def _write_json(trainer: Any, report: dict[str, Any]) -> Path:
+    path = Path(log_dir_of(trainer)) / REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=False))
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+def write_report_if_last(trainer: Any, callback: Any, status: str = "finished") -> dict[str, Any] | None:
     """Write the report if ``callback`` is the last recipe callback on the trainer (so every
     other callback's ``on_fit_end`` has run) and it was not written yet this fit."""
     from lightning_recipe.tensorboard import recipe_callbacks_of
@@ -196,21 +239,19 @@ def write_report_if_last(trainer: Any, callback: Any) -> dict[str, Any] | None:
     if state.report_written:
         return None
     state.report_written = True
-    return write_report(trainer)
+    return write_report(trainer, status=status)
 
 
-def write_report(trainer: Any, verbose: bool | None = None) -> dict[str, Any]:
+def write_report(trainer: Any, verbose: bool | None = None, status: str = "finished") -> dict[str, Any]:
     """Write the console table, ``recipe/report`` and the JSON (rank zero); return the report."""
     from lightning_recipe import tensorboard
 
-    report = collect(trainer)
+    report = collect(trainer, status)
     if not _context.is_global_zero(trainer):
         return report
     tensorboard.flush_findings(trainer)
     tensorboard.add_text(trainer, "recipe/report", format_markdown(report))
-    path = Path(log_dir_of(trainer)) / REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=False))
+    path = _write_json(trainer, report)
     report["path"] = str(path)
     if verbose is None:
         verbose = any(getattr(cb, "verbose", True) for cb in tensorboard.recipe_callbacks_of(trainer))

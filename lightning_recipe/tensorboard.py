@@ -276,10 +276,26 @@ def recipe_callbacks_of(trainer: Any) -> list[Any]:
     return [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, RecipeCallback)]
 
 
+#: the order of the charts in the Recipe section: what a user reads first comes first
+CHART_ORDER = (
+    "LossCurveMonitor",
+    "TrainValGapMonitor",
+    "UpdateRatioMonitor",
+    "InputIndependentBaseline",
+    "ActivationMonitor",
+    "GradientMonitor",
+    "CheckpointEnsemble",
+    "FirstLayerFilterMonitor",
+    "OverfitBatchCheck",
+)
+
+
 def build_layout(callbacks: Iterable[Any]) -> dict[str, dict[str, list]]:
-    """Merge every callback's charts into ``{category: {title: [kind, [tag regexes]]}}``."""
+    """Merge every callback's charts into ``{category: {title: [kind, [tag regexes]]}}``,
+    ordered by :data:`CHART_ORDER` (unknown callbacks last, in trainer order)."""
     layout: dict[str, dict[str, list]] = {}
-    for cb in callbacks:
+    rank = {name: i for i, name in enumerate(CHART_ORDER)}
+    for cb in sorted(callbacks, key=lambda cb: rank.get(type(cb).__name__, len(rank))):
         for category, charts in (cb.tensorboard_charts() or {}).items():
             section = layout.setdefault(category, {})
             for title, (kind, tags) in charts.items():

@@ -44,3 +44,56 @@ def test_console_script_is_installed(tmp_path):
         [sys.executable, "-m", "lightning_recipe", "--help"], capture_output=True, text=True
     )
     assert "demo" in proc.stdout and "report" in proc.stdout
+
+
+def test_report_reads_a_run_that_is_still_going(tmp_path, capsys):
+    """`lightning-recipe report` on a live run shows what was found so far (status running)."""
+    from lightning.pytorch.callbacks import Callback
+
+    seen = {}
+
+    class PeekMidRun(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3:
+                capsys.readouterr()
+                seen["rc"] = main(["report", str(tmp_path), "--format", "json"])
+                seen["json"] = json.loads(capsys.readouterr().out)
+                main(["report", str(tmp_path)])
+                seen["text"] = capsys.readouterr().out
+
+    x, y = blobs()
+    train, val = loaders(x, y)
+    t = trainer(tmp_path, [*lr.recipe_callbacks(verbose=False), PeekMidRun()], max_steps=6)
+    t.fit(Softmaxed(mlp()), train, val)
+    assert seen["rc"] == 0 and seen["json"]["status"] == "running"
+    assert "softmax-before-loss" in {f["code"] for f in seen["json"]["findings"]}
+    assert "(run running)" in seen["text"] and "softmax-before-loss" in seen["text"]
+    final = json.loads((tmp_path / "run" / "version_0" / "recipe_report.json").read_text())
+    assert final["status"] == "finished" and final["global_step"] == 6
+
+
+def test_report_formats(tmp_path, capsys):
+    x, y = blobs()
+    train, val = loaders(x, y)
+    trainer(tmp_path, lr.recipe_callbacks(verbose=False), max_steps=3).fit(Softmaxed(mlp()), train, val)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path), "--format", "markdown"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("**lightning_recipe report**") and "| `softmax-before-loss` |" in md
+    assert (
+        main(["report", str(tmp_path / "run" / "version_0" / "recipe_report.json"), "--format", "json"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["counts"]["error"] == 1
+
+
+def test_failed_run_report_says_so(tmp_path):
+    x, y = blobs()
+    x[0, 0] = float("nan")
+    train, _ = loaders(x, y, shuffle=False, val_fraction=0.0)
+    t = trainer(tmp_path, lr.recipe_callbacks(on_error="raise", verbose=False), max_steps=3)
+    try:
+        t.fit(Classifier(mlp()), train)
+    except lr.RecipeError:
+        pass
+    final = json.loads((tmp_path / "run" / "version_0" / "recipe_report.json").read_text())
+    assert final["status"] == "failed" and final["counts"]["error"] >= 1
