@@ -321,13 +321,21 @@ def write_layout(trainer: Any) -> None:
 
 # ---------------------------------------------------------------------------- findings text
 def findings_markdown(findings: list[Any]) -> str:
-    """A markdown table (step, severity, code, source, message) of ``findings``."""
+    """A markdown table (step, severity, code, message) of ``findings``.
+
+    TensorBoard's markdown breaks words anywhere and sizes columns by their longest line, so the
+    message is wrapped with ``<br>`` (an allowed tag there) to leave the short columns room; the
+    callback that saw the finding closes the message.
+    """
     if not findings:
         return "No findings."
-    rows = ["| step | severity | code | source | message |", "|---:|---|---|---|---|"]
+    import textwrap
+
+    rows = ["| step | severity | code | message |", "|---:|---|---|---|"]
     for f in findings:
-        msg = f.message.replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| {f.step} | {f.severity.value} | `{f.code}` | {f.source} | {msg} |")
+        text = f"{f.message} ({f.source})".replace("|", "\\|").replace("\n", " ")
+        msg = "<br>".join(textwrap.wrap(text, 72)) or text
+        rows.append(f"| {f.step} | **{f.severity.value}** | `{f.code}` | {msg} |")
     return "\n".join(rows)
 
 

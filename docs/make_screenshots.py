@@ -1,0 +1,67 @@
+"""Take the README's screenshots from a real demo run, in a real TensorBoard and a real browser.
+
+    .venv/bin/python docs/make_screenshots.py        # writes docs/images/*.png
+
+Needs Debian's chromium (apt-get install chromium) and websocket-client (the dev extra). It
+trains the healthy digits demo and its ``dead-relu`` variant (for a findings table with
+something in it), serves each with TensorBoard on 127.0.0.1 and photographs the views the README
+explains.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lightning_recipe._tbserver import BrowserPage, serve
+from lightning_recipe.demo import run_demo
+
+OUT = Path(__file__).parent / "images"
+
+#: (file, run, URL hash, text to wait for, window height)
+SHOTS = [
+    ("recipe_tab.png", "healthy", "#custom_scalars", "real vs zero-input loss", 1500),
+    (
+        "first_layer_filters.png",
+        "healthy",
+        "#images&tagFilter=recipe%2Ffirst_layer_filters",
+        "first_layer_filters",
+        760,
+    ),
+    (
+        "prediction_dynamics.png",
+        "healthy",
+        "#images&tagFilter=recipe%2Fprediction_dynamics",
+        "prediction_dynamics",
+        900,
+    ),
+    (
+        "layer_histograms.png",
+        "healthy",
+        "#histograms&tagFilter=features%5C.0",
+        "recipe/weights/features.0.weight",
+        900,
+    ),
+    ("findings.png", "dead-relu", "#text&tagFilter=recipe%2Ffindings", "recipe/findings", 900),
+]
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    logdir = Path(tempfile.mkdtemp(prefix="recipe_screenshots_"))
+    for bug in (None, "dead-relu"):
+        run_demo(bug=bug, epochs=8, logdir=logdir)
+    for name, run, view, wait_for, height in SHOTS:
+        with serve(logdir / run, timeout=90) as server, BrowserPage.open(1400, height) as page:
+            page.goto(server.url + "/" + view)
+            page.wait_for_text(wait_for, timeout=90)
+            time.sleep(4)  # let the charts and images finish drawing
+            page.screenshot(OUT / name)
+        print(f"wrote {OUT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
