@@ -96,7 +96,7 @@ class FirstBatchCheck(RecipeCallback):
             trainer,
             "check-skipped",
             Severity.INFO,
-            f"{type(self).__name__} did not {self.what}: {reason}.",
+            f"{type(self).__name__} did not {self.what}: {reason.rstrip('.')}.",
             {"reason": reason},
         )
 

@@ -276,7 +276,7 @@ class ModelLintCheck(RecipeCallback):
                 trainer,
                 "check-skipped",
                 Severity.INFO,
-                f"ModelLintCheck could not {what} on a copy of the model: {reason}.",
+                f"ModelLintCheck could not {what} on a copy of the model: {reason.rstrip('.')}.",
                 {"reason": reason, "what": what},
                 key=f"check-skipped:{what}",
             )

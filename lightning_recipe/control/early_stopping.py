@@ -85,7 +85,13 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     Checkpoints: with ``"cpu"``/``"device"`` the best weights travel inside the callback state, so
     a checkpoint grows by one copy of the model (a resumed run restores the right weights even if
     they came from before the interruption); with ``"disk"`` only the file path and its
-    epoch/step travel (the file is checked against them before it is loaded).
+    epoch/step travel (the file is checked against them before it is loaded). The ``early-stopped``
+    verdict of a checkpoint saved after ``fit`` is dropped on resume: the resumed fit gives its own.
+
+    No validation (no val dataloader, ``limit_val_batches=0``): where Lightning's ``strict`` check
+    would raise because the monitored metric was never logged, this callback reports one
+    ``check-skipped`` info finding and leaves training alone while no validation run has ended in
+    the fit; a metric still missing after a validation run (a typo) raises as in Lightning.
 
     DDP: the stop decision is Lightning's (any rank stops every rank). Whether an improvement
     happened is taken from rank zero (``trainer.strategy.broadcast``), so every rank stores and
@@ -196,6 +202,10 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._check_epoch = -1
         self._last_loss_check_step = -1
         self.restored_epoch: int | None = None
+        #: validation runs that ended in this fit (sanity check excluded), and the trainer of the
+        #: check in progress (read by :meth:`_validate_condition_metric`)
+        self._val_runs = 0
+        self._trainer: Any = None
 
     # ------------------------------------------------------------------ drop-in identity
     @property
@@ -208,6 +218,7 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         RecipeCallback.setup(self, trainer, pl_module, stage)
         if stage == "fit":  # a new fit starts without a verdict (a resumed one loads its own next)
             self.stop_cause, self._stop_detail, self.restored_epoch = None, {}, None
+            self._val_runs = 0
 
     def state_dict(self) -> dict[str, Any]:
         state = EarlyStopping.state_dict(self)
@@ -237,6 +248,9 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         EarlyStopping.load_state_dict(self, state_dict)
         RecipeCallback.load_state_dict(self, state_dict)
+        # a checkpoint saved after fit (trainer.save_checkpoint) holds that fit's verdict; the
+        # resumed fit says why it stopped at its own end
+        self._findings = [f for f in self._findings if f.code != "early-stopped"]
         self.best_epoch = state_dict.get("best_epoch")
         self.best_step = state_dict.get("best_step")
         self._first_value = state_dict.get("first_value")
@@ -258,7 +272,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._check_epoch = int(trainer.current_epoch)
         previous_best = self.best_score
         was_stopping = bool(trainer.should_stop)
-        super()._run_early_stopping_check(trainer)
+        self._trainer = trainer
+        try:
+            super()._run_early_stopping_check(trainer)
+        finally:
+            self._trainer = None
         if not self._checked:  # metric missing or fast_dev_run: Lightning returned before its collective
             return
         improved = self.best_score is not previous_best
@@ -352,9 +370,37 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
             return None
         return ref, value / ref
 
+    def _validate_condition_metric(self, logs: dict[str, Tensor]) -> bool:
+        """Lightning's check that the monitored metric exists (``strict`` raises when it does not),
+        except while no validation has run in this fit: a run without validation data (no val
+        dataloader, ``limit_val_batches=0``) cannot produce a validation metric, so the check is
+        skipped with one info finding instead of a crash. A metric still missing after a
+        validation run (a typo) raises as in Lightning."""
+        trainer = self._trainer
+        if self.monitor in logs or trainer is None or self._val_runs > 0:
+            return super()._validate_condition_metric(logs)
+        if not self.has_reported("check-skipped"):
+            reason = (
+                "limit_val_batches=0"
+                if getattr(trainer, "limit_val_batches", None) == 0
+                else "no validation has run in this fit (no val dataloader?)"
+            )
+            self.report(
+                trainer,
+                "check-skipped",
+                Severity.INFO,
+                f"RecipeEarlyStopping has no {self.monitor} to check: {reason}; early stopping and "
+                f"best-weight restore are off until a validation run logs it (pass validation data, or "
+                f"monitor a training metric).",
+                {"reason": reason, "monitor": self.monitor, "logged": sorted(logs)[:20]},
+            )
+        return False
+
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking and self._init_value is None:
             self._record_init(trainer)
+        if not trainer.sanity_checking:
+            self._val_runs += 1
         super().on_validation_end(trainer, pl_module)
 
     def _record_init(self, trainer: Any) -> None:
@@ -584,7 +630,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
                 f"{self.monitor} with sync_dist=True so every rank sees the same value)",
                 {"cause": "other-rank"},
             )
-        return _ran_out(trainer, self.monitor, self.wait_count, self.patience)
+        checked = self._last_value is not None
+        return _ran_out(trainer, self.monitor, self.wait_count, self.patience, checked)
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -649,15 +696,18 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
 
 
-def _ran_out(trainer: Any, monitor: str, wait: int, patience: int) -> tuple[str, dict[str, Any]]:
+def _ran_out(
+    trainer: Any, monitor: str, wait: int, patience: int, checked: bool = True
+) -> tuple[str, dict[str, Any]]:
     max_steps = int(getattr(trainer, "max_steps", -1) or -1)
     max_epochs = getattr(trainer, "max_epochs", None)
     step, epoch = int(trainer.global_step), int(trainer.current_epoch)
-    tail = (
-        f" ({monitor} had not improved for {wait} of patience={patience} checks)"
-        if wait
-        else f" ({monitor} improved at the last check)"
-    )
+    if not checked:
+        tail = f" ({monitor} was never checked: it was never logged)"
+    elif wait:
+        tail = f" ({monitor} had not improved for {wait} of patience={patience} checks)"
+    else:
+        tail = f" ({monitor} improved at the last check)"
     if getattr(trainer, "interrupted", False):
         return f"Training was interrupted at epoch {epoch}, step {step}{tail}", {"cause": "interrupted"}
     if max_steps > 0 and step >= max_steps:

@@ -42,6 +42,8 @@ EVALUATE = ("validation", "fit_end")
 KINDS = ("single", "snapshot_ensemble", "averaged")
 #: the info code of the verdict
 VERDICT_CODE = "ensemble-evaluated"
+#: evidence["why"] of the end-of-training "never evaluated" skip
+NO_EVALUATION = "no evaluation"
 _BINARY = ("binary_cross_entropy", "binary_cross_entropy_with_logits")
 _LOG_PROB = ("nll_loss", "kl_div")
 _STATS = 4  # loss total, loss count, correct, accuracy count
@@ -172,7 +174,9 @@ class CheckpointEnsemble(RecipeCallback):
     Checkpoints (resume): the averaged weights always travel in the callback state (+1 model);
     with ``storage="cpu"`` the snapshots do too (+``num_snapshots`` models), with ``"disk"`` only
     their paths (files dropped from the ensemble are deleted, so a resume from an older
-    checkpoint may find some missing: they are left out with an info line).
+    checkpoint may find some missing: they are left out with an info line). The end-of-training
+    verdict (``ensemble-evaluated``) of a checkpoint written after training ended is dropped on
+    resume: the resumed fit gives its own.
 
     What is rank-local: nothing that is reported; the sums are reduced over all ranks, so the
     numbers describe the full validation set; snapshots and the averaged weights are identical
@@ -485,7 +489,10 @@ class CheckpointEnsemble(RecipeCallback):
                 return fn(*args)
             except (ProbeSkip, BatchLayoutError) as why:
                 self.report(
-                    trainer, "check-skipped", Severity.INFO, f"CheckpointEnsemble turned itself off: {why}."
+                    trainer,
+                    "check-skipped",
+                    Severity.INFO,
+                    f"CheckpointEnsemble turned itself off: {str(why).rstrip('.')}.",
                 )
                 self._broken = True
                 self.teardown_diagnostics()
@@ -728,7 +735,7 @@ class CheckpointEnsemble(RecipeCallback):
                     "check-skipped",
                     Severity.INFO,
                     "CheckpointEnsemble never evaluated (no validation run finished during fit).",
-                    {"why": "no evaluation"},
+                    {"why": NO_EVALUATION},
                 )
             return
         last = self.history[-1]
@@ -814,6 +821,9 @@ class CheckpointEnsemble(RecipeCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # a checkpoint written at the end of training (ModelCheckpoint's save_last does that, after
+        # every on_train_end) holds that fit's end-of-training verdict; the resumed fit gives its own
+        self._findings = [f for f in self._findings if not _end_of_fit(f)]
         self._avg_loaded = state_dict.get("averaged")
         self._avg = None
         self._n_updates = int(state_dict.get("n_updates", 0))
@@ -827,6 +837,13 @@ class CheckpointEnsemble(RecipeCallback):
         self.history = list(state_dict.get("history", []))
         self._loss_name = state_dict.get("loss_name")
         self._use_training_step = state_dict.get("use_training_step")
+
+
+def _end_of_fit(finding: Any) -> bool:
+    """The verdict made once at the end of training (superseded when the fit is resumed)."""
+    return finding.code == VERDICT_CODE or (
+        finding.code == "check-skipped" and finding.evidence.get("why") == NO_EVALUATION
+    )
 
 
 # ---------------------------------------------------------------------------- evaluation state

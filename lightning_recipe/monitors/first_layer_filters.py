@@ -61,6 +61,9 @@ class FirstLayerFilterMonitor(RecipeCallback):
     do not need smooth first-layer filters, so on such small images the finding is a prompt to
     look at the picture, not a verdict. It is an info finding for that reason.
 
+    A frozen first layer (``requires_grad=False`` when training starts: a pretrained backbone) is
+    shown but not judged: its smoothness at the end equals its value at the start by construction.
+
     Weights are the same on every DDP rank; the image is written by rank zero.
 
     Args:
@@ -227,15 +230,22 @@ class FirstLayerFilterMonitor(RecipeCallback):
             return
         name, module, shape = self._layer
         kernel = _kernel(module, shape)
+        frozen = not module.weight.requires_grad
         self.figures.update(
             {
                 "layer": name,
                 "type": type(module).__name__,
                 "kernel": list(kernel),
-                "judged": min(kernel) >= self.min_kernel_size,
+                "judged": min(kernel) >= self.min_kernel_size and not frozen,
             }
         )
-        if not self.figures["judged"]:
+        if frozen:
+            # pretrained and frozen: "as noisy as at init" would only say that it did not change
+            self.figures["note"] = (
+                "the first layer is frozen (requires_grad=False): the filters are shown, their "
+                "smoothness is not judged"
+            )
+        elif not self.figures["judged"]:
             self.figures["note"] = (
                 f"kernel {'x'.join(map(str, kernel))} is smaller than {self.min_kernel_size} in some "
                 "dimension: the filters are shown, their smoothness is not judged"
@@ -254,11 +264,13 @@ class FirstLayerFilterMonitor(RecipeCallback):
         else:
             reason = "no Conv1d/Conv2d/Linear layer ran on the first training batch"
         self.figures["skipped"] = reason
+        if self.has_reported("check-skipped"):  # said before the run was resumed
+            return
         self.report(
             trainer,
             "check-skipped",
             Severity.INFO,
-            f"FirstLayerFilterMonitor did not look at the first-layer filters: {reason}.",
+            f"FirstLayerFilterMonitor did not look at the first-layer filters: {reason.rstrip('.')}.",
             {"reason": reason},
         )
 
@@ -358,6 +370,9 @@ class FirstLayerFilterMonitor(RecipeCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # a checkpoint written after on_train_end (ModelCheckpoint's save_last) holds that fit's
+        # verdict; the resumed fit judges again at its own end
+        self._findings = [f for f in self._findings if f.code != "noisy-filters"]
         init = state_dict.get("smoothness_at_init")
         self.smoothness_at_init = None if init is None else float(init)
         self._init_layer = state_dict.get("init_layer")

@@ -191,6 +191,7 @@ class InputIndependentBaseline(RecipeCallback):
                 trainer,
                 "no validation run ended during training (no val_dataloader, limit_val_batches=0, "
                 "or training ended before the first validation)",
+                at_end=True,
             )
 
     def teardown_diagnostics(self) -> None:
@@ -298,14 +299,16 @@ class InputIndependentBaseline(RecipeCallback):
         self._skip(trainer, reason)
         return False
 
-    def _skip(self, trainer: Any, reason: str) -> None:
+    def _skip(self, trainer: Any, reason: str, at_end: bool = False) -> None:
         self.figures["skipped"] = reason
+        if self.has_reported("check-skipped"):  # said already (before the run was resumed)
+            return
         self.report(
             trainer,
             "check-skipped",
             Severity.INFO,
-            f"InputIndependentBaseline did not compare real and zeroed inputs: {reason}.",
-            {"reason": reason},
+            f"InputIndependentBaseline did not compare real and zeroed inputs: {reason.rstrip('.')}.",
+            {"reason": reason, "end_of_fit": at_end},
         )
 
     # ------------------------------------------------------------------ resume
@@ -319,6 +322,9 @@ class InputIndependentBaseline(RecipeCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # the end-of-training skip of a checkpoint saved after on_train_end is that fit's verdict:
+        # the resumed fit decides again at its own end
+        self._findings = [f for f in self._findings if not f.evidence.get("end_of_fit")]
         self._reset()
         self._runs = int(state_dict.get("runs", 0))
         self._streak = int(state_dict.get("streak", 0))

@@ -87,6 +87,11 @@ class LossCurveMonitor(StepMonitor):
     -0.3..+0.1%, and lr = 0 measured on one-batch-of-4 intervals -2.5..+2.9% (still reported by
     step 105, the windows being noisy in both directions), hence ``flat_tolerance`` = 1%.
 
+    Resume: a checkpoint carries the losses of the unfinished logging interval (their sum, count
+    and first NaN, one host transfer when the checkpoint is saved), so the resumed run completes
+    that interval as a straight run would; the end-of-training point of the interrupted run (its
+    partial last interval) stays in the chart, and is left out of the checkpointed curve state.
+
     Rank-local under DDP: each rank reads its own batch's loss (the curve of rank zero is the
     one logged); no collective is called.
 
@@ -160,10 +165,15 @@ class LossCurveMonitor(StepMonitor):
         self._batch_step = 0
         self._planned: float = math.inf
         self._no_loss_batches = 0
+        # the losses of an unfinished interval, carried over from a checkpoint (host floats)
+        self._carry: dict[str, Any] | None = None
+        # the resumable state taken before the end-of-training tail was flushed
+        self._resume_state: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.teardown_diagnostics()
+        self._resume_state = None
         # Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches
         accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
         self._scale = 1.0 if is_manual_optimization(pl_module) else float(accumulate)
@@ -199,8 +209,12 @@ class LossCurveMonitor(StepMonitor):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         with self.rank_consistent_errors(trainer):
-            if self._pending or self._folded is not None:  # the tail since the last logging step
-                self.run_safely(trainer, "on_train_end", self._flush, trainer)
+            if self._pending or self._folded is not None or self._carry is not None:
+                # the tail since the last logging step is logged and judged, but a checkpoint
+                # written after this hook (ModelCheckpoint's save_last) keeps the state from before
+                # it, tail losses included: a resumed run finishes that interval as a straight run
+                # would, instead of counting a partial one
+                self.run_safely(trainer, "on_train_end", self._flush_tail, trainer)
         self.teardown_diagnostics()
 
     def teardown_diagnostics(self) -> None:
@@ -223,26 +237,49 @@ class LossCurveMonitor(StepMonitor):
         self._folded_steps += self._pending_steps
         self._pending, self._pending_steps = [], []
 
-    def _flush(self, trainer: Any) -> None:
-        if self._pending:
-            self._fold()
-        if self._folded is None:
+    def _flush_tail(self, trainer: Any) -> None:
+        interval = self._interval_stats()  # the one host transfer of the tail
+        self._resume_state = self._resumable_state(interval)
+        self._flush(trainer, interval)
+
+    def _flush(self, trainer: Any, interval: tuple[dict[str, float] | None, list[int]] | None = None) -> None:
+        host, steps = interval if interval is not None else self._interval_stats()
+        self._folded, self._folded_steps, self._carry = None, [], None
+        if host is None:
             self._no_loss(trainer)
             return
-        folded, steps = self._folded, self._folded_steps
-        self._folded, self._folded_steps = None, []
-        host = stats.to_host(
-            {
-                "sum": folded[0],
-                "count": folded[1],
-                "bad": folded[2],
-                "first_bad": folded[3],
-                "first": folded[4],
-            }
-        )
         first_bad = host["first_bad"]
         bad_step = steps[int(first_bad)] if math.isfinite(first_bad) and 0 <= first_bad < len(steps) else None
         self._judge(trainer, host, bad_step, len(steps), steps[0] if steps else trainer.global_step)
+
+    def _interval_stats(self) -> tuple[dict[str, float] | None, list[int]]:
+        """The losses since the last logging step (a carried-over start included) as host floats
+        ``{sum, count, bad, first_bad, first}`` (one transfer) and their steps; ``(None, [])`` if
+        there are none. Leaves them in place."""
+        if self._pending:
+            self._fold()
+        carry = self._carry
+        if self._folded is None:
+            if carry is None:
+                return None, []
+            return {k: float(carry[k]) for k in _STAT_KEYS}, [int(s) for s in carry["steps"]]
+        folded = self._folded
+        host = stats.to_host({k: folded[i] for i, k in enumerate(_STAT_KEYS)})
+        steps = list(self._folded_steps)
+        if carry is None:
+            return host, steps
+        old_steps = [int(s) for s in carry["steps"]]
+        first_bad = (
+            carry["first_bad"] if math.isfinite(carry["first_bad"]) else host["first_bad"] + len(old_steps)
+        )
+        merged = {
+            "sum": carry["sum"] + host["sum"],
+            "count": carry["count"] + host["count"],
+            "bad": carry["bad"] + host["bad"],
+            "first_bad": first_bad,
+            "first": carry["first"],
+        }
+        return merged, old_steps + steps
 
     # ------------------------------------------------------------------ verdicts
     def _judge(
@@ -437,8 +474,20 @@ class LossCurveMonitor(StepMonitor):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        if self._resume_state is not None:  # saved after on_train_end: the state before the tail
+            return dict(self._resume_state)
+        return self._resumable_state()
+
+    def _resumable_state(
+        self, interval: tuple[dict[str, float] | None, list[int]] | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint state, with the losses of the unfinished interval (one host transfer
+        when there are any, unless ``interval`` was read already), so a resumed run completes it."""
+        host, steps = interval if interval is not None else self._interval_stats()
+        carry = None if host is None else {**host, "steps": steps}
         return {
             **super().state_dict(),
+            "carry": carry,
             "streaks": self.streaks.state_dict(),
             "initial": self.initial,
             "best": self.best,
@@ -465,9 +514,16 @@ class LossCurveMonitor(StepMonitor):
         self._lr_peak = {str(k): float(v) for k, v in state_dict.get("lr_peak", {}).items()}
         self._lr_done = bool(state_dict.get("lr_done", False))
         self._diverged_values = [float(v) for v in state_dict.get("diverged_values", [])]
+        carry = state_dict.get("carry")
+        self._carry = None if carry is None else {**carry, "steps": [int(s) for s in carry["steps"]]}
+        self._resume_state = None
 
 
 # ---------------------------------------------------------------------------- helpers
+#: the interval statistics, in the order of the folded vector (see :func:`_chunk_stats`)
+_STAT_KEYS = ("sum", "count", "bad", "first_bad", "first")
+
+
 def _loss_of(outputs: Any) -> Tensor | None:
     """The loss in what ``training_step`` returned (a tensor or a dict with ``"loss"``), detached."""
     loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs

@@ -207,6 +207,7 @@ class PredictionDynamicsMonitor(StepMonitor):
                 trainer,
                 "no validation batch was seen before the end of training (no val_dataloader, "
                 "limit_val_batches=0, or no validation ran), so there was no fixed batch to follow",
+                at_end=True,
             )
 
     def teardown_diagnostics(self) -> None:
@@ -401,14 +402,16 @@ class PredictionDynamicsMonitor(StepMonitor):
         self._stash.clear()
         self._skip(trainer, reason)
 
-    def _skip(self, trainer: Any, reason: str) -> None:
+    def _skip(self, trainer: Any, reason: str, at_end: bool = False) -> None:
         self.figures["skipped"] = reason
+        if self.has_reported("check-skipped"):  # said already (before the run was resumed)
+            return
         self.report(
             trainer,
             "check-skipped",
             Severity.INFO,
-            f"PredictionDynamicsMonitor did not follow predictions: {reason}.",
-            {"reason": reason},
+            f"PredictionDynamicsMonitor did not follow predictions: {reason.rstrip('.')}.",
+            {"reason": reason, "end_of_fit": at_end},
         )
 
     # ------------------------------------------------------------------ image
@@ -443,6 +446,9 @@ class PredictionDynamicsMonitor(StepMonitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        # the end-of-training skip of a checkpoint saved after on_train_end is that fit's verdict:
+        # the resumed fit decides again at its own end
+        self._findings = [f for f in self._findings if not f.evidence.get("end_of_fit")]
         self._reset()
         self._kind = state_dict.get("kind")
         sig = state_dict.get("signature")
