@@ -266,6 +266,36 @@ def _strip_recipe_hooks(module: nn.Module) -> None:
                         del hooks[hid]
 
 
+#: the step methods Lightning replaces with compiled ones on ``trainer.fit(torch.compile(model))``
+_COMPILED_STEPS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def _run_eagerly(clone: nn.Module) -> None:
+    """Make a copy of a ``torch.compile``d model run without dynamo.
+
+    * ``torch.compile(submodule)``: the copy's ``OptimizedModule`` keeps its place (parameter
+      names keep ``_orig_mod.``, so state dicts still match the real model) but calls the module
+      it wraps directly; probing a compiled copy would compile it again for every mode the checks
+      use (no_grad, eval, float64, a TorchFunctionMode) and use up dynamo's recompile limit that
+      is meant for the user's model.
+    * ``trainer.fit(torch.compile(model))``: Lightning puts compiled wrappers of the *original*
+      model's bound ``forward`` / ``*_step`` methods in its ``__dict__``; ``deepcopy`` keeps them,
+      so the copy's steps would run (and train) the real model. The copy drops them and uses its
+      class's methods.
+    """
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    for m in clone.modules():
+        if isinstance(m, OptimizedModule):
+            m.forward = m._orig_mod.__call__
+    if clone.__dict__.get("_compiler_ctx"):
+        for name in _COMPILED_STEPS:
+            clone.__dict__.pop(name, None)
+        clone.__dict__["_compiler_ctx"] = None
+
+
 class _SilentTrainer:
     """Stands in for the trainer on a module copy: everything reads through, but no logger
     is reachable, so user code on the copy cannot write to the user's logs."""
@@ -309,6 +339,7 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     except Exception as exc:
         raise ProbeSkip(f"the model could not be deep-copied ({type(exc).__name__}: {exc})") from exc
     _strip_recipe_hooks(clone)
+    _run_eagerly(clone)
     for m in clone.modules():
         if hasattr(m, "log_dict") and hasattr(m, "training_step"):
             object.__setattr__(m, "log", _noop)
