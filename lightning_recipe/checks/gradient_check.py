@@ -27,6 +27,7 @@ from lightning_recipe._probe import (
     track_hook,
     untrack_hook,
 )
+from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import Getter, to_dtype
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.findings import Severity
@@ -165,17 +166,16 @@ class GradientCheck(FirstBatchCheck):
         on_error: str = "warn",
     ) -> None:
         super().__init__(get_input=get_input, get_target=get_target, step_fn=step_fn, on_error=on_error)
-        for name, value in (("num_samples", num_samples), ("coords_per_tensor", coords_per_tensor)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-        _check_number("step_size", step_size, 0.0, 1e-2)
-        _check_number("warn_above", warn_above, 0.0, 1.0)
-        _check_number("error_above", error_above, 0.0, 10.0)
+        check_int("num_samples", num_samples)
+        check_int("coords_per_tensor", coords_per_tensor)
+        check_number("step_size", step_size, 0.0, 1e-2, low_open=True)
+        check_number("warn_above", warn_above, 0.0, 1.0, low_open=True)
+        check_number("error_above", error_above, 0.0, 10.0, low_open=True)
         if error_above <= warn_above:
             raise ValueError(
                 f"`error_above` must be larger than `warn_above`, got {error_above!r} <= {warn_above!r}"
             )
-        _check_number("max_seconds", max_seconds, 0.0, float("inf"))
+        check_number("max_seconds", max_seconds, 0.0, None, low_open=True)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int, got {seed!r}")
         self.num_samples = num_samples
@@ -694,8 +694,3 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(flat % size)
         flat //= size
     return tuple(reversed(out))
-
-
-def _check_number(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
-        raise ValueError(f"`{name}` must be a number in ({low:g}, {high:g}], got {value!r}")

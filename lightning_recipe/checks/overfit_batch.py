@@ -26,6 +26,7 @@ from lightning_recipe._probe import (
     preserved_rng,
     run_step,
 )
+from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.checks.loss_at_init import chance_input
@@ -162,9 +163,9 @@ class OverfitBatchCheck(FirstBatchCheck):
         on_error: str = "warn",
     ) -> None:
         super().__init__(get_input=get_input, get_target=get_target, step_fn=step_fn, on_error=on_error)
-        _positive_int("num_samples", num_samples)
-        _positive_int("max_steps", max_steps)
-        _positive_int("patience", patience)
+        check_int("num_samples", num_samples)
+        check_int("max_steps", max_steps)
+        check_int("patience", patience)
         if isinstance(lrs, (int, float)) and not isinstance(lrs, bool):
             lrs = (lrs,)
         if (
@@ -463,11 +464,6 @@ class _Trial:
 # ---------------------------------------------------------------------------- helpers
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
 
 
 def _scalar(t: Tensor) -> float:

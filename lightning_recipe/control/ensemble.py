@@ -31,6 +31,7 @@ from lightning_recipe._probe import (
     is_manual_optimization,
     preserved_rng,
 )
+from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
@@ -232,9 +233,9 @@ class CheckpointEnsemble(RecipeCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(on_error=on_error)
-        _check_int("num_snapshots", num_snapshots, 2)
-        _check_int("ema_every_n_steps", ema_every_n_steps, 1)
-        _check_int("bn_batches", bn_batches, 0)
+        check_int("num_snapshots", num_snapshots, 2)
+        check_int("ema_every_n_steps", ema_every_n_steps, 1)
+        check_int("bn_batches", bn_batches, 0)
         for name, value, allowed in (
             ("selection", selection, SELECTIONS),
             ("rank_by", rank_by, RANK_BY),
@@ -1175,9 +1176,6 @@ def _lightning_checkpoint(trainer: Any, module: nn.Module, state: dict[str, Tens
 
 
 # ---------------------------------------------------------------------------- small helpers
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
 
 
 def _module_device(module: nn.Module) -> torch.device:

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import track_hook, untrack_hook
+from lightning_recipe._validate import check_int
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
-from lightning_recipe.monitors.base import StepMonitor, Streaks
+from lightning_recipe.monitors.base import TrendMonitor
 
 # ---------------------------------------------------------------------------- layers
 #: activations whose units can die (exactly zero for every input)
@@ -203,7 +204,7 @@ class ForwardOrder:
 
 
 # ---------------------------------------------------------------------------- the monitor
-class ActivationMonitor(StepMonitor):
+class ActivationMonitor(TrendMonitor):
     """Per-layer activation histograms and statistics; dead ReLU and saturated tanh/sigmoid units.
 
     cs231n (*Learning and Evaluation*): "plot activation/gradient histograms for all layers of the
@@ -294,13 +295,12 @@ class ActivationMonitor(StepMonitor):
         super().__init__(every_n_steps, on_error=on_error)
         self.dead_threshold = _fraction("dead_threshold", dead_threshold)
         self.saturated_threshold = _fraction("saturated_threshold", saturated_threshold)
-        self.patience = _positive_int("patience", patience)
-        self.max_calls = _positive_int("max_calls", max_calls)
-        self.min_positions = _positive_int("min_positions", min_positions)
+        self.patience = check_int("patience", patience)
+        self.max_calls = check_int("max_calls", max_calls)
+        self.min_positions = check_int("min_positions", min_positions)
         if not isinstance(histograms, bool):
             raise TypeError(f"`histograms` must be a bool, got {type(histograms).__name__}")
         self.histograms = histograms
-        self.streaks = Streaks()
         self._handles: list[Any] = []
         self._hist = tensorboard.HistogramBatch(HISTOGRAM_BINS, HISTOGRAM_SAMPLES)
         self._values: dict[str, Tensor] = {}
@@ -308,7 +308,6 @@ class ActivationMonitor(StepMonitor):
         self._calls: dict[str, int] = {}
         self._layout: str | None = None
         self._hook_error: BaseException | None = None
-        self._history: dict[str, list[tuple[int, float]]] = {}
         self._step = 0  # the global step of the batch being measured
 
     # ------------------------------------------------------------------ hooks
@@ -516,20 +515,6 @@ class ActivationMonitor(StepMonitor):
             }
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "streaks": self.streaks.state_dict(),
-            "history": {k: [list(x) for x in v] for k, v in self._history.items()},
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.streaks.load_state_dict(state_dict.get("streaks", {}))
-        self._history = {
-            str(k): [(int(s), float(v)) for s, v in hist] for k, hist in state_dict.get("history", {}).items()
-        }
-
 
 # ---------------------------------------------------------------------------- helpers
 def _not_compiled(fn: Callable[..., None]) -> Callable[..., None]:
@@ -555,12 +540,6 @@ def _fraction(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ValueError(f"`{name}` must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
-    return value
 
 
 def iter_param_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -70,6 +70,31 @@ class StepMonitor(RecipeCallback):
         self._last_logged_step = int(state_dict.get("last_logged_step", -1))
 
 
+class TrendMonitor(StepMonitor):
+    """A :class:`StepMonitor` whose findings come from per-key trends: :attr:`streaks` (logging
+    steps in a row a condition held) and :attr:`history` (the recent ``(step, value)`` pairs
+    behind a finding's message), both saved in checkpoints."""
+
+    def __init__(self, every_n_steps: int | None = None, *, on_error: str = "warn") -> None:
+        super().__init__(every_n_steps, on_error=on_error)
+        self.streaks = Streaks()
+        self._history: dict[str, list[tuple[int, float]]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "streaks": self.streaks.state_dict(),
+            "history": {k: [list(x) for x in v] for k, v in self._history.items()},
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.streaks.load_state_dict(state_dict.get("streaks", {}))
+        self._history = {
+            str(k): [(int(s), float(v)) for s, v in hist] for k, hist in state_dict.get("history", {}).items()
+        }
+
+
 class Streaks:
     """Consecutive logging steps on which a condition held, per key (layer, parameter, ...).
 

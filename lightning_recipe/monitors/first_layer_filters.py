@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import track_hook, untrack_hook
+from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
-from lightning_recipe.monitors.activations import _positive_int, first_tensor
+from lightning_recipe.monitors.activations import first_tensor
 from lightning_recipe.monitors.base import validate_interval
 
 _CANDIDATES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -108,7 +109,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
                 raise ValueError(f"`image_shape` must be (C, H, W) positive ints, got {image_shape!r}")
             image_shape = tuple(image_shape)
         self.image_shape = image_shape
-        self.min_kernel_size = _positive_int("min_kernel_size", min_kernel_size)
+        self.min_kernel_size = check_int("min_kernel_size", min_kernel_size)
         if self.min_kernel_size < 2:
             raise ValueError(f"`min_kernel_size` must be >= 2, got {min_kernel_size!r}")
         if (
@@ -118,7 +119,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
         ):
             raise ValueError(f"`noisy_ratio` must be a number in (0, 1], got {noisy_ratio!r}")
         self.noisy_ratio = float(noisy_ratio)
-        self.max_filters = _positive_int("max_filters", max_filters)
+        self.max_filters = check_int("max_filters", max_filters)
         self.adapter = BatchAdapter(get_input=get_input)
         self._handles: list[Any] = []
         self._searched = False

@@ -12,16 +12,16 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
+from lightning_recipe._validate import check_int
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.activations import (
     HISTOGRAM_BINS,
     HISTOGRAM_SAMPLES,
     ForwardOrder,
-    _positive_int,
     iter_param_layers,
 )
-from lightning_recipe.monitors.base import StepMonitor, Streaks
+from lightning_recipe.monitors.base import TrendMonitor
 
 #: layers left out of the depth profile: their gradients are sparse by construction (only the
 #: rows of the tokens in the batch), so a small relative gradient says nothing about depth
@@ -45,7 +45,7 @@ class _Record:
     weight_norms: Tensor
 
 
-class GradientMonitor(StepMonitor):
+class GradientMonitor(TrendMonitor):
     """Per-layer gradient norms and histograms; vanishing, exploding and non-finite gradients.
 
     cs231n: plot activation/gradient histograms for all layers; deep nets suffer from vanishing
@@ -155,12 +155,10 @@ class GradientMonitor(StepMonitor):
             raise TypeError(f"`exclude` must be a list of layer names (str), got {exclude!r}")
         self.vanishing_ratio = float(vanishing_ratio)
         self.exploding_ratio = float(exploding_ratio)
-        self.patience = _positive_int("patience", patience)
+        self.patience = check_int("patience", patience)
         self.histograms = histograms
         self.check_every_step = check_every_step
         self.exclude = frozenset(exclude)
-        self.streaks = Streaks()
-        self._history: dict[str, list[tuple[int, float]]] = {}
         self._armed = False
         self._order = ForwardOrder()
         self._records: list[_Record] = []
@@ -518,20 +516,6 @@ class GradientMonitor(StepMonitor):
                     [r"recipe/grad_depth_ratio.*"],
                 ),
             }
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            **super().state_dict(),
-            "streaks": self.streaks.state_dict(),
-            "history": {k: [list(x) for x in v] for k, v in self._history.items()},
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.streaks.load_state_dict(state_dict.get("streaks", {}))
-        self._history = {
-            str(k): [(int(s), float(v)) for s, v in hist] for k, hist in state_dict.get("history", {}).items()
         }
 
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import is_manual_optimization
+from lightning_recipe._validate import check_number
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.base import StepMonitor, Streaks
@@ -126,10 +127,10 @@ class LossCurveMonitor(StepMonitor):
         on_error: str = "warn",
     ) -> None:
         super().__init__(every_n_steps, on_error=on_error)
-        _check_number("divergence_factor", divergence_factor, low=1.0, low_open=True)
-        _check_number("flat_tolerance", flat_tolerance, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_number("lr_floor", lr_floor, low=0.0, high=1.0, low_open=True, high_open=True)
-        _check_number("lr_deadline", lr_deadline, low=0.0, high=1.0, low_open=True)
+        check_number("divergence_factor", divergence_factor, low=1.0, low_open=True)
+        check_number("flat_tolerance", flat_tolerance, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("lr_floor", lr_floor, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("lr_deadline", lr_deadline, low=0.0, high=1.0, low_open=True)
         for name, value, least in (
             ("window", window, 1),
             ("min_steps", min_steps, 0),
@@ -559,26 +560,6 @@ def _chunk_stats(items: list[Tensor], scale: float) -> Tensor:
 
 def _merge(a: Tensor, b: Tensor, offset: int) -> Tensor:
     return torch.stack([a[0] + b[0], a[1] + b[1], a[2] + b[2], torch.minimum(a[3], b[3] + offset), a[4]])
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-        allowed = " and ".join(x for x in (lo, hi) if x)
-        raise ValueError(f"`{name}` must be a number {allowed}, got {value!r}")
 
 
 def _opt_float(value: Any) -> float | None:

@@ -21,6 +21,7 @@ from lightning_recipe._probe import (
     preserved_rng,
     run_step,
 )
+from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, BatchStash, Getter
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
@@ -130,16 +131,16 @@ class PredictionDynamicsMonitor(StepMonitor):
         on_error: str = "warn",
     ) -> None:
         super().__init__(every_n_steps, on_error=on_error)
-        _check_int("num_examples", num_examples, 1)
-        _check_int("patience", patience, 1)
-        _check_int("window", window, 1)
-        _check_int("max_history", max_history, 2)
+        check_int("num_examples", num_examples, 1)
+        check_int("patience", patience, 1)
+        check_int("window", window, 1)
+        check_int("max_history", max_history, 2)
         if window < patience:
             raise ValueError(f"`window` must be >= `patience` ({patience}), got {window!r}")
         if max_history < window:
             raise ValueError(f"`max_history` must be >= `window` ({window}), got {max_history!r}")
-        _check_fraction("flip_threshold", flip_threshold, low_open=True)
-        _check_fraction("late_fraction", late_fraction, low_open=False)
+        check_number("flip_threshold", flip_threshold, 0, 1, low_open=True, high_open=True)
+        check_number("late_fraction", late_fraction, 0, 1, low_open=False, high_open=True)
         if step_fn is not None and not callable(step_fn):
             raise TypeError(
                 f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
@@ -551,17 +552,3 @@ def _signature(adapter: BatchAdapter, batch: Any) -> list[float]:
 
 def _same(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(a, b))
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
-
-
-def _check_fraction(name: str, value: Any, *, low_open: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    if ok:
-        ok = (0 < value < 1) if low_open else (0 <= value < 1)
-    if not ok:
-        interval = "(0, 1)" if low_open else "[0, 1)"
-        raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")

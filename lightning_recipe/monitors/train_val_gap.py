@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
+from lightning_recipe._validate import check_number
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.base import Streaks
@@ -142,11 +143,11 @@ class TrainValGapMonitor(RecipeCallback):
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
         ):
             raise ValueError(f"`num_classes` must be an int >= 2 or None, got {num_classes!r}")
-        _check_fraction("gap", gap)
-        _check_fraction("close", close)
-        _check_fraction("plateau", plateau)
+        check_number("gap", gap, 0, 1, low_open=True, high_open=True)
+        check_number("close", close, 0, 1, low_open=True, high_open=True)
+        check_number("plateau", plateau, 0, 1, low_open=True, high_open=True)
         if low_accuracy is not None:
-            _check_fraction("low_accuracy", low_accuracy)
+            check_number("low_accuracy", low_accuracy, 0, 1, low_open=True, high_open=True)
         if (
             isinstance(loss_rise, bool)
             or not isinstance(loss_rise, (int, float))
@@ -435,8 +436,3 @@ def _measured_classes(trainer: Any) -> int | None:
 def _brief(history: list[dict[str, float]]) -> list[dict[str, float]]:
     keys = ("epoch", "train_acc", "val_acc", "train_loss", "val_loss")
     return [{k: h[k] for k in keys if k in h} for h in history]
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"`{name}` must be a number in (0, 1), got {value!r}")
