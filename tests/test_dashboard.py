@@ -18,6 +18,7 @@ SCALARS = [
     "recipe/update_ratio_summary/median",
     "recipe/update_ratio_summary/band_low",
     "recipe/train_val/val_loss",
+    "recipe/train_val/val_loss_log10",
     "recipe/train_val_gap/acc",
     "recipe/input_independent/real_loss",
     "recipe/input_independent/zero_loss",
@@ -39,6 +40,7 @@ HISTOGRAMS = [
 IMAGES = ["recipe/batch_before_net", "recipe/first_layer_filters", "recipe/prediction_dynamics"]
 CHARTS = [
     "Train vs val loss",
+    "Train vs val loss (log10)",
     "real vs zero-input loss",
     "Dead ReLU units (fraction per layer)",
     "single vs ensemble vs averaged (validation loss)",

@@ -1,5 +1,7 @@
 """TrainValGapMonitor: memorised tiny sets and too-small models are caught; healthy runs are not."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -147,9 +149,11 @@ def test_tensorboard_tags_and_sanity_check_skipped(tmp_path):
     gaps = acc.Scalars("recipe/train_val_gap/acc")
     assert [e.value for e in gaps] == pytest.approx([h["train_acc"] - h["val_acc"] for h in mon.history])
     assert len(acc.Scalars("recipe/train_val_gap/loss")) == 3
-    assert ("Multiline", [r"recipe/train_val/(train|val)_loss"]) in mon.tensorboard_charts()[
-        "Recipe"
-    ].values()
+    charts = mon.tensorboard_charts()["Recipe"]
+    assert charts["Train vs val loss"] == ("Multiline", [r"recipe/train_val/(train|val)_loss$"])
+    assert charts["Train vs val loss (log10)"] == ("Multiline", [r"recipe/train_val/(train|val)_loss_log10"])
+    logged = [e.value for e in acc.Scalars("recipe/train_val/val_loss_log10")]
+    assert logged == pytest.approx([math.log10(h["val_loss"]) for h in mon.history])
 
 
 class Quiet(Classifier):

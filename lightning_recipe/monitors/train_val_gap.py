@@ -51,7 +51,8 @@ class TrainValGapMonitor(RecipeCallback):
     of one validation reach the host in one transfer.
 
     It logs ``recipe/train_val/train_acc``, ``val_acc``, ``train_loss``, ``val_loss`` (copies
-    under stable tags, for the "Train vs val" custom-scalars charts), ``recipe/train_val_gap/acc``
+    under stable tags, for the "Train vs val" custom-scalars charts; the losses also as log10,
+    since custom scalars have no log axis), ``recipe/train_val_gap/acc``
     (train - val accuracy) and ``recipe/train_val_gap/loss`` (val - train loss).
 
     Findings (both warnings, once each):
@@ -234,6 +235,9 @@ class TrainValGapMonitor(RecipeCallback):
     # ------------------------------------------------------------------ logging
     def _log(self, trainer: Any, host: dict[str, float]) -> None:
         scalars = {f"recipe/train_val/{k}": v for k, v in host.items() if math.isfinite(v)}
+        for k in ("train_loss", "val_loss"):  # the log-scale chart (custom scalars has no log axis)
+            if k in host and math.isfinite(host[k]) and host[k] > 0:
+                scalars[f"recipe/train_val/{k}_log10"] = math.log10(host[k])
         if "train_acc" in host and "val_acc" in host:
             scalars["recipe/train_val_gap/acc"] = host["train_acc"] - host["val_acc"]
         if "train_loss" in host and "val_loss" in host:
@@ -389,7 +393,8 @@ class TrainValGapMonitor(RecipeCallback):
     def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
         return {
             "Recipe": {
-                "Train vs val loss": ("Multiline", [r"recipe/train_val/(train|val)_loss"]),
+                "Train vs val loss": ("Multiline", [r"recipe/train_val/(train|val)_loss$"]),
+                "Train vs val loss (log10)": ("Multiline", [r"recipe/train_val/(train|val)_loss_log10"]),
                 "Train vs val accuracy": ("Multiline", [r"recipe/train_val/(train|val)_acc"]),
                 "Train-val gap (acc: train - val, loss: val - train)": (
                     "Multiline",
