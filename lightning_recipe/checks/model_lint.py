@@ -290,6 +290,7 @@ class ModelLintCheck(RecipeCallback):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             return
+        batch = self._small(batch)  # whether a parameter gets a gradient does not need the whole batch
         opt = torch.optim.Adam(params, lr=1e-3)
         watch = _GradWatch(model, [opt])
         with preserved_rng():
