@@ -69,7 +69,8 @@ def main() -> None:
     train, val = digits_loaders(args.raw)
     trainer = L.Trainer(
         max_epochs=args.epochs,
-        callbacks=lr.recipe_callbacks(),
+        # the MLP reads flattened 8x8 images: say so, and its first layer is shown as filters
+        callbacks=lr.recipe_callbacks(monitor="val_loss", first_layer_filters={"image_shape": (1, 8, 8)}),
         logger=TensorBoardLogger("recipe_runs", name="example_mlp"),
         log_every_n_steps=5,
         enable_checkpointing=False,
