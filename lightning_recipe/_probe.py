@@ -165,7 +165,7 @@ class StepResult:
 # ---------------------------------------------------------------------------- RNG and modes
 @contextmanager
 def preserved_rng() -> Iterator[None]:
-    """Save and restore Python, NumPy, torch CPU and every CUDA device RNG state."""
+    """Save and restore Python, NumPy, torch CPU, every CUDA device and the MPS RNG state."""
     py_state = random.getstate()
     np_state = None
     try:
@@ -178,6 +178,7 @@ def preserved_rng() -> Iterator[None]:
     cuda_states = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda_states = torch.cuda.get_rng_state_all()
+    mps_state = _mps_rng_state()
     try:
         yield
     finally:
@@ -187,6 +188,37 @@ def preserved_rng() -> Iterator[None]:
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+        if mps_state is not None:
+            torch.mps.set_rng_state(mps_state)
+
+
+def _mps_rng_state() -> Tensor | None:
+    try:
+        if torch.backends.mps.is_available():
+            return torch.mps.get_rng_state()
+    except (AttributeError, RuntimeError):  # pragma: no cover - torch without MPS support
+        pass
+    return None
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed Python, NumPy, torch's CPU generator and the CUDA generators already in use, for
+    reproducible probe steps; call it inside :func:`preserved_rng`.
+
+    Unlike ``torch.manual_seed`` it never queues a seed for a CUDA that has not started (that
+    seed would replace the user's own when a later fit starts CUDA, out of reach of
+    :func:`preserved_rng`), and leaves other accelerators' generators alone.
+    """
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy ships with torch
+        pass
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(seed)
 
 
 @contextmanager
@@ -296,15 +328,61 @@ def _run_eagerly(clone: nn.Module) -> None:
         clone.__dict__["_compiler_ctx"] = None
 
 
+class _LocalStrategy:
+    """The trainer's strategy as a copy sees it: everything reads through, but its collectives
+    act as in a world of one process (``all_gather`` and ``reduce`` return the local tensor,
+    ``broadcast`` the local object, ``barrier`` returns at once). The checks run the user's step
+    on copies a data-dependent number of times per rank (time budgets, retries, steps to
+    memorise), so a collective reached from a copy would wait forever for the other ranks."""
+
+    def __init__(self, strategy: Any) -> None:
+        object.__setattr__(self, "_strategy", strategy)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_strategy"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        pass
+
+    @staticmethod
+    def all_gather(tensor: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        return tensor
+
+    @staticmethod
+    def reduce(tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        return tensor
+
+    @staticmethod
+    def broadcast(obj: Any, src: int = 0) -> Any:
+        return obj
+
+    @staticmethod
+    def barrier(name: str | None = None) -> None:
+        return None
+
+    @staticmethod
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:
+        return decision
+
+
 class _SilentTrainer:
-    """Stands in for the trainer on a module copy: everything reads through, but no logger
-    is reachable, so user code on the copy cannot write to the user's logs."""
+    """Stands in for the trainer on a module copy: everything reads through, but no logger is
+    reachable (user code on the copy cannot write to the user's logs) and the copy lives in a
+    world of one process (rank 0 of 1, a strategy whose collectives stay local), so a probe
+    cannot hang the other ranks. ``torch.distributed`` called directly is out of reach."""
 
     def __init__(self, trainer: Any) -> None:
         object.__setattr__(self, "_trainer", trainer)
+        object.__setattr__(self, "strategy", _LocalStrategy(trainer.strategy))
 
     logger = None
     loggers: tuple = ()
+    world_size = 1
+    num_nodes = 1
+    global_rank = 0
+    local_rank = 0
+    node_rank = 0
+    is_global_zero = True
 
     def __getattr__(self, name: str) -> Any:
         return getattr(object.__getattribute__(self, "_trainer"), name)
@@ -317,12 +395,28 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A SyncBatchNorm on a copy: normalises with its own batch, calls no collective."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def _localize_sync_batchnorm(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.SyncBatchNorm):
+            m.__class__ = _LocalBatchNorm
+
+
 def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     """A deep copy of a (Lightning)Module that is safe to run the user's steps on.
 
     Datasets and data loaders held as attributes are shared, not copied. On the copy,
-    ``log``/``log_dict`` do nothing, hooks this package registered are dropped, and
-    ``self.trainer`` (when given) reads through to the trainer without reaching its loggers.
+    ``log``/``log_dict`` do nothing, hooks this package registered are dropped,
+    ``self.trainer`` (when given) reads through to the trainer without reaching its loggers, and
+    ``SyncBatchNorm`` layers use the local batch only: checks are rank-local, and a copy that
+    all-gathers while it fails on one rank only would leave the other ranks waiting.
     Raises :class:`ProbeSkip` if the model cannot be copied.
     """
     from torch.utils.data import DataLoader, Dataset
@@ -340,6 +434,7 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
         raise ProbeSkip(f"the model could not be deep-copied ({type(exc).__name__}: {exc})") from exc
     _strip_recipe_hooks(clone)
     _run_eagerly(clone)
+    _localize_sync_batchnorm(clone)
     for m in clone.modules():
         if hasattr(m, "log_dict") and hasattr(m, "training_step"):
             object.__setattr__(m, "log", _noop)
@@ -424,6 +519,15 @@ def class_scores(call: LossCall) -> ClassScores | None:
     return ClassScores(scores, target, c, 1)
 
 
+def rounding_eps(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype (float32's for anything else): the relative rounding
+    step that tolerances on values computed in that dtype must allow for."""
+    try:
+        return float(torch.finfo(dtype).eps) if dtype.is_floating_point else float(torch.finfo().eps)
+    except TypeError:
+        return float(torch.finfo().eps)
+
+
 def looks_like_probabilities(call: LossCall) -> dict[str, float] | None:
     """Evidence that a loss expecting logits / log-probabilities got probabilities.
 
@@ -432,6 +536,8 @@ def looks_like_probabilities(call: LossCall) -> dict[str, float] | None:
     ``binary_cross_entropy_with_logits`` expects logits; values alone cannot tell a sigmoid
     output from small logits at init, so it is flagged only when the input is the output of a
     ``sigmoid`` call seen during the step.
+    Rows must sum to 1 within ``max(1e-3, 2 * eps)`` of the input's dtype: probabilities rounded
+    to bfloat16 (eps 2^-7) sum to 1 only within eps / 2.
     Returns ``None`` when the input does not look like probabilities.
     """
     x = call.input.detach().float()
@@ -444,7 +550,8 @@ def looks_like_probabilities(call: LossCall) -> dict[str, float] | None:
             return None
         sums = view.scores.float().sum(dim=1)
         smin, smax = float(sums.min()), float(sums.max())
-        if lo >= -1e-6 and hi <= 1 + 1e-6 and abs(smin - 1) < 1e-3 and abs(smax - 1) < 1e-3:
+        tol = max(1e-3, 2 * rounding_eps(call.input.dtype))
+        if lo >= -1e-6 and hi <= 1 + 1e-6 and abs(smin - 1) < tol and abs(smax - 1) < tol:
             return {"min": lo, "max": hi, "row_sum_min": smin, "row_sum_max": smax}
         return None
     squashed = call.name == "binary_cross_entropy_with_logits" and call.squashed_by == "sigmoid"

@@ -359,3 +359,61 @@ def test_tied_max_pool_on_constant_background_is_not_a_failure(tmp_path):
             Reinit(), DigitsDataModule(seed=0)
         )
         assert [f.code for f in check.findings] == [], check.findings
+
+
+def test_does_not_queue_a_cuda_seed_over_the_users():
+    # torch.manual_seed queues a CUDA seed while CUDA has not started; reseeding that way inside the
+    # check replaced the user's seed_everything() seed for a GPU fit after a CPU preflight
+    from torch.cuda import _lazy_seed_tracker
+
+    torch.manual_seed(123)
+    before = _lazy_seed_tracker.get_calls()
+    check = gradcheck(Classifier(mlp()), first_batch(*blobs()))
+    assert codes(check, "error") == [] and check.figures["evaluations"] > 2
+    assert _lazy_seed_tracker.get_calls() == before
+
+
+class GatherStep(Classifier):
+    """Gathers outputs across processes in training_step (in-batch negatives from every GPU)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, y = self.all_gather(self(x), sync_grads=True), self.all_gather(y)
+        self.trainer.strategy.barrier()
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def test_copies_never_call_the_trainers_collectives(tmp_path):
+    # the checks run the step on copies a data-dependent number of times per rank (time budget,
+    # retries, steps to memorise): a collective reached from a copy would wait forever for the
+    # ranks that made fewer calls. Only the real run may communicate.
+    def fit(path, checks):
+        calls = []
+
+        def counted(name, fn):
+            def wrapper(*args, **kwargs):
+                calls.append(name)
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        x, y = blobs()
+        train, _ = loaders(x, y)
+        t = trainer(path, checks, logger=None, max_steps=2)
+        for name in ("all_gather", "barrier", "reduce", "broadcast"):
+            setattr(t.strategy, name, counted(name, getattr(t.strategy, name)))
+        t.fit(GatherStep(mlp()), train)
+        return calls
+
+    checks = [
+        lr.LossAtInitCheck(),
+        lr.BatchIndependenceCheck(),
+        GradientCheck(),
+        lr.OverfitBatchCheck(),
+        lr.ModelLintCheck(),
+    ]
+    plain = fit(tmp_path / "plain", [])
+    assert plain.count("all_gather") == 4 and plain.count("barrier") >= 2
+    assert fit(tmp_path / "checked", checks) == plain
+    assert all(f.code != "internal-error" for c in checks for f in c.findings)
+    assert checks[3].figures["outcomes"][-1].endswith("memorised")

@@ -400,3 +400,24 @@ def test_the_run_is_bit_identical(tmp_path):
     w1, m1, r1 = run(tmp_path / "lint", [check])
     assert check.findings == [] and check.figures["grad_steps_watched"] == 10
     assert all(torch.equal(w0[k], w1[k]) for k in w0) and m0 == m1 and torch.equal(r0, r1)
+
+
+class AuxHead(Classifier):
+    """A second head whose loss is added to the main one (deep supervision, auxiliary losses)."""
+
+    def __init__(self):
+        super().__init__(mlp())
+        self.aux = nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + 0.3 * F.cross_entropy(self.aux(x), y)
+
+
+def test_without_a_trainer_an_auxiliary_loss_trains_its_head():
+    # the gradient-flow probe must back-propagate what training does (the step's whole loss), not
+    # only the first loss call: the auxiliary head was reported as getting no gradient
+    x, y = blobs()
+    check = ModelLintCheck()
+    check.static_check(None, AuxHead(), (x[:32], y[:32]))
+    assert codes(check, "warning") == [] and check.figures["grad_steps_watched"] == 10

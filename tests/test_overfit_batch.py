@@ -339,3 +339,23 @@ def test_in_a_fit_it_logs_the_curve_and_leaves_the_run_bit_identical(tmp_path):
     scalars = accumulator(tmp_path / "tb" / "run" / "version_0").Scalars("recipe/overfit_batch/loss")
     assert scalars[0].step == 0 and len(scalars) == check.figures["steps"]
     assert scalars[-1].value == pytest.approx(check.figures["best_loss"], rel=1e-5)
+
+
+class CudnnLikeGRU(nn.GRU):
+    """Behaves like cuDNN's RNN, whose backward refuses to run in eval mode."""
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled() and not self.training:
+            raise RuntimeError("cudnn RNN backward can only be called in training mode")
+        return super().forward(*args, **kwargs)
+
+
+def test_rnn_dropout_is_turned_off_without_eval_mode():
+    # the copy's RNNs were put in eval mode to drop their inter-layer dropout, which on a GPU made
+    # every RNN model fail the probe step (cuDNN) and the check a skip
+    net = GRUNet()
+    net.rnn = CudnnLikeGRU(16, 16, num_layers=2, dropout=0.3, batch_first=True)
+    x, y = token_blobs()
+    check = run(Classifier(net), (x[:32], y[:32]))
+    assert codes(check) == [] and check.figures["outcomes"][-1].endswith("memorised")
+    assert net.rnn.dropout == 0.3  # the real model's layer is untouched

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from lightning_recipe._probe import (
     is_manual_optimization,
     preserved_rng,
     run_step,
+    seed_rngs,
     track_hook,
     untrack_hook,
 )
@@ -124,9 +124,10 @@ class GradientCheck(FirstBatchCheck):
 
     Rank-local under DDP: each rank checks its own first batch and calls no collective; the
     findings describe that rank's samples. The user's step runs a data-dependent number of
-    times on each rank (retries, time budget), so a ``training_step`` that itself calls a
-    collective (``self.all_gather`` of in-batch negatives) needs a ``step_fn`` without it under
-    DDP, or the check left out.
+    times on each rank (retries, time budget), so on the copy ``self.all_gather``, the
+    strategy's ``reduce`` / ``broadcast`` / ``barrier`` and SyncBatchNorm act as in a world of
+    one process (``copy_module``); only ``torch.distributed`` called directly in the step would
+    still communicate (pass a ``step_fn`` without it).
 
     Args:
         num_samples: samples of the first batch to use (>= 1).
@@ -375,15 +376,7 @@ class _Run:
 
     # -------------------------------------------------------------- f
     def reseed(self) -> None:
-        seed = self.owner.seed
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            import numpy as np
-
-            np.random.seed(seed)
-        except ImportError:  # pragma: no cover
-            pass
+        seed_rngs(self.owner.seed)
 
     def data_loss(self, result: StepResult) -> Tensor | None:
         """The loss call found in the analytic pass (same position), else the data loss."""

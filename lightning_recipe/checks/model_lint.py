@@ -23,6 +23,7 @@ from lightning_recipe._probe import (
     looks_like_probabilities,
     preserved_rng,
     run_step,
+    seed_rngs,
     track_hook,
     untrack_hook,
 )
@@ -296,7 +297,7 @@ class ModelLintCheck(RecipeCallback):
         with preserved_rng():
             for _ in range(self.steps):
                 opt.zero_grad(set_to_none=True)
-                loss = run_step(model, batch, self.step_fn).data_loss
+                loss = run_step(model, batch, self.step_fn).loss  # what training back-propagates
                 if loss is None or not loss.requires_grad:
                     raise ProbeSkip("the step's loss does not depend on any trainable parameter")
                 watch.before_backward()
@@ -758,13 +759,6 @@ class _DropoutSpy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _seed(seed: int) -> None:
-    """Seed torch's CPU generator and the CUDA ones already in use (never queue a lazy CUDA seed)."""
-    torch.default_generator.manual_seed(seed)
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.manual_seed_all(seed)
-
-
 def _call_validation_step(model: nn.Module, batch: Any, batch_idx: int) -> Any:
     step = model.validation_step
     try:
@@ -781,7 +775,7 @@ def _run_validation(model: nn.Module, batch: Any, batch_idx: int, seed: int) -> 
     outputs: list[Any] = []
     handle = model.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
-        _seed(seed)
+        seed_rngs(seed)
         with _DropoutSpy() as spy, LossCapture() as capture:
             returned = _call_validation_step(model, batch, batch_idx)
     finally:

@@ -217,10 +217,11 @@ class OverfitBatchCheck(FirstBatchCheck):
         self, trainer: Any | None, module: nn.Module, samples: Any, lr: float, deadline: float
     ) -> _Trial:
         model = copy_module(module, trainer)
-        _localize_sync_batchnorm(model)
         for m in model.modules():
-            if isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)):
+            if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
+            elif isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+                m.dropout = 0.0  # not eval(): cuDNN's RNN backward refuses to run in eval mode
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ProbeSkip("the model has no trainable parameters")
@@ -571,17 +572,3 @@ class _NoDropout(TorchFunctionMode):
             elif "dropout_p" in kwargs:
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return func(*args, **kwargs)
-
-
-class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """SyncBatchNorm on a copy, using the local batch only (no collective)."""
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-
-
-def _localize_sync_batchnorm(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.SyncBatchNorm):
-            m.__class__ = _LocalBatchNorm
