@@ -114,7 +114,8 @@ CATALOG: dict[str, CodeInfo] = dict(
             "loss-at-init",
             "LossAtInitCheck",
             "The first loss of the untouched model is far from the chance loss "
-            "(-ln(1/C) for softmax over C classes, C-1 for a multiclass SVM).",
+            "(-ln(1/C) for softmax over C classes, (C-1)/C for torch's multiclass SVM loss "
+            "multi_margin_loss, which divides cs231n's C-1 by C).",
             "Scale down the final layer's init, normalise the inputs; for regression start "
             "the final bias at the target mean.",
         ),
@@ -339,9 +340,9 @@ def _jsonable(value: Any) -> Any:
         return value.value
     if hasattr(value, "item") and callable(value.item):
         try:
-            return value.item()
+            return _jsonable(value.item())
         except (ValueError, RuntimeError):
-            return value.tolist() if hasattr(value, "tolist") else str(value)
+            return _jsonable(value.tolist()) if hasattr(value, "tolist") else str(value)
     if isinstance(value, float) and value != value:  # NaN stays representable as a string
         return "nan"
     if isinstance(value, float) and value in (float("inf"), float("-inf")):

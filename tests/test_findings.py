@@ -142,3 +142,39 @@ def test_recipe_error_stops_fit_cleanly(tmp_path):
         t.fit(Classifier(mlp()), train)
     assert t.global_step == 0  # stopped before the first optimizer step
     assert (tmp_path / "run" / "version_0" / "recipe_report.json").exists()
+
+
+def test_evidence_is_strict_json_also_for_tensor_and_numpy_values():
+    # NaN / Inf read from a tensor or a NumPy scalar went into recipe_report.json as bare NaN and
+    # Infinity, which strict JSON readers (jq, browsers, json.loads(parse_constant=...)) reject
+    import json
+
+    import numpy as np
+    import torch
+
+    f = Finding(
+        "internal-error",
+        Severity.INFO,
+        "m",
+        "Probe",
+        0,
+        {"a": torch.tensor(float("nan")), "b": np.float32("inf"), "c": torch.tensor([1.0, float("-inf")])},
+    )
+
+    def refuse(name):
+        raise ValueError(name)
+
+    d = json.loads(json.dumps(f.to_dict()), parse_constant=refuse)
+    assert d["evidence"] == {"a": "nan", "b": "inf", "c": [1.0, "-inf"]}
+
+
+def test_catalog_states_the_chance_loss_the_check_measures():
+    # torch's multi_margin_loss divides by C: a know-nothing (zero) prediction scores (C-1)/C, not
+    # the C-1 of cs231n's unnormalised SVM that the catalog promised
+    import torch
+    import torch.nn.functional as F
+
+    c = 5
+    zero_prediction = F.multi_margin_loss(torch.zeros(3, c), torch.tensor([0, 1, 2]))
+    assert float(zero_prediction) == pytest.approx((c - 1) / c)
+    assert "(C-1)/C" in CATALOG["loss-at-init"].meaning

@@ -9,7 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightning_recipe as lr
-from models import Classifier, blobs, cnn, image_blobs, loaders, mlp, trainer
+from models import (
+    Classifier,
+    GRUNet,
+    TinyTransformer,
+    blobs,
+    cnn,
+    image_blobs,
+    loaders,
+    mlp,
+    token_blobs,
+    trainer,
+)
 
 
 def fit_check(tmp_path, model, x, y, check=None, dict_keys=None, **kw):
@@ -206,3 +217,55 @@ def test_logs_of_the_probed_step_do_not_leak(tmp_path):
     assert len(seen) == 2  # the real step and the probed one
     rows = (tmp_path / "run" / "version_0" / "metrics.csv").read_text().strip().splitlines()
     assert len([r for r in rows[1:] if r.split(",")[rows[0].split(",").index("train_loss_step")]]) == 1
+
+
+def check_once(model, batch, **kw):
+    check = lr.LossAtInitCheck(**kw)
+    check.check(None, model, batch)
+    return check
+
+
+def test_bfloat16_models_are_judged_with_bfloat16_rounding():
+    # bf16 keeps 8 bits of mantissa: healthy log-probabilities of 100 classes (about -4.6) logsumexp
+    # to 0 +- 0.016 after rounding, and softmax rows sum to 1 +- 0.004; fixed float32 limits (1e-2 and
+    # 1e-3) called a healthy bf16 log_softmax + nll_loss broken and missed a bf16 softmax
+    torch.manual_seed(0)
+    x, y = blobs(n=256, classes=100)
+    batch = (x.bfloat16(), y)
+    healthy = check_once(NLLModel(mlp(classes=100), lambda o: o.log_softmax(-1)).bfloat16(), batch)
+    assert codes(healthy, "warning") == []
+    raw = check_once(NLLModel(mlp(classes=100), lambda o: o).bfloat16(), batch)
+    assert codes(raw, "warning") == ["loss-at-init"]
+    x, y = blobs(n=256, classes=4)
+    soft = check_once(SoftmaxModel(mlp()).bfloat16(), (x.bfloat16(), y))
+    assert codes(soft) == ["softmax-before-loss"]
+
+
+@pytest.mark.parametrize(
+    ("net", "seed", "n"), [(GRUNet, 0, 1), (GRUNet, 2, 1), (GRUNet, 0, 2), (TinyTransformer, 7, 3)]
+)
+def test_a_few_samples_above_chance_by_label_luck_are_not_a_warning(net, seed, n):
+    # one to three samples: a healthy default init whose loss is 1.3-1.4x chance only because of which
+    # labels those samples hold; averaged over every possible label its predictions are near uniform
+    x, y = token_blobs()
+    torch.manual_seed(seed)
+    check = check_once(Classifier(net()), (x[seed * 3 : seed * 3 + n], y[seed * 3 : seed * 3 + n]))
+    assert check.figures["loss"] > 1.25 * check.figures["chance"]  # the case this is about
+    assert codes(check, "warning") == []
+    f = check.findings[0]
+    assert f.code == "loss-at-init" and f.severity is lr.Severity.INFO
+    assert f.evidence["label_free_ratio"] < 1.25 and f"{f.evidence['loss']:.4g}" in f.message
+
+
+def test_model_copies_never_synchronise_batchnorm():
+    # the checks run the step on a copy in training mode on every rank; a SyncBatchNorm there
+    # all-gathers batch statistics, so a copy that fails on one rank only (out of memory, say)
+    # would leave the other ranks waiting forever. Every copy normalises with its own batch.
+    from lightning_recipe._probe import copy_module
+
+    model = Classifier(nn.SyncBatchNorm.convert_sync_batchnorm(cnn()))
+    clone = copy_module(model)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in clone.modules())
+    assert isinstance(model.net[1], nn.SyncBatchNorm)
+    x, y = image_blobs()
+    assert codes(check_once(model, (x[:32], y[:32]))) == []
