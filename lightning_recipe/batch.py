@@ -195,10 +195,22 @@ class BatchAdapter:
 
     # -------------------------------------------------------------- transform
     def with_input(self, batch: Any, new_input: Tensor) -> Any:
-        """A shallow copy of ``batch`` with the input replaced (the original is untouched)."""
+        """A shallow copy of ``batch`` with the input replaced (the original is untouched).
+
+        With ``get_input`` the tensor it returns is replaced wherever the batch holds it; a getter
+        that computes a new tensor (``b[0].float()``) cannot be inverted, which raises
+        :class:`BatchLayoutError` rather than handing back the batch unchanged."""
         if self.get_input is not None:
             old = self.get_input(batch)
-            return map_tensors(batch, lambda t: new_input if t is old else t)
+            out = map_tensors(batch, lambda t: new_input if t is old else t)
+            if self.get_input(out) is not new_input:
+                raise BatchLayoutError(
+                    "`get_input` returned a tensor that is not stored in the batch (a computed one, "
+                    "e.g. b[0].float(), or one inside an object lightning_recipe cannot copy), so the "
+                    "input cannot be replaced; make get_input return the batch's own tensor and do "
+                    "conversions in the model"
+                )
+            return out
         return _set_path(batch, self.locate_input(batch), new_input)
 
     def zero_inputs(self, batch: Any) -> Any:

@@ -214,7 +214,10 @@ class RecipeCallback(Callback):
         report.write_report_if_last(trainer, self)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.teardown_diagnostics()
+        try:  # never replace the exception that ends the run with one of ours
+            self.teardown_diagnostics()
+        except Exception:
+            pass
         from lightning_recipe import report
 
         report.write_report_if_last(trainer, self, status="failed")

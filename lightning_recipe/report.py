@@ -11,6 +11,7 @@ import os
 import shutil
 import textwrap
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -194,7 +195,10 @@ def findings_changed(trainer: Any) -> None:
     so ``lightning-recipe report`` shows them while the run is still going."""
     from lightning_recipe import tensorboard
 
-    tensorboard.findings_changed(trainer)
+    try:
+        tensorboard.findings_changed(trainer)
+    except Exception:  # a refresh for the reader's convenience must never stop the run
+        pass
     state = _context.trainer_state(trainer)
     if state.snapshot_written and not state.report_written:
         write_snapshot(trainer)
@@ -214,7 +218,7 @@ def write_snapshot(trainer: Any, status: str = "running") -> Path | None:
         return None
     try:
         return _write_json(trainer, collect(trainer, status))
-    except OSError:
+    except Exception:  # the final report says what went wrong; a snapshot must not stop the run
         return None
 
 
@@ -239,7 +243,18 @@ def write_report_if_last(trainer: Any, callback: Any, status: str = "finished") 
     if state.report_written:
         return None
     state.report_written = True
-    return write_report(trainer, status=status)
+    try:
+        return write_report(trainer, status=status)
+    except Exception as exc:  # the run is over and went well (or failed on its own): never fail it here
+        if _context.is_global_zero(trainer):
+            warnings.warn(
+                f"lightning_recipe could not write its report to {log_dir_of(trainer)} "
+                f"({type(exc).__name__}: {exc}); the findings are still in "
+                "lightning_recipe.findings(trainer).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return None
 
 
 def write_report(trainer: Any, verbose: bool | None = None, status: str = "finished") -> dict[str, Any]:

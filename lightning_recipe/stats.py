@@ -11,12 +11,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def norms(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tensor:
     """L2 norm of each tensor, as one float32 vector on ``device`` (default: the first tensor's).
 
     Uses ``torch._foreach_norm`` per (device, dtype) group, so it is one kernel per group rather
-    than one per tensor. Non-finite tensors give non-finite norms (callers can test for that).
+    than one per tensor. Half-precision tensors are reduced into float32 (a finite float16
+    tensor can have a norm above 65504). Non-finite tensors give non-finite norms (callers can
+    test for that).
     """
     if not tensors:
         return torch.zeros(0, device=device)
@@ -25,10 +29,10 @@ def norms(tensors: Sequence[Tensor], device: torch.device | None = None) -> Tens
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
     out = torch.empty(len(tensors), device=device, dtype=torch.float32)
-    for (_, _), idx in groups.items():
+    for (_, dtype), idx in groups.items():
         group = [tensors[i].detach() for i in idx]
         try:
-            vals = torch._foreach_norm(group)
+            vals = torch._foreach_norm(group, 2, dtype=torch.float32 if dtype in _HALF else None)
         except (RuntimeError, TypeError, AttributeError):  # exotic dtypes / old torch
             vals = [torch.linalg.vector_norm(g.float()) for g in group]
         out[torch.tensor(idx, device=device)] = torch.stack([v.float().to(device) for v in vals])

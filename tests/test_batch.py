@@ -91,3 +91,15 @@ def test_slice_keeps_non_batch_things():
 def test_map_tensors_keeps_containers():
     out = map_tensors({"a": [X, (Y,)], "b": "s"}, lambda t: t * 0)
     assert isinstance(out["a"], list) and isinstance(out["a"][1], tuple) and out["b"] == "s"
+
+
+def test_with_input_refuses_a_getter_that_returns_a_computed_tensor():
+    # get_input=lambda b: b[0].float() returns a new tensor that is not in the batch, so it cannot be
+    # put back: zeroing must not hand back the batch unchanged (InputIndependentBaseline would then
+    # compare the real loss with itself and call a healthy model input-independent)
+    batch = (torch.ones(4, 3, dtype=torch.float64), Y[:4])
+    a = BatchAdapter(get_input=lambda b: b[0].float())
+    with pytest.raises(BatchLayoutError, match="get_input"):
+        a.zero_inputs(batch)
+    with pytest.raises(BatchLayoutError, match="get_input"):
+        a.with_input(batch, torch.zeros(4, 3))

@@ -117,3 +117,17 @@ def test_unreadable_batch_is_skipped_not_crashed(tmp_path):
         check=lr.DataInspectionCheck(get_input=lambda b: b["pixels"], get_target=lambda b: b["digit"]),
     )
     assert codes(check) == [] and check.figures["classes_in_batch"] >= 3
+
+
+@pytest.mark.parametrize("target", ["bool", "ids"])
+def test_targets_that_are_not_class_indices_do_not_stop_the_check(target):
+    # bool targets made bincount raise, and int64 ids / hashes / timestamps asked it for one counter
+    # per value up to the largest (1.7e9 timestamps: 13.6 GB, enough to get the run killed; 2**40
+    # here fails at once): either way the input itself was never judged
+    x, y = blobs(n=32)
+    y = y > 1 if target == "bool" else torch.arange(32) + 2**40
+    check = lr.DataInspectionCheck()
+    check.run_safely(None, "check", check.check, None, Classifier(mlp()), (x * 50, y))
+    assert codes(check) == ["input-not-normalized"]
+    counts = check.figures.get("label_counts")
+    assert counts == ([int((~y).sum()), int(y.sum())] if target == "bool" else None)

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 import lightning_recipe as lr
 from lightning_recipe.cli import main
 from models import Classifier, accumulator, blobs, loaders, mlp, trainer
@@ -97,3 +99,17 @@ def test_failed_run_report_says_so(tmp_path):
         pass
     final = json.loads((tmp_path / "run" / "version_0" / "recipe_report.json").read_text())
     assert final["status"] == "failed" and final["counts"]["error"] >= 1
+
+
+def test_an_unwritable_report_does_not_fail_the_fit(tmp_path):
+    # the run itself writes nothing under default_root_dir (no logger, no checkpoints), so it
+    # finishes; writing recipe_report.json there must not turn it into a crash at the very end
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    x, y = blobs()
+    train, val = loaders(x, y)
+    check = lr.DataInspectionCheck()
+    t = trainer(tmp_path, [check], logger=None, max_steps=2, default_root_dir=str(blocker / "run"))
+    with pytest.warns(UserWarning, match="could not write"):
+        t.fit(Classifier(mlp()), train, val)
+    assert t.global_step == 2 and t.state.finished

@@ -119,3 +119,14 @@ def test_csv_logger_gets_scalars_and_no_writer(tmp_path):
     text = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
     assert "recipe/probe/a" in text
     assert (tmp_path / "run" / "version_0" / "recipe_report.json").exists()
+
+
+def test_norms_of_half_precision_tensors_do_not_overflow():
+    # _foreach_norm returns the tensors' own dtype: a finite float16 gradient whose norm passes
+    # 65504 read as inf (a false non-finite-gradients error under precision="16-true")
+    from lightning_recipe import stats
+
+    half = torch.full((100_000,), 300.0, dtype=torch.float16)
+    out = stats.norms([half, half.bfloat16(), torch.ones(4, dtype=torch.float64)])
+    assert out.dtype == torch.float32
+    assert torch.allclose(out, torch.tensor([300.0 * 100_000**0.5, 300.0 * 100_000**0.5, 2.0]), rtol=1e-3)

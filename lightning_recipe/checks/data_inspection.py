@@ -14,6 +14,9 @@ from lightning_recipe.findings import Severity
 
 MAX_IMAGES = 32
 MAX_CHANNEL_SCALARS = 16
+#: integer targets up to this value are counted as class indices (a language model's vocabulary
+#: fits); a larger one (an id, a hash, a timestamp) would need a counter for every value below it
+MAX_LABEL = 1 << 20
 
 
 class DataInspectionCheck(FirstBatchCheck):
@@ -188,11 +191,15 @@ class DataInspectionCheck(FirstBatchCheck):
             hb.flush(writer, 0 if trainer is None else trainer.global_step)
 
     def _log_labels(self, trainer: Any | None, y: Tensor | None) -> None:
-        if y is None or y.is_floating_point() or y.numel() == 0:
+        if y is None or y.is_floating_point() or y.is_complex() or y.numel() == 0:
             return
-        y = y.detach().reshape(-1)
+        y = y.detach().reshape(-1).long()  # bool targets too
         valid = y[y >= 0]
         if valid.numel() == 0:
+            return
+        top = int(valid.max())
+        if top >= MAX_LABEL:  # ids, hashes, timestamps: one counter per value would not fit
+            self.figures["note_labels"] = f"largest target {top} is no class index: label histogram skipped"
             return
         counts = torch.bincount(valid).cpu()
         self.figures["label_counts"] = [int(c) for c in counts[:1000]]
