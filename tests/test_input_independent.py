@@ -151,27 +151,52 @@ def test_tensorboard_holds_the_measured_losses_and_the_chart(tmp_path):
     assert charts["real vs zero-input loss"] == [rf"{TAG}/(real|zero|chance)_loss"]
 
 
+class StashSpy(L.Callback):
+    """Records the monitor's kept batches after each validation run (they are freed at train end)."""
+
+    def __init__(self, monitor):
+        self.monitor, self.seen = monitor, []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.seen = list(self.monitor._stash.batches)
+
+
 def test_kept_batches_are_cut_to_256_examples_and_distinct(tmp_path):
     x, y = blobs(n=1200)
     train, _ = loaders(x, y)
     val = DataLoader(TensorDataset(x[:600], y[:600]), batch_size=300)
     mon = InputIndependentBaseline()
+    spy = StashSpy(mon)
     L.seed_everything(0, verbose=False)
-    t = trainer(tmp_path, [mon], logger=None, limit_train_batches=2, num_sanity_val_steps=1, max_epochs=2)
+    t = trainer(
+        tmp_path, [mon, spy], logger=None, limit_train_batches=2, num_sanity_val_steps=1, max_epochs=2
+    )
     t.fit(Classifier(mlp()), train, val)
     # the sanity check saw batch 0 only; batch 1 came from the first validation, without duplicates
-    assert [b[0].shape[0] for b in mon._stash.batches] == [256, 256]
-    assert torch.equal(mon._stash.batches[0][0], x[:256]) and torch.equal(
-        mon._stash.batches[1][0], x[300:556]
-    )
+    assert [b[0].shape[0] for b in spy.seen] == [256, 256]
+    assert torch.equal(spy.seen[0][0], x[:256]) and torch.equal(spy.seen[1][0], x[300:556])
     assert len(mon._history) == 2
 
 
 def test_batches_come_from_the_first_validation_without_a_sanity_check(tmp_path):
     mon = InputIndependentBaseline(num_batches=1)
-    fit(tmp_path, Classifier(mlp()), *blobs(n=256), mon, epochs=2, num_sanity_val_steps=0)
-    assert len(mon._history) == 2 and len(mon._stash.batches) == 1
-    assert mon._stash.batches[0][0].shape == (32, 16)
+    spy = StashSpy(mon)
+    train, val = loaders(*blobs(n=256))
+    L.seed_everything(0, verbose=False)
+    trainer(tmp_path, [mon, spy], logger=None, max_epochs=2, num_sanity_val_steps=0).fit(
+        Classifier(mlp()), train, val
+    )
+    assert len(mon._history) == 2 and len(spy.seen) == 1
+    assert spy.seen[0][0].shape == (32, 16)
+
+
+def test_kept_batches_are_freed_when_training_ends(tmp_path):
+    """Up to 2 x 256 validation examples live on the device during the fit; after it they would only
+    hold accelerator memory the user needs for testing or the next model."""
+    mon = InputIndependentBaseline()
+    fit(tmp_path, Classifier(mlp()), *blobs(n=256), mon, epochs=2)
+    assert len(mon._history) == 2
+    assert mon._stash.batches == []
 
 
 class CountingDataset(Dataset):
@@ -309,3 +334,86 @@ def test_bad_arguments(kwargs, match):
         InputIndependentBaseline(step_fn="loss")
     with pytest.raises(TypeError, match="get_target"):
         InputIndependentBaseline(get_target=1)
+
+
+# ---------------------------------------------------------------------------- targets made from the input
+class AutoEncoder(L.LightningModule):
+    """Reconstructs its input: the target is the input itself (a batch of ``(x,)``)."""
+
+    def __init__(self, manual_loss=False):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.dec = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 16))
+        self.manual_loss = manual_loss
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        out = self.dec(self.enc(x))
+        return ((out - x) ** 2).mean() if self.manual_loss else F.mse_loss(out, x)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class NextToken(L.LightningModule):
+    """A language model: the targets are the input ids shifted by one (a batch of ``{"input_ids"}``)."""
+
+    def __init__(self, vocab=20):
+        super().__init__()
+        self.emb, self.rnn = nn.Embedding(vocab, 16), nn.GRU(16, 32, batch_first=True)
+        self.out = nn.Linear(32, vocab)
+
+    def training_step(self, batch, batch_idx):
+        ids = batch["input_ids"]
+        hidden, _ = self.rnn(self.emb(ids[:, :-1]))
+        return F.cross_entropy(self.out(hidden).transpose(1, 2), ids[:, 1:])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.training_step(batch, batch_idx))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class Ids(Dataset):
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i]}
+
+
+def counting_sequences(n=256, length=12, vocab=20):
+    """Arithmetic progressions mod ``vocab - 1`` padded with id 0: easy to predict from the prefix."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(1, vocab, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    ids = (start + step * torch.arange(length)) % (vocab - 1) + 1
+    keep = torch.arange(length) < torch.randint(6, length, (n, 1), generator=g)
+    return torch.where(keep, ids, torch.zeros_like(ids))
+
+
+@pytest.mark.parametrize("kind", ["autoencoder", "autoencoder-manual-loss", "next-token"])
+def test_targets_computed_from_the_input_are_an_info_skip_not_an_error(tmp_path, kind):
+    """Zeroing the input of an autoencoder or a language model zeroes its targets too: predicting
+    zeros from zeros is easy, so the zero-input "baseline" beat the healthy models by 10-100x
+    (measured: AE 0.29 real vs 0.013 zeroed, LM 0.64 vs 0.011) and the error fired."""
+    L.seed_everything(0, verbose=False)
+    if kind == "next-token":
+        ids = counting_sequences()
+        train = DataLoader(Ids(ids[64:]), batch_size=32, shuffle=True)
+        val, model = DataLoader(Ids(ids[:64]), batch_size=32), NextToken()
+    else:
+        x = blobs(n=256)[0][:, :4] @ torch.randn(4, 16) * 0.5  # low-rank: the AE can learn it
+        train = DataLoader(TensorDataset(x[64:]), batch_size=32, shuffle=True)
+        val, model = DataLoader(TensorDataset(x[:64]), batch_size=32), AutoEncoder(kind.endswith("loss"))
+    mon = InputIndependentBaseline()
+    trainer(tmp_path, [mon], logger=None, max_epochs=5).fit(model, train, val)
+    assert codes(mon) == ["check-skipped"], mon.findings
+    assert "target" in mon.findings[0].message and "input" in mon.findings[0].message

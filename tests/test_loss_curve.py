@@ -171,21 +171,139 @@ def test_rising_curve_gets_the_lower_lr_advice(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "sched,expected_step",
+    "sched,low_from",
     [
         # milestones meant as epochs (3, 6, 9 of 10) but the scheduler is stepped per batch
         (lambda opt, n: torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 6, 9], gamma=0.1), 9),
         (lambda opt, n: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5), 7),
     ],
 )
-def test_lr_decayed_early(tmp_path, sched, expected_step):
+def test_lr_decayed_early(tmp_path, sched, low_from):
     mon = LossCurveMonitor(every_n_steps=5)
     fit(tmp_path, Sched(mlp(), sched=sched), blobs(), mon, steps=None, max_epochs=10)
     assert codes(mon) == ["lr-decayed-early"]
     f = mon.findings[0]
-    assert f.step == expected_step and f.evidence["planned_steps"] == 60
+    # reported once the rate stayed low for 5% of the planned steps (3 of 60)
+    assert f.step == low_from + 3 and f.evidence["planned_steps"] == 60
+    assert f.evidence["low_since_step"] == low_from
     assert f.evidence["learning_rates"]["opt0_group0"] < 0.01 * 1e-2
-    assert f"By step {expected_step} of 60" in f.message
+    assert f"By step {low_from + 3} of 60" in f.message and f"since step {low_from}" in f.message
+
+
+class DocsWarmup(Classifier):
+    """The warm-up recipe of Lightning's docs: the rate is set by hand after each optimizer step, so
+    step 0 runs at the full rate and step 1 at 1/500 of it."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure):
+        optimizer.step(closure=optimizer_closure)
+        if self.trainer.global_step < 500:
+            scale = min(1.0, float(self.trainer.global_step + 1) / 500.0)
+            for group in optimizer.param_groups:
+                group["lr"] = scale * self.lr
+
+
+class Plateau(Classifier):
+    """ReduceLROnPlateau that cuts the rate 10x after every epoch (threshold: a 99% improvement)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.1, threshold=0.99)
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss_epoch", "interval": "epoch"},
+        }
+
+
+@pytest.mark.parametrize("case", ["docs-warmup", "cyclic", "plateau"])
+def test_healthy_schedules_that_dip_low_are_not_lr_decayed_early(tmp_path, case):
+    """Before the fix: the docs' warm-up was reported at step 1 (its rate is 0.2% of the step-0
+    rate for 3 steps), CyclicLR(1e-5..1e-2) at step 12 (the bottom of its first cycle), and a
+    plateau scheduler once it had cut the rate 3 times (a decay the metric asked for)."""
+    if case == "docs-warmup":
+        model = DocsWarmup(mlp(), lr=1e-3)
+    elif case == "cyclic":
+        cyclic = lambda opt, n: torch.optim.lr_scheduler.CyclicLR(  # noqa: E731
+            opt, base_lr=1e-5, max_lr=1e-2, step_size_up=6
+        )
+        model = Sched(mlp(), sched=cyclic)
+    else:
+        model = Plateau(mlp())
+    mon = LossCurveMonitor(every_n_steps=5)
+    fit(tmp_path, model, blobs(), mon, steps=None, max_epochs=10)
+    assert "lr-decayed-early" not in codes(mon), mon.findings
+    if case == "plateau":
+        assert mon.figures["lr/opt0_group0"] < 1e-5  # the rate did fall far below 1% of its peak
+        assert "ReduceLROnPlateau" in mon.figures["lr_check"]
+    else:
+        assert min(mon._lr_peak.values()) > 0 and mon._lr_done  # the check ran to the deadline
+
+
+class StopAt(L.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = trainer.global_step >= self.step
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """A stream without a length: the trainer cannot plan the number of steps."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y))
+
+
+@pytest.mark.parametrize("case", ["infinite", "stream"])
+def test_unknown_planned_steps_is_not_judged_and_does_not_crash(tmp_path, case):
+    """``estimated_stepping_batches`` is inf for ``max_epochs=-1`` (the message's int(inf) was an
+    internal error that turned the whole monitor off) and -1 for a stream without a length."""
+    x, y = blobs()
+    if case == "infinite":
+        train, opts = loaders(x, y)[0], {"max_epochs": -1, "callbacks": [StopAt(20)]}
+    else:
+        train, opts = torch.utils.data.DataLoader(Endless(x, y), batch_size=32), {"max_epochs": 3}
+    decay = lambda opt, n: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # noqa: E731
+    mon = LossCurveMonitor(every_n_steps=5)
+    L.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [mon, *opts.pop("callbacks", [])], logger=None, **opts)
+    t.fit(Sched(mlp(), sched=decay), train)
+    assert t.global_step >= 18
+    assert codes(mon) == [], mon.findings
+    assert "planned" in mon.figures["lr_check"]
+    assert mon.figures["lr/opt0_group0"] < 1e-6  # the rate did decay: it was not judged
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gru"])
+def test_a_long_warm_up_is_not_a_flat_curve(tmp_path, kind):
+    """Adam warming up linearly to 1e-3 over 10000 (MLP) / 2000 (GRU) steps: at step 110 the rate
+    is 1e-5..6e-5 and the loss has moved 0.4-0.8%, which read as "flat: raise the learning rate"."""
+    net, data, steps = {"mlp": (mlp, blobs, 10000), "gru": (GRUNet, token_blobs, 2000)}[kind]
+    warm = lambda opt, n: torch.optim.lr_scheduler.LinearLR(  # noqa: E731
+        opt, start_factor=1e-3, total_iters=steps
+    )
+    mon = LossCurveMonitor(every_n_steps=5)
+    fit(tmp_path, Sched(net(), lr=1e-3, sched=warm), data(), mon, steps=150)
+    assert codes(mon) == [], mon.findings
+    assert mon.figures["flat_test"].startswith("not judged")
+
+
+def test_ddp_vote_runs_even_when_the_monitor_turned_itself_off():
+    """With on_error="raise" under DDP every rank votes on each logging step; a rank whose monitor
+    failed internally must still vote, or the others wait in the all-reduce for ever."""
+    from types import SimpleNamespace
+
+    votes = []
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda flag, all=True: votes.append(flag) or flag)
+    t = SimpleNamespace(
+        global_step=5, log_every_n_steps=5, world_size=2, strategy=strategy, is_global_zero=False, loggers=[]
+    )
+    mon = LossCurveMonitor(every_n_steps=5, on_error="raise")
+    mon._broken = True  # this rank's monitor failed earlier and turned itself off
+    mon.on_train_batch_end(t, None, {"loss": torch.tensor(1.0)}, None, 0)
+    assert votes == [False]
 
 
 def test_epoch_interval_step_decay_is_silent(tmp_path):

@@ -258,3 +258,22 @@ def test_bad_arguments_are_named():
         TrainValGapMonitor(loss_rise=-1)
     with pytest.raises(ValueError, match="patience"):
         TrainValGapMonitor(patience=0)
+
+
+def test_several_validation_dataloaders_use_the_first_ones_metrics(tmp_path):
+    """With two validation dataloaders Lightning logs ``val_acc/dataloader_idx_0`` and ``..._1``:
+    the first loader's metrics are the ones compared (was: check-skipped, nothing judged)."""
+
+    class TwoVal(Classifier):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            super().validation_step(batch, batch_idx)
+
+    x, y = noisy_blobs(48 + 256)
+    L.seed_everything(0, verbose=False)
+    train, val = loaders(x, y, val_fraction=256 / 304)
+    mon = TrainValGapMonitor(num_classes=4)
+    t = trainer(tmp_path, [mon], logger=None, max_epochs=8)
+    t.fit(TwoVal(mlp(d=32, hidden=512), lr=1e-3), train, [val, val])
+    assert "val_acc/dataloader_idx_0" in t.callback_metrics
+    assert codes(mon) == ["overfitting"]
+    assert mon.figures["val_acc_name"] == "val_acc/dataloader_idx_0"

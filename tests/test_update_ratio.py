@@ -138,6 +138,37 @@ def test_params_not_updating(tmp_path):
     assert f.evidence["measured"] == 10  # 6 of the MLP + unused + zero_lr; frozen ones are left out
 
 
+def test_updates_below_float_resolution_after_convergence_are_not_params_not_updating(tmp_path):
+    """Adam memorising 48 samples drives the loss to 0: gradients ~1e-13 make updates smaller than
+    half a float32 ulp of the weights, so some tensors change by exactly 0 from step ~150 on
+    (measured: 1, then 2 more tensors flagged at steps 201-261 before the fix). They moved before:
+    a gradient reaches them, the run has converged."""
+    mon = UpdateRatioMonitor(every_n_steps=10, dense_steps=0)
+    L.seed_everything(0, verbose=False)
+    train, _ = loaders(*blobs(n=64), batch_size=48)
+    trainer(tmp_path, [mon], logger=None, max_steps=300, max_epochs=-1).fit(
+        Opt(mlp(hidden=64), "adam", 0.05), train
+    )
+    assert mon.figures["median_ratio"] < 1e-6  # it did converge: updates ~0
+    assert "params-not-updating" not in codes(mon), mon.findings
+
+
+class EpochWarmup(Opt):
+    """A per-epoch warm-up that starts at lr = 0: the whole first epoch makes no update."""
+
+    def configure_optimizers(self):
+        opt = super().configure_optimizers()
+        warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: min(1.0, epoch / 3))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": warm, "interval": "epoch"}}
+
+
+def test_a_scheduled_lr_of_zero_is_not_params_not_updating(tmp_path):
+    mon = UpdateRatioMonitor(every_n_steps=2)
+    fit(tmp_path, EpochWarmup(mlp(), "adam", 1e-2), blobs(), mon, steps=12)  # 6 steps per epoch
+    assert codes(mon) == [], mon.findings
+    assert mon.figures["median_ratio"] > 1e-4  # measured once the rate rose
+
+
 def test_tensorboard_tags_and_layout(tmp_path):
     mon = UpdateRatioMonitor(every_n_steps=4, dense_steps=0)
     t = fit(tmp_path, Classifier(mlp()), blobs(), mon, steps=13, logger="tb")

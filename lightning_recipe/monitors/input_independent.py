@@ -15,13 +15,14 @@ from lightning_recipe._probe import (
     LossCall,
     ProbeSkip,
     StepFn,
+    StepResult,
     copy_module,
     is_manual_optimization,
     preserved_rng,
     run_step,
 )
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, BatchStash, Getter
-from lightning_recipe.callback import RecipeCallback, guarded
+from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.loss_at_init import chance_input
 from lightning_recipe.findings import Severity
 
@@ -29,6 +30,8 @@ TAG = "recipe/input_independent"
 MAX_HISTORY = 200
 #: each kept validation batch is cut to its first examples (bounded memory, bounded cost)
 MAX_EXAMPLES = 256
+#: key of the "zeroing the input changed the loss target" flag in the host transfer
+_TARGET_MOVED = "_target_moved"
 
 
 class InputIndependentBaseline(RecipeCallback):
@@ -43,8 +46,8 @@ class InputIndependentBaseline(RecipeCallback):
     first ``num_batches`` validation batches, once as they are and once with the input replaced by
     zeros (``BatchAdapter.zero_inputs``; token ids become id 0, usually padding: still a valid
     baseline). The batches are taken from the validation loop the trainer runs anyway (first
-    seen in the sanity check), cut to their first 256 examples and kept on their device for the
-    whole fit; the callback never iterates a dataloader. Cost: nothing between validation runs;
+    seen in the sanity check), cut to their first 256 examples and kept on their device until
+    training ends; the callback never iterates a dataloader. Cost: nothing between validation runs;
     per validation run one deep copy of the model and ``2 * num_batches`` forward passes (42 ms
     on the digits CNN with two batches of 256 and 103 images).
 
@@ -62,6 +65,13 @@ class InputIndependentBaseline(RecipeCallback):
     the inputs (labels shuffled apart from their inputs, a misaligned join), or it has learned
     nothing at all yet. A run whose gap grew by at least ``min_gap / 2`` since the previous run is
     still learning and does not count (slow starts, learning-rate warm-up).
+
+    Not judged (``check-skipped`` info) when zeroing the input changes the loss target too -- the
+    target the loss call received differs between the two runs, or, when no loss call could be
+    read, the batch carries no target apart from its input: an autoencoder, a language model
+    predicting its next token, a self-supervised loss. Predicting zeros from zeros is easy, so
+    such a "baseline" beats every healthy model (measured: an autoencoder 0.29 real vs 0.013
+    zeroed, a next-token GRU 0.64 vs 0.011, both still learning).
 
     Measured (gap per validation run, 6 epochs, 5 seeds, 2 validation batches of 32 examples or
     256 digits, 12-23 optimizer steps per epoch): models whose forward ignores the input stay
@@ -184,8 +194,11 @@ class InputIndependentBaseline(RecipeCallback):
         if self.active and self._streak >= self.patience and not self.has_reported("input-independent"):
             self.run_safely(trainer, "on_validation_epoch_end", self._report_flat, trainer)
 
-    @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.run_safely(trainer, "on_train_end", self._end_of_training, trainer)
+        self._stash.clear()  # no validation run follows: free the kept batches' device memory
+
+    def _end_of_training(self, trainer: Any) -> None:
         if not self._history and not self._gave_up and not self.has_reported("check-skipped"):
             self._skip(
                 trainer,
@@ -233,7 +246,7 @@ class InputIndependentBaseline(RecipeCallback):
         model = copy_module(pl_module, trainer)
         try:
             model.eval()
-            reals, zeros, chances = [], [], []
+            reals, zeros, chances, moved = [], [], [], []
             with preserved_rng(), torch.no_grad():
                 for batch in self._stash.batches:
                     result = run_step(model, batch, self.step_fn)
@@ -243,15 +256,25 @@ class InputIndependentBaseline(RecipeCallback):
                     chance = _chance_loss(result.main_call)
                     if chance is not None:
                         chances.append(chance)
-                    zeros.append(self._zero_loss(model, batch))
+                    zero = self._zero_run(model, batch)
+                    zeros.append(zero.data_loss.detach().float().reshape(()))
+                    moved.append(self._target_moved(batch, result.main_call, zero.main_call))
         finally:
             del model
         values = {"real_loss": torch.stack(reals).mean(), "zero_loss": torch.stack(zeros).mean()}
         if len(chances) == len(reals):
             values["chance_loss"] = torch.stack(chances).mean()
-        return stats.to_host(values)  # the one host transfer of this validation run
+        values[_TARGET_MOVED] = torch.stack([m.float().to(reals[0].device) for m in moved]).amax()
+        host = stats.to_host(values)  # the one host transfer of this validation run
+        if host.pop(_TARGET_MOVED) > 0:
+            raise ProbeSkip(
+                "the loss target changes when the input is zeroed (the targets are computed from the "
+                "input: an autoencoder, a language model, a self-supervised loss), so the zero-input "
+                "loss is no baseline; pass get_input/get_target if the input was guessed wrong"
+            )
+        return host
 
-    def _zero_loss(self, model: Any, batch: Any) -> Tensor:
+    def _zero_run(self, model: Any, batch: Any) -> StepResult:
         zeroed = self.adapter.zero_inputs(batch)
         try:
             result = run_step(model, zeroed, self.step_fn)
@@ -262,7 +285,17 @@ class InputIndependentBaseline(RecipeCallback):
             ) from exc
         if result.data_loss is None:
             raise ProbeSkip("training_step returned None on zeroed inputs")
-        return result.data_loss.detach().float().reshape(())
+        return result
+
+    def _target_moved(self, batch: Any, real: LossCall | None, zero: LossCall | None) -> Tensor:
+        """A 0-d device flag: zeroing the input changed what the loss compares against (no sync).
+
+        Read from the loss calls when both runs made one; without a loss call to read, a batch
+        that carries no target of its own (``BatchAdapter.target`` is None) counts as changed:
+        the step can only have made its targets from the input."""
+        if real is not None and zero is not None:
+            return _differs(real.target, zero.target)
+        return torch.tensor(float(self.adapter.target(batch) is None))
 
     def _report_flat(self, trainer: Any) -> None:
         recent = list(self._history)[-self.patience :]
@@ -353,6 +386,22 @@ def _chance_loss(call: LossCall | None) -> Tensor | None:
     except Exception:
         return None
     return (out if out.dim() == 0 else out.mean()).reshape(())
+
+
+def _differs(a: Any, b: Any) -> Tensor:
+    """A 0-d flag (on ``a``'s device): the two loss targets differ (NaN equals NaN)."""
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        try:
+            same = a is b or bool(a == b)
+        except Exception:
+            same = False
+        return torch.tensor(float(not same))
+    if a.shape != b.shape:
+        return torch.ones((), device=a.device)
+    diff = a != b.to(a.device)
+    if a.is_floating_point():
+        diff &= ~(a.isnan() & b.to(a.device).isnan())
+    return diff.any()
 
 
 def _fitting(trainer: Any) -> bool:

@@ -20,6 +20,10 @@ from lightning_recipe.monitors.base import StepMonitor, Streaks
 MAX_PENDING = 1024
 #: a rise this many times the divergence margin is reported at once, without waiting for patience
 EXPLOSION = 20.0
+#: ``lr-decayed-early`` needs the rates below the floor for this fraction of the planned steps
+LR_SUSTAIN = 0.05
+#: below this fraction of the rate it is heading for, a rising learning rate is a warm-up
+WARMUP_FRACTION = 0.1
 
 
 class LossCurveMonitor(StepMonitor):
@@ -61,15 +65,24 @@ class LossCurveMonitor(StepMonitor):
       than ``flat_tolerance`` (relative) below the mean of the first ``window`` ones, on
       ``patience`` logging steps in a row: the curve is flat from the start (a converged curve
       is not flat by this test: it fell a lot first). A curve that *rose* gets the opposite advice
-      (lower the rate, check that gradients are zeroed).
+      (lower the rate, check that gradients are zeroed). Not judged while a warm-up is on (a
+      rising rate below 10% of the one it is heading for: ``initial_lr`` of the warm-up
+      scheduler, ``max_lr`` of OneCycleLR, or its peak so far): Adam warming up linearly to 1e-3
+      over 2000-10000 steps moved the loss only 0.4-0.8% by step 110.
     * ``lr-decayed-early`` (warning): every parameter group's learning rate fell below
-      ``lr_floor`` (1%) of its peak before ``lr_deadline`` (half) of the planned steps
-      (``trainer.estimated_stepping_batches``); the message gives the step. Warm-up is healthy
-      (the reference is the peak, not the first value), and so is a cosine/one-cycle schedule
-      over the whole run (they reach 1% of their peak at ~94% / ~95% of the run). The learning
-      rates are Python floats in the optimizer's param groups, so reading them at the start of
-      each batch costs no device work and no sync; the check stops once it fired or the deadline
-      passed, and learning rates held as tensors are only read on logging steps.
+      ``lr_floor`` (1%) of its peak and stayed there, not rising, for 5% of the planned steps
+      (``trainer.estimated_stepping_batches``), before ``lr_deadline`` (half) of them; the message
+      gives the steps. Warm-up is healthy (the reference is the peak, not the first value), and
+      so is a cosine/one-cycle schedule over the whole run (they reach 1% of their peak at ~94% /
+      ~95% of the run); the 5% keep quiet the bottoms of cyclic schedules (CyclicLR, warm
+      restarts: below 1% for at most ~6% of a cycle, and a cycle that ends before the deadline is
+      at most half the run) and the hand-written warm-up of Lightning's docs (full rate at step 0,
+      then 1/500 of it, rising). Groups driven by ``ReduceLROnPlateau`` are left out (their rate
+      falls when the monitored metric stops improving, as asked), and so is a run whose length is
+      unknown (``max_epochs=-1``, a dataloader without a length). The learning rates are Python
+      floats in the optimizer's param groups, so reading them at the start of each batch costs no
+      device work and no sync; the check stops once it fired or the deadline passed, and learning
+      rates held as tensors are only read on logging steps.
 
     Where the numbers come from (this package's test models over 200-300 steps, 2 seeds, batches
     of 32 and a noisy 4, logging every 1, 5 or 10 steps). Divergence, measured as rise / margin
@@ -94,7 +107,8 @@ class LossCurveMonitor(StepMonitor):
     partial last interval) stays in the chart, and is left out of the checkpointed curve state.
 
     Rank-local under DDP: each rank reads its own batch's loss (the curve of rank zero is the
-    one logged); no collective is called.
+    one logged). The only collective is the vote of ``on_error="raise"`` on logging steps, which
+    every rank casts (also one whose monitor turned itself off), so all ranks stop together.
 
     Args:
         every_n_steps: logging interval in optimizer steps; ``None`` follows
@@ -156,6 +170,7 @@ class LossCurveMonitor(StepMonitor):
         self._intervals = 0
         self._lr_peak: dict[str, float] = {}
         self._lr_done = False
+        self._lr_low_since: int | None = None
         self._diverged_values: list[float] = []
         # per-fit, never checkpointed
         self._pending: list[Tensor] = []
@@ -166,6 +181,10 @@ class LossCurveMonitor(StepMonitor):
         self._batch_step = 0
         self._planned: float = math.inf
         self._no_loss_batches = 0
+        self._plateau: set[int] = set()  # ids of the optimizers a ReduceLROnPlateau drives
+        self._lr_prev: dict[str, float] = {}  # each group's rate at the previous logging step
+        self._lr_last: dict[str, float] = {}  # each group's rate at the previous batch
+        self._warming_now = False
         # the losses of an unfinished interval, carried over from a checkpoint (host floats)
         self._carry: dict[str, Any] | None = None
         # the resumable state taken before the end-of-training tail was flushed
@@ -182,6 +201,8 @@ class LossCurveMonitor(StepMonitor):
             self._planned = float(trainer.estimated_stepping_batches)
         except Exception:
             self._planned = math.inf
+        self._plateau = _plateau_optimizers(trainer)
+        self._lr_prev, self._lr_last, self._warming_now = {}, {}, False
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -189,10 +210,19 @@ class LossCurveMonitor(StepMonitor):
         if not self._lr_done:
             self._check_lr(trainer, logging=False)  # the rates this step will use (host floats)
 
-    @guarded
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # not @guarded: every rank reaches the vote below on the same steps, also a rank whose
+        # monitor turned itself off (run_safely then does nothing), so with on_error="raise" under
+        # DDP an error finding on any rank stops all of them together and none waits alone
+        self.run_safely(trainer, "on_train_batch_end", self._collect, outputs)
+        if self._due_now(trainer):
+            self.mark_logged(trainer)
+            with self.rank_consistent_errors(trainer):
+                self.run_safely(trainer, "on_train_batch_end", self._flush, trainer)
+
+    def _collect(self, outputs: Any) -> None:
         loss = _loss_of(outputs)
         if loss is not None:
             self._pending.append(loss)  # a reference to a detached tensor: no copy, no kernel
@@ -201,12 +231,6 @@ class LossCurveMonitor(StepMonitor):
                 self._fold()
         else:
             self._no_loss_batches += 1
-        if self._due_now(trainer):
-            self.mark_logged(trainer)
-            # every rank reaches this on the same steps; with on_error="raise" under DDP an error
-            # finding on any rank stops all of them together
-            with self.rank_consistent_errors(trainer):
-                self.run_safely(trainer, "on_train_batch_end", self._flush, trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         with self.rank_consistent_errors(trainer):
@@ -348,6 +372,10 @@ class LossCurveMonitor(StepMonitor):
     def _judge_flat(self, trainer: Any, step: int) -> None:
         if self._intervals < 2 * self.window or step < self.min_steps:
             return
+        if self._warming_now:  # a loss that barely moves at 1e-3 of the target rate is no verdict
+            self.figures["flat_test"] = "not judged: the learning rate is still warming up"
+            return
+        self.figures["flat_test"] = "judged"
         ref = sum(self._first_window) / len(self._first_window)
         now = sum(v for _, v in self._recent) / len(self._recent)
         if ref == 0:
@@ -412,12 +440,16 @@ class LossCurveMonitor(StepMonitor):
 
     # ------------------------------------------------------------------ learning rate
     def _check_lr(self, trainer: Any, logging: bool) -> dict[str, float]:
-        """Track each group's peak LR; report when all fell below ``lr_floor`` of their peak
-        before the deadline. Returns the LR scalars (on logging steps)."""
+        """Track each group's peak LR; report when all fell below ``lr_floor`` of their peak and
+        stayed there, none rising, for ``LR_SUSTAIN`` of the planned steps, before the deadline.
+        Returns the LR scalars (on logging steps), and on logging steps notes a warm-up."""
         scalars: dict[str, float] = {}
-        all_low, any_group = True, False
+        judged: list[tuple[float, float]] = []
         lrs: dict[str, float] = {}
+        rose = False
+        warming = False
         for i, opt in enumerate(getattr(trainer, "optimizers", None) or []):
+            on_plateau = id(getattr(opt, "optimizer", opt)) in self._plateau
             for j, group in enumerate(getattr(opt, "param_groups", [])):
                 lr = group.get("lr")
                 if isinstance(lr, Tensor):
@@ -433,23 +465,50 @@ class LossCurveMonitor(StepMonitor):
                 if logging:
                     scalars[f"recipe/lr/{key}"] = lr
                     self.figures[f"lr/{key}"] = lr
-                if peak > 0:
-                    any_group = True
-                    all_low = all_low and lr < self.lr_floor * peak
-        step = trainer.global_step
-        deadline = self.lr_deadline * self._planned
-        if self._lr_done or not any_group:
+                    warming = self._warming(key, group, lr, peak) or warming
+                if peak > 0 and not on_plateau:  # a plateau scheduler decays when the metric asks
+                    judged.append((lr, peak))
+                    rose = rose or lr > self._lr_last.get(key, lr)
+                self._lr_last[key] = lr
+        if logging:
+            self._warming_now = warming
+        if self._lr_done or not judged:
+            if not self._lr_done and self._plateau and lrs:
+                self.figures["lr_check"] = "not judged: ReduceLROnPlateau sets every learning rate"
             return scalars
-        if step >= deadline:
+        step = trainer.global_step
+        if not 0 < self._planned < math.inf:
+            self._lr_done = True
+            self.figures["lr_check"] = (
+                "not judged: the number of planned steps is unknown (max_epochs=-1, or a dataloader "
+                "without a length)"
+            )
+            return scalars
+        if step >= self.lr_deadline * self._planned:
             self._lr_done = True
             return scalars
-        if all_low:
+        if rose or not all(lr < self.lr_floor * peak for lr, peak in judged):
+            self._lr_low_since = None  # a rising rate is a warm-up or a cycle, not a decay
+            return scalars
+        if self._lr_low_since is None:
+            self._lr_low_since = step
+        if step - self._lr_low_since >= max(1, math.ceil(LR_SUSTAIN * self._planned)):
             self._lr_done = True
             self._report_lr(trainer, step, lrs)
         return scalars
 
+    def _warming(self, key: str, group: dict[str, Any], lr: float, peak: float) -> bool:
+        """A warm-up in progress: the rate is below ``WARMUP_FRACTION`` of the rate it is heading
+        for (``initial_lr`` of a warm-up scheduler, ``max_lr`` of OneCycleLR, the peak so far) and
+        rising (at its highest so far, or above its value at the previous logging step)."""
+        prev, self._lr_prev[key] = self._lr_prev.get(key), lr
+        target = max(peak, _group_float(group, "initial_lr"), _group_float(group, "max_lr"))
+        rising = lr >= peak or (prev is not None and lr > prev)
+        return rising and lr < WARMUP_FRACTION * target
+
     def _report_lr(self, trainer: Any, step: int, lrs: dict[str, float]) -> None:
         planned = int(self._planned)
+        since = self._lr_low_since if self._lr_low_since is not None else step
         parts = ", ".join(
             f"{k} {lrs[k]:.3g} (peak {self._lr_peak[k]:.3g})" for k in lrs if self._lr_peak.get(k)
         )
@@ -457,11 +516,17 @@ class LossCurveMonitor(StepMonitor):
             trainer,
             "lr-decayed-early",
             Severity.WARNING,
-            f"By step {step} of {planned} planned ({step / planned:.1%}) every learning rate fell below "
-            f"{self.lr_floor:.0%} of its peak ({parts}): the rest of the run barely trains; check the "
-            "scheduler's interval ('step' vs 'epoch') and its milestones / T_max / step_size, which "
-            "are in scheduler steps.",
-            {"step": step, "planned_steps": planned, "learning_rates": lrs, "peaks": dict(self._lr_peak)},
+            f"By step {step} of {planned} planned ({step / planned:.1%}) every learning rate had been "
+            f"below {self.lr_floor:.0%} of its peak since step {since} ({parts}): the rest of the run "
+            "barely trains; check the scheduler's interval ('step' vs 'epoch') and its milestones / "
+            "T_max / step_size, which are in scheduler steps.",
+            {
+                "step": step,
+                "low_since_step": since,
+                "planned_steps": planned,
+                "learning_rates": lrs,
+                "peaks": dict(self._lr_peak),
+            },
         )
 
     # ------------------------------------------------------------------ layout and resume
@@ -499,6 +564,7 @@ class LossCurveMonitor(StepMonitor):
             "intervals": self._intervals,
             "lr_peak": dict(self._lr_peak),
             "lr_done": self._lr_done,
+            "lr_low_since": self._lr_low_since,
             "diverged_values": list(self._diverged_values),
         }
 
@@ -514,6 +580,8 @@ class LossCurveMonitor(StepMonitor):
         self._intervals = int(state_dict.get("intervals", 0))
         self._lr_peak = {str(k): float(v) for k, v in state_dict.get("lr_peak", {}).items()}
         self._lr_done = bool(state_dict.get("lr_done", False))
+        low = state_dict.get("lr_low_since")
+        self._lr_low_since = None if low is None else int(low)
         self._diverged_values = [float(v) for v in state_dict.get("diverged_values", [])]
         carry = state_dict.get("carry")
         self._carry = None if carry is None else {**carry, "steps": [int(s) for s in carry["steps"]]}
@@ -564,3 +632,21 @@ def _merge(a: Tensor, b: Tensor, offset: int) -> Tensor:
 
 def _opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _group_float(group: dict[str, Any], key: str) -> float:
+    """A param group's float entry (``initial_lr``, ``max_lr``), 0.0 if absent or not a float."""
+    value = group.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _plateau_optimizers(trainer: Any) -> set[int]:
+    """Ids of the optimizers a ``ReduceLROnPlateau`` scheduler drives (duck-typed config)."""
+    out: set[int] = set()
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        scheduler = getattr(config, "scheduler", None)
+        if getattr(config, "reduce_on_plateau", False) or type(scheduler).__name__ == "ReduceLROnPlateau":
+            optimizer = getattr(scheduler, "optimizer", None)
+            if optimizer is not None:
+                out.add(id(getattr(optimizer, "optimizer", optimizer)))
+    return out

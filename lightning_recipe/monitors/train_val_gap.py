@@ -47,8 +47,9 @@ class TrainValGapMonitor(RecipeCallback):
     ``val_loss`` if given, else the first pair found among ``train_acc``/``val_acc``,
     ``train_accuracy``/``val_accuracy``, ``train/acc``/``val/acc``, ``train/accuracy``/
     ``val/accuracy``, ``acc``/``val_acc`` (and ``train_loss``/``val_loss``, ``train/loss``/
-    ``val/loss``, ``loss``/``val_loss``), each tried with its ``_epoch`` variant first. All values
-    of one validation reach the host in one transfer.
+    ``val/loss``, ``loss``/``val_loss``), each tried with its ``_epoch`` variant first and its
+    ``/dataloader_idx_0`` variant last (several validation dataloaders: the first one is
+    compared). All values of one validation reach the host in one transfer.
 
     It logs ``recipe/train_val/train_acc``, ``val_acc``, ``train_loss``, ``val_loss`` (copies
     under stable tags, for the "Train vs val" custom-scalars charts; the losses also as log10,
@@ -210,7 +211,8 @@ class TrainValGapMonitor(RecipeCallback):
         ):
             if f"val_{kind}" not in val:
                 continue
-            pairs = [names] if names else [g for g in guesses if g[1] == self.figures.get(f"val_{kind}_name")]
+            found = self.figures.get(f"val_{kind}_name")
+            pairs = [names] if names else [g for g in guesses if found in _candidates([g[1]])]
             pairs = pairs or list(guesses)
             for train_name in _candidates([p[0] for p in pairs]):
                 if train_name in metrics:
@@ -383,7 +385,7 @@ class TrainValGapMonitor(RecipeCallback):
             "check-skipped",
             Severity.INFO,
             f"TrainValGapMonitor found no pair of train/val metrics in callback_metrics (tried "
-            f"{', '.join(sorted(set(tried)))}, each also with '_epoch'; "
+            f"{', '.join(sorted(set(tried)))}, each also with '_epoch' and '/dataloader_idx_0'; "
             f"logged: {', '.join(present) or 'none'}); "
             "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric.",
             {"tried": sorted(set(tried)), "found": present},
@@ -422,10 +424,11 @@ class TrainValGapMonitor(RecipeCallback):
 
 # ---------------------------------------------------------------------------- helpers
 def _candidates(names: Sequence[str]) -> list[str]:
-    """Each name's ``_epoch`` variant first, then the name itself."""
+    """Each name's ``_epoch`` variant first, then the name itself, then the first validation
+    dataloader's (Lightning suffixes ``/dataloader_idx_0`` when there are several)."""
     out: list[str] = []
     for n in names:
-        out += [f"{n}_epoch", n]
+        out += [f"{n}_epoch", n, f"{n}/dataloader_idx_0"]
     return out
 
 

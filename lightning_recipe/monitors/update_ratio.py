@@ -105,8 +105,11 @@ class UpdateRatioMonitor(StepMonitor):
       measurement since the start. A ratio that *falls* below it later is not reported: it comes
       from convergence (gradients ~0) or from a net killed by a too-high rate, not from a low rate;
     * ``params-not-updating`` (warning): a parameter with ``requires_grad`` that is in an
-      optimizer changed by exactly zero (no gradient reached it, every unit feeding it is dead,
-      or its group has ``lr=0`` from the start).
+      optimizer changed by exactly zero on every measurement since the start (no gradient reaches
+      it, every unit feeding it is dead, or its group has ``lr=0`` from the start). Measurements
+      while its group's learning rate is inactive (below) do not count, and a parameter that
+      changed once is not reported later: a converged run's updates fall below float32
+      resolution (Adam memorising 48 samples: exact zeros from step ~150).
 
     Where the thresholds come from: the rule of thumb is 1e-3, but healthy runs are not at 1e-3.
     Measured on this package's test models (MLP, CNN with BatchNorm and dropout, GRU and
@@ -202,6 +205,7 @@ class UpdateRatioMonitor(StepMonitor):
         self.histogram = histogram
         self.streaks = Streaks()
         self._reported_params: set[str] = set()
+        self._moved: set[str] = set()  # parameters seen changing: a gradient reaches them
         self._offsets: dict[int, int] = {}
         self._peak_lr: dict[str, float] = {}
         self._history: list[tuple[int, float]] = []
@@ -509,10 +513,17 @@ class UpdateRatioMonitor(StepMonitor):
         self.report(trainer, code, Severity.WARNING, msg, evidence)
 
     def _judge_zero(self, trainer: Any, m: _Measured) -> None:
+        """Parameters that changed by exactly 0 on every measurement since the start, at an active
+        learning rate. Zero later is not "no gradient": once a run converges, its updates fall
+        below half a float32 ulp of the weights (Adam memorising its data: gradients ~1e-13,
+        exact-zero updates from step ~150), and a group whose scheduled rate is ~0 (a warm-up
+        from 0, ReduceLROnPlateau at its floor) changes nothing either."""
         newly: list[str] = []
-        for name, u, w in zip(m.names, m.updates, m.weights):
-            if not math.isfinite(w):
+        for name, u, w, active in zip(m.names, m.updates, m.weights, m.active):
+            if not math.isfinite(w) or not active or name in self._moved:
                 continue
+            if u != 0.0:
+                self._moved.add(name)
             count = self.streaks.update(f"zero:{name}", u == 0.0)
             if count >= self.patience and name not in self._reported_params:
                 newly.append(name)
@@ -564,6 +575,7 @@ class UpdateRatioMonitor(StepMonitor):
             **super().state_dict(),
             "streaks": self.streaks.state_dict(),
             "reported_params": sorted(self._reported_params),
+            "moved": sorted(self._moved),
             "offsets": {str(k): v for k, v in self._offsets.items()},
             "peak_lr": dict(self._peak_lr),
             "history": [list(h) for h in self._history],
@@ -574,6 +586,7 @@ class UpdateRatioMonitor(StepMonitor):
         super().load_state_dict(state_dict)
         self.streaks.load_state_dict(state_dict.get("streaks", {}))
         self._reported_params = set(state_dict.get("reported_params", []))
+        self._moved = set(state_dict.get("moved", []))
         self._offsets = {int(k): int(v) for k, v in state_dict.get("offsets", {}).items()}
         self._peak_lr = {str(k): float(v) for k, v in state_dict.get("peak_lr", {}).items()}
         self._history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
