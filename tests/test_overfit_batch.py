@@ -359,3 +359,78 @@ def test_rnn_dropout_is_turned_off_without_eval_mode():
     check = run(Classifier(net), (x[:32], y[:32]))
     assert codes(check) == [] and check.figures["outcomes"][-1].endswith("memorised")
     assert net.rnn.dropout == 0.3  # the real model's layer is untouched
+
+
+# ---------------------------------------------------------------------------- ambiguous samples
+class CharLM(L.LightningModule):
+    """makemore-style next-character GRU: each word starts with BOS (0), targets shifted by one,
+    padding targets ignored (-1). Position 0 sees only BOS, so its loss cannot reach 0."""
+
+    def __init__(self, vocab: int, blind: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 32)
+        self.rnn = nn.GRU(32, 64, batch_first=True)
+        self.head = nn.Linear(64, vocab)
+        self.blind = blind
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        x = torch.zeros_like(x) if self.blind else x  # bug: the tokens never reach the model
+        logits = self.head(self.rnn(self.emb(x))[0])
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+
+
+def words_batch(n: int = 32, length: int = 8, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = 27
+    x = torch.zeros(n, length, dtype=torch.long)
+    y = torch.full((n, length), -1, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.randint(3, length, (1,), generator=g))
+        w = torch.randint(1, vocab, (k,), generator=g)
+        x[i, 1 : k + 1 if k + 1 <= length else length] = w[: length - 1]
+        y[i, :k] = w
+        if k < length:
+            y[i, k] = 0  # end of word
+    return vocab, (x, y)
+
+
+def test_ambiguity_floor_is_the_conditional_entropy_of_the_labels():
+    from lightning_recipe._probe import LossCapture
+    from lightning_recipe.checks.overfit_batch import ambiguity_floor
+
+    x = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0]])
+    with LossCapture() as cap:
+        F.cross_entropy(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+    floor, kind = ambiguity_floor(cap.calls[0], x)
+    assert floor == pytest.approx(2 * math.log(2) / 3)  # two equal inputs, labels 0 and 1
+    assert "equal inputs" in kind
+    tokens = torch.tensor([[5, 1], [5, 2]])  # same first token, different next ones
+    with LossCapture() as cap:
+        F.cross_entropy(torch.zeros(4, 3), torch.tensor([1, 0, 2, 0]))
+    floor, kind = ambiguity_floor(cap.calls[0], tokens)
+    assert floor == pytest.approx(2 * math.log(2) / 4)  # position 0 ambiguous, position 1 not
+    assert "prefixes" in kind
+    with LossCapture() as cap:
+        F.cross_entropy(torch.zeros(3, 2), torch.tensor([0, 1, 1]))
+    assert ambiguity_floor(cap.calls[0], torch.randn(3, 2))[0] == 0.0
+
+
+def test_a_language_model_whose_first_token_is_ambiguous_is_not_an_error():
+    torch.manual_seed(0)
+    vocab, batch = words_batch()
+    check = run(CharLM(vocab), batch)
+    assert codes(check, "error") == []
+    assert check.figures["floor"] > 0.3  # BOS -> first letter of 20 random words
+    assert any(o.endswith("memorised") for o in check.figures["outcomes"])
+
+
+def test_a_language_model_that_never_sees_its_tokens_is_still_an_error():
+    torch.manual_seed(0)
+    vocab, batch = words_batch()
+    with pytest.warns(lr.RecipeWarning, match=r"\[overfit-batch-failed\]"):
+        check = run(CharLM(vocab, blind=True), batch)
+    f = check.findings[0]
+    assert f.code == "overfit-batch-failed" and f.severity is lr.Severity.ERROR
+    assert f.evidence["floor"] > 0.3 and "prefixes" in f.evidence["floor_kind"]
+    assert f.evidence["relative_gap"] > 0.3

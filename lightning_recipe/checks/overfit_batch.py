@@ -76,7 +76,9 @@ class OverfitBatchCheck(FirstBatchCheck):
     the output of the loss function it calls), a fresh Adam (the recipe's "adam is safe").
 
     The verdict uses the loss, measured against the loss the samples can reach at best (0, or
-    the entropy of smoothed / soft targets): memorised when ``loss - floor <= tolerance *
+    the entropy of smoothed / soft targets, or the conditional entropy of the labels when equal
+    inputs -- for a language model, equal token prefixes such as a first BOS -- carry different
+    labels, see :func:`ambiguity_floor`): memorised when ``loss - floor <= tolerance *
     (reference - floor)``, the reference being the chance loss (a know-nothing prediction, the
     same loss call LossAtInitCheck uses) for classifiers, the loss of predicting the target mean
     for regression and the first loss otherwise. The accuracy on the samples is reported too,
@@ -259,6 +261,7 @@ class OverfitBatchCheck(FirstBatchCheck):
         call = result.main_call
         if step == 0:
             trial.scale = _scale(call, loss)
+            self._add_ambiguity_floor(trial.scale, call, samples)
         if not loss.requires_grad:
             trial.record(float(loss.detach().float()), None)
             return "no-grad"
@@ -275,6 +278,19 @@ class OverfitBatchCheck(FirstBatchCheck):
         loss.backward()
         opt.step()
         return None
+
+    def _add_ambiguity_floor(self, scale: _Scale, call: LossCall | None, samples: Any) -> None:
+        """Raise the floor to what the samples allow when the same input (or, for sequence
+        targets, the same prefix of tokens) comes with different labels."""
+        if call is None or scale.floor > 0:
+            return
+        try:
+            x = self.adapter.input(samples)
+        except BatchLayoutError:
+            return
+        floor = ambiguity_floor(call, x)
+        if floor is not None and floor[0] > 0:
+            scale.floor, scale.floor_kind = floor
 
     def _memorised(self, trial: _Trial) -> bool:
         s = trial.scale
@@ -308,6 +324,7 @@ class OverfitBatchCheck(FirstBatchCheck):
             "first_loss": best.losses[0],
             "best_loss": best.best,
             "floor": s.floor,
+            "floor_kind": s.floor_kind or "loss minimum",
             "reference": s.reference,
             "reference_kind": s.reference_kind,
             "relative_gap": best.relative_gap,
@@ -334,8 +351,9 @@ class OverfitBatchCheck(FirstBatchCheck):
             )
             return
         tried = ", ".join(f"lr={t.lr:g} ({t.outcome} after {len(t.losses)} steps)" for t in trials)
+        why = f" from {s.floor_kind}" if s.floor_kind else ""
         numbers = (
-            f"the best loss was {best.best:.4g} (floor {s.floor:.4g}, {s.reference_kind} "
+            f"the best loss was {best.best:.4g} (floor {s.floor:.4g}{why}, {s.reference_kind} "
             f"{s.reference:.4g}, target <= {s.floor + self.tolerance * (s.reference - s.floor):.4g}){acc}"
         )
         if not s.judged:
@@ -409,6 +427,8 @@ class _Scale:
 
     loss_fn: str | None = None
     floor: float = 0.0
+    #: why the floor is above 0 (shown in the message)
+    floor_kind: str = ""
     reference: float = float("nan")
     reference_kind: str = "first loss"
     judged: bool = True
@@ -537,6 +557,68 @@ def _ideal_input(call: LossCall) -> Tensor | None:
         p = t.detach().to(x.dtype).clamp(1e-6, 1 - 1e-6)
         return p if call.name == "binary_cross_entropy" else torch.log(p / (1 - p))
     return None
+
+
+def ambiguity_floor(call: LossCall, x: Tensor) -> tuple[float, str] | None:
+    """The lowest mean cross-entropy any model can reach on these samples when equal inputs carry
+    different labels: the empirical conditional entropy of the label given the input.
+
+    With one target per sample the key is the whole input; with one per token of an integer
+    (B, T) input it is the prefix ``x[b, :t+1]``, what a causal model sees when it predicts
+    position t. A language model's first position sees one token (BOS, or a window's first
+    character) that many samples share with different next tokens, so its loss cannot reach 0:
+    a healthy makemore-style GRU on 20 words plateaus at 0.45 nats, 83% accuracy. A model that
+    sees the whole sequence could go lower, so for it this floor is lenient, never strict.
+    ``None`` when the call is not cross-entropy/NLL over integer classes or the shapes do not
+    match one of those two layouts.
+    """
+    view = class_scores(call)
+    if call.name not in ("cross_entropy", "nll_loss") or view is None or view.target is None:
+        return None
+    target = view.target.detach()
+    b = x.shape[0] if x.dim() > 0 else 0
+    if b == 0 or target.numel() == 0:
+        return None
+    with torch.no_grad():
+        if target.numel() == b:
+            keys, kind = _row_keys(x), "equal inputs with different labels"
+        elif x.dim() == 2 and not x.is_floating_point() and target.numel() == x.numel():
+            keys, kind = _prefix_keys(x), "equal token prefixes with different next labels"
+        else:
+            return None
+        keys, target = keys.reshape(-1).to(target.device), target.reshape(-1)
+        valid = (target >= 0) & (target < view.num_classes)
+        ignore = call.kwargs.get("ignore_index", call.args[4] if len(call.args) > 4 else None)
+        if isinstance(ignore, int):
+            valid &= target != ignore
+        if not bool(valid.any()):
+            return None
+        keys, target = keys[valid], target[valid]
+        _, key_id, key_n = torch.unique(keys, return_inverse=True, return_counts=True)
+        pairs = torch.stack([key_id, target.long()], dim=1)
+        _, pair_id, pair_n = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+        nll = -(pair_n[pair_id].double() / key_n[key_id].double()).log()
+    return float(nll.mean()), kind
+
+
+def _row_keys(x: Tensor) -> Tensor:
+    """One int64 key per sample, equal for equal inputs (a polynomial hash of the values)."""
+    flat = x.detach().reshape(x.shape[0], -1)
+    ints = flat.view(torch.int32) if flat.dtype == torch.float32 else flat.double().view(torch.int64)
+    h = torch.zeros(flat.shape[0], dtype=torch.int64, device=flat.device)
+    for col in ints.long().unbind(1):
+        h = h * 1_000_003 + col
+    return h
+
+
+def _prefix_keys(x: Tensor) -> Tensor:
+    """(B, T) int64 keys, equal where two rows share the prefix ``x[b, :t+1]``."""
+    h = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    out = []
+    for col in x.long().unbind(1):
+        h = h * 1_000_003 + col + 1
+        out.append(h)
+    return torch.stack(out, dim=1)
 
 
 def _accuracy(call: LossCall | None) -> float | None:
