@@ -77,7 +77,7 @@ def test_dead_relus_from_a_large_negative_bias(tmp_path):
     assert f.severity.value == "warning" and f.step == 2  # patience 3: steps 0, 1, 2
     assert f.evidence["layers"]["net.1"] == 1.0  # net.3 follows: its input is now constant
     assert [s for s, _ in f.evidence["history"]["net.1"]] == [0, 1, 2]
-    assert "100% of the units of ReLU layer 'net.1'" in f.message and "limit 50%" in f.message
+    assert "100% of the units of ReLU layer 'net.1'" in f.message and "limit 90%" in f.message
 
 
 def test_patience_needs_consecutive_logging_steps(tmp_path):
@@ -304,3 +304,34 @@ def test_batched_histograms_match_numpy():
     maps = torch.arange(64 * 16 * 16, dtype=torch.float32).reshape(64, 16, 16) % 16  # column index
     picked = subsample([maps], 1024)
     assert picked.numel() <= 1024 and len(picked.unique()) == 16  # an odd stride sees every column
+
+
+def bn_cnn_with_relu_head():
+    """conv + BatchNorm + ReLU + pooling, then a ReLU head: its inputs are all positive, so many
+    head units take one sign for the whole batch and stay off while the net trains fine."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 16, 256),
+        nn.ReLU(),
+        nn.Linear(256, 4),
+    )
+
+
+def test_a_healthy_cnn_head_with_many_dead_units_is_not_a_finding(tmp_path):
+    # measured on digits: 54-80% of this head dead with SGD 0.05-0.1 (momentum 0.9) at 95-96%
+    # validation accuracy, so the old 50% limit called a healthy run broken
+    # (the same head here: 51-56% dead from step 6 on, Adam 1e-2)
+    monitor = ActivationMonitor(every_n_steps=2)
+    mon = fit(tmp_path, bn_cnn_with_relu_head(), image_blobs(512), monitor, max_steps=-1, max_epochs=3)
+    assert mon.figures["logging_steps"] == 18
+    assert mon.figures["max_dead_fraction"]["layer"] == "net.9"
+    assert 0.5 < mon.figures["max_dead_fraction"]["value"] < 0.9
+    assert codes(mon) == []
