@@ -288,6 +288,35 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
     return batch
 
 
+def tensor_leaves(batch: Any) -> list[Tensor]:
+    """Every tensor of a nested batch, in the order :func:`map_tensors` visits them."""
+    out: list[Tensor] = []
+
+    def keep(t: Tensor) -> Tensor:
+        out.append(t)
+        return t
+
+    map_tensors(batch, keep)
+    return out
+
+
+class LeafGetter:
+    """``get_input`` for the ``index``-th tensor of a batch (in :func:`tensor_leaves` order): an
+    input found by watching which tensor the model reads, not by its key or position."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __call__(self, batch: Any) -> Tensor:
+        leaves = tensor_leaves(batch)
+        if self.index >= len(leaves):
+            raise BatchLayoutError(f"the batch has {len(leaves)} tensors, the input was tensor {self.index}")
+        return leaves[self.index]
+
+    def __repr__(self) -> str:
+        return f"LeafGetter({self.index})"
+
+
 def slice_batch(batch: Any, n: int, k: int) -> Any:
     """The first ``k`` of ``n`` samples of any batch structure (tensors and lists of length n)."""
 

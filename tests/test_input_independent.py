@@ -417,3 +417,47 @@ def test_targets_computed_from_the_input_are_an_info_skip_not_an_error(tmp_path,
     trainer(tmp_path, [mon], logger=None, max_epochs=5).fit(model, train, val)
     assert codes(mon) == ["check-skipped"], mon.findings
     assert "target" in mon.findings[0].message and "input" in mon.findings[0].message
+
+
+# ---------------------------------------------------------------------------- input found by watching
+class Extras(Classifier):
+    """Batches laid out (weight, x, y) or (index, x, y): the guessed input (position 0) is a
+    tensor the model never reads."""
+
+    def split(self, batch):
+        return batch[1], batch[2]
+
+    def loss_fn(self, out, y):
+        return F.cross_entropy(out, y)
+
+
+def extras_loaders(x, y, first):
+    n = len(x)
+    lead = torch.rand(n) + 0.5 if first == "weight" else torch.arange(n)
+    cut = int(n * 0.75)
+    train = DataLoader(TensorDataset(lead[:cut], x[:cut], y[:cut]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(lead[cut:], x[cut:], y[cut:]), batch_size=32)
+    return train, val
+
+
+@pytest.mark.parametrize("first", ["weight", "index"])
+def test_the_input_is_found_when_the_guess_does_not_reach_the_model(tmp_path, first):
+    mon = InputIndependentBaseline()
+    L.seed_everything(0, verbose=False)
+    trainer(tmp_path, [mon], logger=None, max_epochs=5).fit(
+        Extras(mlp()), *extras_loaders(*blobs(n=256), first)
+    )
+    assert codes(mon) == []
+    assert mon.figures["input"].startswith("tensor 1 of the batch")
+    assert mon.figures["gap"] > 0.5
+
+
+def test_a_blind_model_with_extra_tensors_is_still_an_error(tmp_path):
+    mon = InputIndependentBaseline()
+    L.seed_everything(0, verbose=False)
+    with pytest.warns(lr.RecipeWarning, match=r"\[input-independent\]"):
+        trainer(tmp_path, [mon], logger=None, max_epochs=5).fit(
+            Extras(Blind()), *extras_loaders(*blobs(n=256), "index")
+        )
+    assert codes(mon) == ["input-independent"]
+    assert "input" not in mon.figures  # nothing in the batch reaches the output

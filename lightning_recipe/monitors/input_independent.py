@@ -21,7 +21,15 @@ from lightning_recipe._probe import (
     preserved_rng,
     run_step,
 )
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, BatchStash, Getter
+from lightning_recipe.batch import (
+    BatchAdapter,
+    BatchLayoutError,
+    BatchStash,
+    Getter,
+    LeafGetter,
+    map_tensors,
+    tensor_leaves,
+)
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.loss_at_init import chance_input
 from lightning_recipe.findings import Severity
@@ -65,6 +73,12 @@ class InputIndependentBaseline(RecipeCallback):
     the inputs (labels shuffled apart from their inputs, a misaligned join), or it has learned
     nothing at all yet. A run whose gap grew by at least ``min_gap / 2`` since the previous run is
     still learning and does not count (slow starts, learning-rate warm-up).
+
+    The input is guessed from the batch's keys and positions, then checked once per fit: when
+    zeroing it leaves the model's output unchanged (a ``(sample_weight, x, y)`` or
+    ``(index, x, y)`` batch), the other tensors of the batch are zeroed in turn and the first one
+    that changes the output is used instead (``figures["input"]`` says which). A model that no
+    tensor of its batch reaches is judged as it is.
 
     Not judged (``check-skipped`` info) when zeroing the input changes the loss target too -- the
     target the loss call received differs between the two runs, or, when no loss call could be
@@ -154,6 +168,7 @@ class InputIndependentBaseline(RecipeCallback):
     def _reset(self) -> None:
         self._stash = BatchStash(self.num_batches, self.adapter, MAX_EXAMPLES)
         self._gave_up = False
+        self._input_verified = False
         self._runs = 0
         self._streak = 0
         self._history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
@@ -248,6 +263,8 @@ class InputIndependentBaseline(RecipeCallback):
             model.eval()
             reals, zeros, chances, moved = [], [], [], []
             with preserved_rng(), torch.no_grad():
+                if not self._input_verified:
+                    self._verify_input(model, self._stash.batches[0])
                 for batch in self._stash.batches:
                     result = run_step(model, batch, self.step_fn)
                     if result.data_loss is None:
@@ -273,6 +290,39 @@ class InputIndependentBaseline(RecipeCallback):
                 "loss is no baseline; pass get_input/get_target if the input was guessed wrong"
             )
         return host
+
+    def _verify_input(self, model: Any, batch: Any) -> None:
+        """Make sure the tensor that gets zeroed reaches the model (once per fit).
+
+        The input is guessed from keys and positions; in a batch like ``(sample_weight, x, y)``
+        or ``(index, x, y)`` the guess is a tensor the model never reads, so zeroing it changes
+        nothing and a healthy model would look input-independent. When zeroing the guess leaves
+        the model's output unchanged, each other tensor with the batch's size is zeroed in turn
+        and the first one that changes the output becomes the input. When none does, the model
+        really ignores its batch and is judged as it is."""
+        self._input_verified = True
+        if self.adapter.get_input is not None:
+            return
+        real = run_step(model, batch, self.step_fn)
+        if not _same_output(real, self._zero_run(model, batch)):
+            return
+        guess = self.adapter.input(batch)
+        size = guess.shape[0] if guess.dim() > 0 else None
+        for index, leaf in enumerate(tensor_leaves(batch)):
+            if leaf is guess or leaf.dim() == 0 or leaf.shape[0] != size:
+                continue
+            zeroed = map_tensors(batch, lambda t, leaf=leaf: torch.zeros_like(t) if t is leaf else t)
+            try:
+                changed = not _same_output(real, run_step(model, zeroed, self.step_fn))
+            except Exception:
+                continue  # the model cannot run with this tensor zeroed: not the one to use
+            if changed:
+                self.adapter = BatchAdapter(LeafGetter(index), self.adapter.get_target)
+                self.figures["input"] = (
+                    f"tensor {index} of the batch ({tuple(leaf.shape)}, {leaf.dtype}): the guessed "
+                    f"input ({tuple(guess.shape)}, {guess.dtype}) does not reach the model's output"
+                )
+                return
 
     def _zero_run(self, model: Any, batch: Any) -> StepResult:
         zeroed = self.adapter.zero_inputs(batch)
@@ -386,6 +436,17 @@ def _chance_loss(call: LossCall | None) -> Tensor | None:
     except Exception:
         return None
     return (out if out.dim() == 0 else out.mean()).reshape(())
+
+
+def _same_output(a: StepResult, b: StepResult) -> bool:
+    """The two runs produced the same model output (the loss call's input), or, without a loss
+    call to compare, the same loss (one host sync, once per fit)."""
+    if a.main_call is not None and b.main_call is not None:
+        x, y = a.main_call.input, b.main_call.input
+        return x.shape == y.shape and bool(torch.equal(x, y))
+    if a.data_loss is None or b.data_loss is None:
+        return False
+    return bool(torch.equal(a.data_loss, b.data_loss))
 
 
 def _differs(a: Any, b: Any) -> Tensor:
