@@ -434,3 +434,14 @@ def test_a_language_model_that_never_sees_its_tokens_is_still_an_error():
     assert f.code == "overfit-batch-failed" and f.severity is lr.Severity.ERROR
     assert f.evidence["floor"] > 0.3 and "prefixes" in f.evidence["floor_kind"]
     assert f.evidence["relative_gap"] > 0.3
+
+
+def test_the_floor_also_reads_one_token_tensor_split_inside_the_step():
+    from lightning_recipe._probe import LossCapture
+    from lightning_recipe.checks.overfit_batch import ambiguity_floor
+
+    seqs = torch.tensor([[1, 5, 6], [1, 7, 6]])  # x = seqs[:, :-1], y = seqs[:, 1:]
+    with LossCapture() as cap:
+        F.cross_entropy(torch.zeros(4, 8), seqs[:, 1:].reshape(-1))
+    floor, _ = ambiguity_floor(cap.calls[0], seqs)
+    assert floor == pytest.approx(2 * math.log(2) / 4)  # BOS -> 5 or 7; then unambiguous

@@ -565,7 +565,8 @@ def ambiguity_floor(call: LossCall, x: Tensor) -> tuple[float, str] | None:
 
     With one target per sample the key is the whole input; with one per token of an integer
     (B, T) input it is the prefix ``x[b, :t+1]``, what a causal model sees when it predicts
-    position t. A language model's first position sees one token (BOS, or a window's first
+    position t (also for a (B, T + 1) batch that the step splits into ``x[:, :-1]`` and
+    ``x[:, 1:]``). A language model's first position sees one token (BOS, or a window's first
     character) that many samples share with different next tokens, so its loss cannot reach 0:
     a healthy makemore-style GRU on 20 words plateaus at 0.45 nats, 83% accuracy. A model that
     sees the whole sequence could go lower, so for it this floor is lenient, never strict.
@@ -584,6 +585,9 @@ def ambiguity_floor(call: LossCall, x: Tensor) -> tuple[float, str] | None:
             keys, kind = _row_keys(x), "equal inputs with different labels"
         elif x.dim() == 2 and not x.is_floating_point() and target.numel() == x.numel():
             keys, kind = _prefix_keys(x), "equal token prefixes with different next labels"
+        elif x.dim() == 2 and not x.is_floating_point() and target.numel() == b * (x.shape[1] - 1):
+            # one tensor of tokens, split inside the step: x[:, :-1] predicts x[:, 1:]
+            keys, kind = _prefix_keys(x[:, :-1]), "equal token prefixes with different next labels"
         else:
             return None
         keys, target = keys.reshape(-1).to(target.device), target.reshape(-1)
