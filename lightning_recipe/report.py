@@ -222,7 +222,15 @@ def write_snapshot(trainer: Any, status: str = "running") -> Path | None:
         return None
 
 
-def _write_json(trainer: Any, report: dict[str, Any]) -> Path:
+def _writes_files(trainer: Any) -> bool:
+    """False under ``fast_dev_run``: like Lightning's loggers and checkpoints, a dry run leaves no
+    files behind (its logger is a dummy, so the report would land in the working directory)."""
+    return not getattr(trainer, "fast_dev_run", False)
+
+
+def _write_json(trainer: Any, report: dict[str, Any]) -> Path | None:
+    if not _writes_files(trainer):
+        return None
     path = Path(log_dir_of(trainer)) / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
@@ -267,11 +275,12 @@ def write_report(trainer: Any, verbose: bool | None = None, status: str = "finis
     tensorboard.flush_findings(trainer)
     tensorboard.add_text(trainer, "recipe/report", format_markdown(report))
     path = _write_json(trainer, report)
-    report["path"] = str(path)
+    report["path"] = None if path is None else str(path)
     if verbose is None:
         verbose = any(getattr(cb, "verbose", True) for cb in tensorboard.recipe_callbacks_of(trainer))
     if verbose:
-        print("\n" + format_text(report) + f"\n\n(report saved to {path})\n", flush=True)
+        saved = "not saved: fast_dev_run writes no files" if path is None else f"report saved to {path}"
+        print("\n" + format_text(report) + f"\n\n({saved})\n", flush=True)
     return report
 
 

@@ -113,3 +113,15 @@ def test_an_unwritable_report_does_not_fail_the_fit(tmp_path):
     with pytest.warns(UserWarning, match="could not write"):
         t.fit(Classifier(mlp()), train, val)
     assert t.global_step == 2 and t.state.finished
+
+
+def test_fast_dev_run_prints_the_report_but_writes_no_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # fast_dev_run's dummy logger has no directory: the cwd was used
+    x, y = blobs()
+    train, val = loaders(x, y)
+    t = trainer(tmp_path, lr.recipe_callbacks(), fast_dev_run=True)
+    t.fit(Softmaxed(mlp()), train, val)
+    out = capsys.readouterr().out
+    assert "softmax-before-loss" in out and "not saved: fast_dev_run writes no files" in out
+    assert list(tmp_path.rglob("recipe_report.json")) == []
+    assert [f.code for f in lr.findings(t) if f.severity is lr.Severity.ERROR] == ["softmax-before-loss"]
