@@ -53,7 +53,8 @@ class GradientCheck(FirstBatchCheck):
 
     * **float64**: a deep copy of the model is cast with ``.double()``, float tensors of the
       batch with ``to_dtype``, and the default dtype is float64 while the step runs, so tensors
-      created inside ``forward`` are float64 too. A model that cannot run in float64 (an error,
+      created inside ``forward`` are float64 too, and so are ``.float()`` / ``.to(torch.float32)``
+      results (a ``one_hot(y, C).float()`` target). A model that cannot run in float64 (an error,
       or a module that still returns float32) is skipped (``check-skipped``, info);
     * **centred difference** ``(f(x + h) - f(x - h)) / 2h`` with ``h = step_size`` (1e-5);
     * **relative error** ``|a - n| / max(|a|, |n|)`` (0 when both are 0), where the part of
@@ -205,7 +206,7 @@ class GradientCheck(FirstBatchCheck):
             raise ProbeSkip(f"the model cannot be cast to float64 ({type(exc).__name__}: {exc})") from exc
         model.eval()
         batch64 = self._generic_point(to_dtype(sub, torch.float64))
-        with preserved_rng(), default_dtype(torch.float64):
+        with preserved_rng(), default_dtype(torch.float64), _Float32IsFloat64():
             run = _Run(self, model, batch64, n, start)
             run.analytic()
             run.numeric()
@@ -619,6 +620,23 @@ class _DtypeWatch:
             mod = model.get_submodule(mod_name) if mod_name else model
             out[name] = rank.get(id(mod), len(rank))
         return out
+
+
+# ---------------------------------------------------------------------------- float64 everywhere
+class _Float32IsFloat64(TorchFunctionMode):
+    """On the float64 copy, ``.float()`` and ``.to(torch.float32)`` inside the user's step give
+    float64: ``F.one_hot(y, C).float()`` as a BCE target, or a mask cast with ``.float()``,
+    would otherwise meet a float64 prediction and stop the check with a dtype error."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is Tensor.float:
+            return Tensor.double(*args, **kwargs)
+        if func is Tensor.to:
+            if kwargs.get("dtype") is torch.float32:
+                kwargs = {**kwargs, "dtype": torch.float64}
+            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        return func(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- stop-gradients
