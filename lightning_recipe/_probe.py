@@ -11,6 +11,7 @@ RNG state is saved and restored around everything, so the real run is bit-identi
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -478,6 +479,78 @@ def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch
     with LossCapture() as capture:
         out = step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
     return StepResult(loss=extract_loss(out), calls=capture.calls)
+
+
+def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
+    """``module.validation_step(batch, batch_idx[, 0])`` as Lightning would call it."""
+    step = module.validation_step
+    try:
+        params = inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        params = {}
+    dl = params.get("dataloader_idx")
+    if dl is not None and dl.default is inspect.Parameter.empty:
+        return step(batch, batch_idx, 0)
+    return step(batch, batch_idx)
+
+
+def has_own_validation_step(module: nn.Module) -> bool:
+    own = getattr(type(module), "validation_step", None)
+    if own is None:
+        return False
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        return True
+    return own is not getattr(LightningModule, "validation_step", None)
+
+
+class EvalStep:
+    """Runs the user's step on a validation batch to read its loss: ``step_fn`` when given, else
+    the module's own ``validation_step`` when it makes a loss call (it computes what the user
+    calls the validation loss, without the augmentation, mixup or masking a ``training_step``
+    may add), else ``training_step``. The choice is made on the first batch and kept, so real
+    and zeroed inputs always go through the same step.
+    """
+
+    def __init__(self, step_fn: StepFn | None = None) -> None:
+        self.step_fn = step_fn
+        self.mode: str | None = "step_fn" if step_fn is not None else None
+
+    @property
+    def name(self) -> str:
+        return self.mode or "training_step"
+
+    def __call__(self, module: nn.Module, batch: Any) -> StepResult:
+        if self.mode is None:
+            try:
+                result = self._validation(module, batch)
+            except Exception:
+                result = None
+            self.mode = "validation_step" if result is not None else "training_step"
+            if result is not None:
+                return result
+        if self.mode == "validation_step":
+            result = self._validation(module, batch)
+            if result is None:
+                raise ProbeSkip("validation_step made no loss call on this batch")
+            return result
+        if self.step_fn is None and is_manual_optimization(module):
+            raise ProbeSkip(
+                "the module uses manual optimisation, so its training_step steps the optimizers, and "
+                "its validation_step makes no loss call; pass step_fn=lambda model, batch: loss"
+            )
+        return run_step(module, batch, self.step_fn)
+
+    @staticmethod
+    def _validation(module: nn.Module, batch: Any) -> StepResult | None:
+        if not has_own_validation_step(module):
+            return None
+        with LossCapture() as capture:
+            out = call_validation_step(module, batch)
+        if not capture.calls:
+            return None
+        return StepResult(loss=extract_loss(out), calls=capture.calls)
 
 
 def is_manual_optimization(module: nn.Module) -> bool:

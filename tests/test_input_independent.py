@@ -293,9 +293,14 @@ class ManualModel(Classifier):
         return loss
 
 
-def test_manual_optimisation_needs_step_fn(tmp_path):
+class ManualNoValLoss(ManualModel):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
+
+
+def test_manual_optimisation_uses_validation_step_or_needs_step_fn(tmp_path):
     mon = InputIndependentBaseline()
-    fit(tmp_path / "a", ManualModel(), *blobs(n=128), mon, epochs=1)
+    fit(tmp_path / "a", ManualNoValLoss(), *blobs(n=128), mon, epochs=1)
     assert codes(mon) == ["check-skipped"] and "step_fn" in mon.findings[0].message
     step_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     mon = InputIndependentBaseline(step_fn=step_fn)
@@ -461,3 +466,31 @@ def test_a_blind_model_with_extra_tensors_is_still_an_error(tmp_path):
         )
     assert codes(mon) == ["input-independent"]
     assert "input" not in mon.figures  # nothing in the batch reaches the output
+
+
+def test_manual_optimisation_is_judged_through_validation_step(tmp_path):
+    mon = InputIndependentBaseline()
+    fit(tmp_path, ManualModel(), *blobs(n=128), mon, epochs=1)
+    assert codes(mon) == [] and mon.figures["gap"] > 0
+
+
+class Mixup(Classifier):
+    """Healthy mixup: training_step mixes pairs of inputs with a random weight, validation_step
+    is plain cross-entropy."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+        perm = torch.randperm(x.shape[0])
+        out = self(lam * x + (1 - lam) * x[perm])
+        return lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+
+
+def test_training_step_augmentation_does_not_make_a_healthy_model_look_blind(tmp_path):
+    # measured through training_step, a mixup model's "real" loss on digits was 3.17 against 2.30
+    # with zeroed inputs (the first loss call compares a mixed prediction with one of its labels)
+    mon = InputIndependentBaseline()
+    fit(tmp_path, Mixup(mlp()), *blobs(n=256), mon)
+    assert codes(mon) == []
+    assert mon._eval_step.name == "validation_step"
+    assert mon.figures["gap"] > 0.5

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +17,7 @@ from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
     _storage_ptr,
+    call_validation_step,
     copy_module,
     is_manual_optimization,
     looks_like_probabilities,
@@ -759,25 +759,13 @@ class _DropoutSpy(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _call_validation_step(model: nn.Module, batch: Any, batch_idx: int) -> Any:
-    step = model.validation_step
-    try:
-        params = inspect.signature(step).parameters
-    except (TypeError, ValueError):
-        params = {}
-    dl = params.get("dataloader_idx")
-    if dl is not None and dl.default is inspect.Parameter.empty:
-        return step(batch, batch_idx, 0)
-    return step(batch, batch_idx)
-
-
 def _run_validation(model: nn.Module, batch: Any, batch_idx: int, seed: int) -> _ValidationRun:
     outputs: list[Any] = []
     handle = model.register_forward_hook(lambda m, a, out: outputs.append(out))
     try:
         seed_rngs(seed)
         with _DropoutSpy() as spy, LossCapture() as capture:
-            returned = _call_validation_step(model, batch, batch_idx)
+            returned = call_validation_step(model, batch, batch_idx)
     finally:
         handle.remove()
     tensors = _float_tensors(outputs) + [c.input.detach() for c in capture.calls] + _float_tensors(returned)

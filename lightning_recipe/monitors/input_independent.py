@@ -12,14 +12,15 @@ from torch import Tensor
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
+    EvalStep,
     LossCall,
     ProbeSkip,
     StepFn,
     StepResult,
     copy_module,
+    has_own_validation_step,
     is_manual_optimization,
     preserved_rng,
-    run_step,
 )
 from lightning_recipe.batch import (
     BatchAdapter,
@@ -49,7 +50,8 @@ class InputIndependentBaseline(RecipeCallback):
     to zero). This should perform worse than when you actually plug in your data without zeroing
     it out. Does it? i.e. does your model learn to extract any information out of the input at
     all?" Rather than training a second model, this callback asks the model being trained: after
-    every validation run (not the sanity check) it runs your ``training_step`` on a deep copy of
+    every validation run (not the sanity check) it runs your ``validation_step`` (your
+    ``training_step`` when the validation step calls no loss function) on a deep copy of
     the model in eval mode (no gradients, every RNG restored, the copy freed right after) over the
     first ``num_batches`` validation batches, once as they are and once with the input replaced by
     zeros (``BatchAdapter.zero_inputs``; token ids become id 0, usually padding: still a valid
@@ -163,12 +165,14 @@ class InputIndependentBaseline(RecipeCallback):
         self.patience = patience
         self.adapter = BatchAdapter(get_input, get_target)
         self.step_fn = step_fn
+        self._eval_step = EvalStep(step_fn)
         self._reset()
 
     def _reset(self) -> None:
         self._stash = BatchStash(self.num_batches, self.adapter, MAX_EXAMPLES)
         self._gave_up = False
         self._input_verified = False
+        self._eval_step = EvalStep(self.step_fn)
         self._runs = 0
         self._streak = 0
         self._history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
@@ -230,7 +234,11 @@ class InputIndependentBaseline(RecipeCallback):
         """Evaluate real vs zeroed inputs and log; True when the gap is not clear (rank-local)."""
         if self._gave_up or not self._stash.batches:
             return False
-        if self.step_fn is None and is_manual_optimization(pl_module):
+        if (
+            self.step_fn is None
+            and is_manual_optimization(pl_module)
+            and not has_own_validation_step(pl_module)
+        ):
             return self._give_up(
                 trainer,
                 "the module uses manual optimisation, so its training_step steps the optimizers; "
@@ -266,9 +274,9 @@ class InputIndependentBaseline(RecipeCallback):
                 if not self._input_verified:
                     self._verify_input(model, self._stash.batches[0])
                 for batch in self._stash.batches:
-                    result = run_step(model, batch, self.step_fn)
+                    result = self._eval_step(model, batch)
                     if result.data_loss is None:
-                        raise ProbeSkip("training_step returned None on a validation batch")
+                        raise ProbeSkip(f"{self._eval_step.name} returned no loss on a validation batch")
                     reals.append(result.data_loss.detach().float().reshape(()))
                     chance = _chance_loss(result.main_call)
                     if chance is not None:
@@ -303,7 +311,7 @@ class InputIndependentBaseline(RecipeCallback):
         self._input_verified = True
         if self.adapter.get_input is not None:
             return
-        real = run_step(model, batch, self.step_fn)
+        real = self._eval_step(model, batch)
         if not _same_output(real, self._zero_run(model, batch)):
             return
         guess = self.adapter.input(batch)
@@ -313,7 +321,7 @@ class InputIndependentBaseline(RecipeCallback):
                 continue
             zeroed = map_tensors(batch, lambda t, leaf=leaf: torch.zeros_like(t) if t is leaf else t)
             try:
-                changed = not _same_output(real, run_step(model, zeroed, self.step_fn))
+                changed = not _same_output(real, self._eval_step(model, zeroed))
             except Exception:
                 continue  # the model cannot run with this tensor zeroed: not the one to use
             if changed:
@@ -327,14 +335,14 @@ class InputIndependentBaseline(RecipeCallback):
     def _zero_run(self, model: Any, batch: Any) -> StepResult:
         zeroed = self.adapter.zero_inputs(batch)
         try:
-            result = run_step(model, zeroed, self.step_fn)
+            result = self._eval_step(model, zeroed)
         except Exception as exc:
             raise ProbeSkip(
                 f"the model could not run on zeroed inputs ({type(exc).__name__}: {exc}); pass "
                 "get_input=lambda batch: ... if the guessed input is not the model's input"
             ) from exc
         if result.data_loss is None:
-            raise ProbeSkip("training_step returned None on zeroed inputs")
+            raise ProbeSkip(f"{self._eval_step.name} returned no loss on zeroed inputs")
         return result
 
     def _target_moved(self, batch: Any, real: LossCall | None, zero: LossCall | None) -> Tensor:

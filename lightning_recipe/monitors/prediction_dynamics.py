@@ -12,14 +12,15 @@ from torch import Tensor
 from lightning_recipe import tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
+    EvalStep,
     LossCall,
     ProbeSkip,
     StepFn,
     class_scores,
     copy_module,
+    has_own_validation_step,
     is_manual_optimization,
     preserved_rng,
-    run_step,
 )
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, BatchStash, Getter
@@ -43,7 +44,8 @@ class PredictionDynamicsMonitor(StepMonitor):
     is off or the run resumes from a checkpoint, where Lightning skips it; it never iterates a
     dataloader itself, and until a validation batch was seen it has nothing to evaluate). Every
     ``every_n_steps`` optimizer steps (and once before the first step) it runs your
-    ``training_step`` on a deep copy of the model in eval mode (no gradients, every RNG restored,
+    ``validation_step`` (``training_step`` when it calls no loss function) on a deep copy
+    of the model in eval mode (no gradients, every RNG restored,
     the copy freed right after), reads the predictions and targets that reach your loss function
     and records per example (one host transfer per logging step):
 
@@ -153,12 +155,14 @@ class PredictionDynamicsMonitor(StepMonitor):
         self.max_history = max_history
         self.adapter = BatchAdapter(get_input, get_target)
         self.step_fn = step_fn
+        self._eval_step = EvalStep(step_fn)
         self._reset()
 
     def _reset(self) -> None:
         self._stash = BatchStash(1, self.adapter, self.num_examples)
         self._batch: Any = None
         self._fixed = False  # a batch was fixed (or the monitor gave up on fixing one)
+        self._eval_step = EvalStep(self.step_fn)
         self._signature: list[float] | None = None
         self._kind: str | None = None
         self._steps: deque[int] = deque(maxlen=self.max_history)
@@ -335,7 +339,11 @@ class PredictionDynamicsMonitor(StepMonitor):
         if self._fixed or not self._stash.batches:
             return False
         self._fixed = True
-        if self.step_fn is None and is_manual_optimization(pl_module):
+        if (
+            self.step_fn is None
+            and is_manual_optimization(pl_module)
+            and not has_own_validation_step(pl_module)
+        ):
             self._give_up(
                 trainer,
                 "the module uses manual optimisation, so its training_step steps the optimizers; "
@@ -363,12 +371,12 @@ class PredictionDynamicsMonitor(StepMonitor):
         try:
             model.eval()
             with preserved_rng(), torch.no_grad():
-                result = run_step(model, self._batch, self.step_fn)
+                result = self._eval_step(model, self._batch)
                 call = result.main_call
                 if call is None:
                     raise ProbeSkip(
-                        "no torch.nn.functional loss (or nn.*Loss) was seen in training_step, so the "
-                        "predictions and targets could not be read"
+                        "no torch.nn.functional loss (or nn.*Loss) was seen in "
+                        f"{self._eval_step.name}, so the predictions and targets could not be read"
                     )
                 read = read_predictions(call, self.num_examples)
         finally:
