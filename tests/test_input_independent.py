@@ -293,14 +293,9 @@ class ManualModel(Classifier):
         return loss
 
 
-class ManualNoValLoss(ManualModel):
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
-
-
-def test_manual_optimisation_uses_validation_step_or_needs_step_fn(tmp_path):
+def test_manual_optimisation_needs_step_fn(tmp_path):
     mon = InputIndependentBaseline()
-    fit(tmp_path / "a", ManualNoValLoss(), *blobs(n=128), mon, epochs=1)
+    fit(tmp_path / "a", ManualModel(), *blobs(n=128), mon, epochs=1)
     assert codes(mon) == ["check-skipped"] and "step_fn" in mon.findings[0].message
     step_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     mon = InputIndependentBaseline(step_fn=step_fn)
@@ -466,12 +461,6 @@ def test_a_blind_model_with_extra_tensors_is_still_an_error(tmp_path):
         )
     assert codes(mon) == ["input-independent"]
     assert "input" not in mon.figures  # nothing in the batch reaches the output
-
-
-def test_manual_optimisation_is_judged_through_validation_step(tmp_path):
-    mon = InputIndependentBaseline()
-    fit(tmp_path, ManualModel(), *blobs(n=128), mon, epochs=1)
-    assert codes(mon) == [] and mon.figures["gap"] > 0
 
 
 class Mixup(Classifier):

@@ -212,15 +212,10 @@ class ManualModel(Classifier):
         return loss
 
 
-class ManualNoValLoss(ManualModel):
-    def validation_step(self, batch, batch_idx):
-        self.log("val_acc", (self(batch[0]).argmax(-1) == batch[1]).float().mean())
-
-
-def test_manual_optimisation_uses_validation_step_or_needs_step_fn(tmp_path):
+def test_manual_optimisation_needs_step_fn(tmp_path):
     x, y = blobs(n=128)
     mon = PredictionDynamicsMonitor(every_n_steps=1)
-    fit(tmp_path / "a", ManualNoValLoss(), x, y, mon, logger=None, epochs=1)
+    fit(tmp_path / "a", ManualModel(), x, y, mon, logger=None, epochs=1)
     assert codes(mon) == ["check-skipped"] and "step_fn" in mon.findings[0].message
     step_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     mon = PredictionDynamicsMonitor(every_n_steps=1, step_fn=step_fn)

@@ -18,7 +18,6 @@ from lightning_recipe._probe import (
     StepFn,
     StepResult,
     copy_module,
-    has_own_validation_step,
     is_manual_optimization,
     preserved_rng,
 )
@@ -234,11 +233,7 @@ class InputIndependentBaseline(RecipeCallback):
         """Evaluate real vs zeroed inputs and log; True when the gap is not clear (rank-local)."""
         if self._gave_up or not self._stash.batches:
             return False
-        if (
-            self.step_fn is None
-            and is_manual_optimization(pl_module)
-            and not has_own_validation_step(pl_module)
-        ):
+        if self.step_fn is None and is_manual_optimization(pl_module):
             return self._give_up(
                 trainer,
                 "the module uses manual optimisation, so its training_step steps the optimizers; "

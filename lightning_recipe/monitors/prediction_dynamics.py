@@ -18,7 +18,6 @@ from lightning_recipe._probe import (
     StepFn,
     class_scores,
     copy_module,
-    has_own_validation_step,
     is_manual_optimization,
     preserved_rng,
 )
@@ -339,11 +338,7 @@ class PredictionDynamicsMonitor(StepMonitor):
         if self._fixed or not self._stash.batches:
             return False
         self._fixed = True
-        if (
-            self.step_fn is None
-            and is_manual_optimization(pl_module)
-            and not has_own_validation_step(pl_module)
-        ):
+        if self.step_fn is None and is_manual_optimization(pl_module):
             self._give_up(
                 trainer,
                 "the module uses manual optimisation, so its training_step steps the optimizers; "
