@@ -207,7 +207,8 @@ class BatchIndependenceCheck(FirstBatchCheck):
             raise ProbeSkip(
                 f"no output with the batch size ({k}) in its first dimension depends on the input (the "
                 "forward output, the loss input and the submodule outputs were looked at; flattened "
-                "batch*time outputs are not used)"
+                "batch*time outputs are not used); if the guessed input is not what the model reads "
+                "(a batch such as (sample_weight, x, y)), pass get_input=lambda batch: ..."
             )
         assert leaf is not None
         return _Chart(k, at, f"{source} {tuple(out.shape)}", *self._probe(out, leaf, k))
