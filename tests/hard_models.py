@@ -140,26 +140,6 @@ class DictStep(Classifier):
         return {"loss": loss, "acc": acc}
 
 
-class ManualClassifier(Classifier):
-    """Manual optimisation with one optimizer (and the usual zero_grad / backward / step)."""
-
-    def __init__(self, net: nn.Module, lr: float = 1e-2) -> None:
-        super().__init__(net, lr=lr)
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        opt = self.optimizers()
-        x, y = self.split(batch)
-        out = self(x)
-        loss = F.cross_entropy(out, y)
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        self.log("train_loss", loss, on_step=True, on_epoch=True)
-        self.log("train_acc", (out.argmax(-1) == y).float().mean(), on_epoch=True)
-        return loss
-
-
 class TinyGAN(L.LightningModule):
     """Generator / discriminator on 2-d points, both stepped every batch (manual optimisation).
 

@@ -174,6 +174,26 @@ def trainer(tmp_path: Path, callbacks: list, logger: str | None = "tb", **kwargs
     return L.Trainer(**opts)
 
 
+class ManualClassifier(Classifier):
+    """Manual optimisation with one optimizer (and the usual zero_grad / backward / step)."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-2) -> None:
+        super().__init__(net, lr=lr)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        x, y = self.split(batch)
+        out = self(x)
+        loss = F.cross_entropy(out, y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", (out.argmax(-1) == y).float().mean(), on_epoch=True)
+        return loss
+
+
 def event_tags(logdir: Path | str) -> dict[str, list[str]]:
     """Tags by kind ('scalars', 'histograms', 'images', 'tensors') in a TensorBoard run dir."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

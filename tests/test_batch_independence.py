@@ -11,6 +11,7 @@ from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from models import (
     Classifier,
     GRUNet,
+    ManualClassifier,
     TinyTransformer,
     blobs,
     cnn,
@@ -255,24 +256,13 @@ def test_skips_are_info_with_the_reason():
     assert codes(check) == ["check-skipped"] and "depends on the input" in check.findings[0].message
 
 
-class Manual(Classifier):
-    def __init__(self, net):
-        super().__init__(net)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        opt.zero_grad()
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.manual_backward(loss)
-        opt.step()
-
-
 def test_manual_optimisation_needs_step_fn():
     batch = first_batch(*blobs())
-    check = probe(Manual(TransposedReshape()), batch)
+    check = probe(ManualClassifier(TransposedReshape()), batch)
     assert codes(check) == ["check-skipped"] and "step_fn" in check.findings[0].message
-    check = probe(Manual(TransposedReshape()), batch, step_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1]))
+    check = probe(
+        ManualClassifier(TransposedReshape()), batch, step_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1])
+    )
     assert codes(check) == ["batch-mixing"]
 
 

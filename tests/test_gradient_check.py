@@ -11,6 +11,7 @@ from lightning_recipe.checks.gradient_check import GradientCheck, relative_error
 from models import (
     Classifier,
     GRUNet,
+    ManualClassifier,
     TinyTransformer,
     blobs,
     cnn,
@@ -258,25 +259,12 @@ def test_irreproducible_step_is_skipped():
     assert codes(check) == ["check-skipped"] and "not reproducible" in check.findings[0].message
 
 
-class Manual(Classifier):
-    def __init__(self, net):
-        super().__init__(net)
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        opt.zero_grad()
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        self.manual_backward(loss)
-        opt.step()
-
-
 def test_manual_optimisation_and_unreadable_batches_are_skipped():
     x, y = blobs()
-    check = gradcheck(Manual(CustomNet("2x")), first_batch(x, y))
+    check = gradcheck(ManualClassifier(CustomNet("2x")), first_batch(x, y))
     assert codes(check) == ["check-skipped"] and "step_fn" in check.findings[0].message
     step_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    check = gradcheck(Manual(CustomNet("2x")), first_batch(x, y), step_fn=step_fn)
+    check = gradcheck(ManualClassifier(CustomNet("2x")), first_batch(x, y), step_fn=step_fn)
     assert codes(check) == ["gradcheck-failed"]
     check = gradcheck(Classifier(mlp()), {"pixels": x[:8], "digit": y[:8]})
     assert codes(check) == ["check-skipped"] and "get_input" in check.findings[0].message

@@ -20,7 +20,6 @@ from hard_models import (
     DictStep,
     FrozenBackbone,
     ListDataset,
-    ManualClassifier,
     MetaTuple,
     Run,
     Sample,
@@ -33,7 +32,18 @@ from hard_models import (
     pretrained_backbone,
     split_loaders,
 )
-from models import Classifier, GRUNet, TinyTransformer, blobs, cnn, image_blobs, loaders, mlp, token_blobs
+from models import (
+    Classifier,
+    GRUNet,
+    ManualClassifier,
+    TinyTransformer,
+    blobs,
+    cnn,
+    image_blobs,
+    loaders,
+    mlp,
+    token_blobs,
+)
 from models import trainer as make_trainer
 
 #: every monitor's scalar output (a tag prefix) that a healthy run with validation data logs

@@ -16,6 +16,7 @@ from lightning_recipe.monitors.input_independent import InputIndependentBaseline
 from models import (
     Classifier,
     GRUNet,
+    ManualClassifier,
     TinyTransformer,
     accumulator,
     blobs,
@@ -279,27 +280,13 @@ def test_no_validation_data_is_an_info_skip(tmp_path):
     assert codes(mon) == ["check-skipped"] and "validation" in mon.findings[0].message
 
 
-class ManualModel(Classifier):
-    def __init__(self):
-        super().__init__(mlp())
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        return loss
-
-
 def test_manual_optimisation_needs_step_fn(tmp_path):
     mon = InputIndependentBaseline()
-    fit(tmp_path / "a", ManualModel(), *blobs(n=128), mon, epochs=1)
+    fit(tmp_path / "a", ManualClassifier(mlp()), *blobs(n=128), mon, epochs=1)
     assert codes(mon) == ["check-skipped"] and "step_fn" in mon.findings[0].message
     step_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     mon = InputIndependentBaseline(step_fn=step_fn)
-    fit(tmp_path / "b", ManualModel(), *blobs(n=128), mon, epochs=1)
+    fit(tmp_path / "b", ManualClassifier(mlp()), *blobs(n=128), mon, epochs=1)
     assert codes(mon) == [] and mon.figures["gap"] > 0
 
 

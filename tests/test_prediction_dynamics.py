@@ -16,6 +16,7 @@ from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMoni
 from models import (
     Classifier,
     GRUNet,
+    ManualClassifier,
     TinyTransformer,
     accumulator,
     blobs,
@@ -198,28 +199,14 @@ def test_no_validation_data_is_an_info_skip(tmp_path):
     assert codes(mon) == ["check-skipped"] and "validation" in mon.findings[0].message
 
 
-class ManualModel(Classifier):
-    def __init__(self):
-        super().__init__(mlp())
-        self.automatic_optimization = False
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        loss = F.cross_entropy(self(batch[0]), batch[1])
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
-        return loss
-
-
 def test_manual_optimisation_needs_step_fn(tmp_path):
     x, y = blobs(n=128)
     mon = PredictionDynamicsMonitor(every_n_steps=1)
-    fit(tmp_path / "a", ManualModel(), x, y, mon, logger=None, epochs=1)
+    fit(tmp_path / "a", ManualClassifier(mlp()), x, y, mon, logger=None, epochs=1)
     assert codes(mon) == ["check-skipped"] and "step_fn" in mon.findings[0].message
     step_fn = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
     mon = PredictionDynamicsMonitor(every_n_steps=1, step_fn=step_fn)
-    fit(tmp_path / "b", ManualModel(), x, y, mon, logger=None, epochs=1)
+    fit(tmp_path / "b", ManualClassifier(mlp()), x, y, mon, logger=None, epochs=1)
     assert codes(mon) == [] and len(mon._steps) > 2
 
 

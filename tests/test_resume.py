@@ -25,12 +25,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 import lightning_recipe as lr
-from hard_models import ManualClassifier
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.report import load_report
 from lightning_recipe.suite import SUITE
-from models import Classifier, blobs, cnn, image_blobs, loaders, mlp
+from models import Classifier, ManualClassifier, blobs, cnn, image_blobs, loaders, mlp
 
 N, K = 6, 2  # epochs straight / before the interruption
 BATCHES = 12  # per epoch (192 training samples, batches of 16)

@@ -257,8 +257,9 @@ class ActivationMonitor(TrendMonitor):
           lr 0.3 (30x too high) leaves 59-75% dead and is reported by the update-ratio and
           loss-curve monitors instead.
           The digits demo: healthy 20-22% at most (its head), ``lr-too-high`` 100% by step 15;
-          a head that cannot learn anything also dies (``batch-view`` 75%, ``shuffled-labels``
-          80%, ``no-zero-grad`` 59%), so this finding often accompanies another one.
+          a head that cannot learn anything also dies (``batch-view`` 75% and more,
+          ``shuffled-labels`` 80%, ``no-zero-grad`` 59%); above the 90% limit this finding then
+          accompanies the one that names the cause.
           Units are judged only with at least ``min_positions`` values per unit in the batch
           (with batch 1 half of healthy units are zero by chance).
         * ``saturated-units`` (warning): a tanh/sigmoid layer with more than

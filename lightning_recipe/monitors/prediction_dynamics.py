@@ -43,10 +43,10 @@ class PredictionDynamicsMonitor(StepMonitor):
     is off or the run resumes from a checkpoint, where Lightning skips it; it never iterates a
     dataloader itself, and until a validation batch was seen it has nothing to evaluate). Every
     ``every_n_steps`` optimizer steps (and once before the first step) it runs your
-    ``validation_step`` (``training_step`` when it calls no loss function) on a deep copy
-    of the model in eval mode (no gradients, every RNG restored,
-    the copy freed right after), reads the predictions and targets that reach your loss function
-    and records per example (one host transfer per logging step):
+    ``validation_step`` (``training_step`` when it calls no loss function) on a deep copy of the
+    model in eval mode (no gradients, every RNG restored, the copy freed right after), reads the
+    predictions and targets that reach your loss function and records per example (one host
+    transfer per logging step):
 
     * classifiers (``cross_entropy``, ``nll_loss``, ``multi_margin_loss``, binary cross-entropy):
       the predicted class and the probability of the true class (rows with an ignored target
