@@ -29,12 +29,12 @@ test: $(STAMP)
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_recipe tests examples benchmarks
-	$(BIN)/ruff format --check lightning_recipe tests examples benchmarks
+	$(BIN)/ruff check lightning_recipe tests examples benchmarks docs
+	$(BIN)/ruff format --check lightning_recipe tests examples benchmarks docs
 
 format: $(STAMP)
-	$(BIN)/ruff format lightning_recipe tests examples benchmarks
-	$(BIN)/ruff check --fix lightning_recipe tests examples benchmarks
+	$(BIN)/ruff format lightning_recipe tests examples benchmarks docs
+	$(BIN)/ruff check --fix lightning_recipe tests examples benchmarks docs
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

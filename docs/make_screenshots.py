@@ -15,8 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lightning_recipe._tbserver import BrowserPage, serve
 from lightning_recipe.demo import run_demo
+
+# the TensorBoard + headless Chromium harness lives with the tests (it is not shipped in the wheel)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from _tbserver import BrowserPage, serve
 
 OUT = Path(__file__).parent / "images"
 

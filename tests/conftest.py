@@ -29,3 +29,46 @@ def _quiet():
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     yield
+
+
+# ---------------------------------------------------------------------------- internal errors
+# A diagnostic that fails internally reports an ``internal-error`` info finding and turns itself
+# off, so a test that only looks at warnings would still pass with the callback blind. Every
+# test fails on such a finding unless it is marked ``@pytest.mark.internal_error_expected``.
+_INTERNAL_ERRORS: list = []
+
+
+def _install_internal_error_recorder() -> None:
+    from lightning_recipe.callback import RecipeCallback
+
+    if getattr(RecipeCallback.report, "_records_internal_errors", False):
+        return
+    original = RecipeCallback.report
+
+    def report(self, trainer, code, *args, **kwargs):
+        if code == "internal-error":
+            message = args[1] if len(args) > 1 else kwargs.get("message", "")
+            _INTERNAL_ERRORS.append(f"{type(self).__name__}: {message}")
+        return original(self, trainer, code, *args, **kwargs)
+
+    report._records_internal_errors = True
+    RecipeCallback.report = report
+
+
+_install_internal_error_recorder()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "internal_error_expected: the test provokes an internal-error finding on purpose"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_internal_errors(request):
+    """Fail the test if any recipe callback reported ``internal-error`` during it."""
+    _INTERNAL_ERRORS.clear()
+    yield
+    if request.node.get_closest_marker("internal_error_expected") is None and _INTERNAL_ERRORS:
+        errors, _INTERNAL_ERRORS[:] = list(_INTERNAL_ERRORS), []
+        pytest.fail("a diagnostic failed internally (internal-error):\n" + "\n".join(errors), pytrace=False)

@@ -20,6 +20,11 @@ def fit(tmp_path, callbacks, kind):
     with open(tmp_path / "run" / "version_0" / "metrics.csv") as fh:
         rows = [{k: v for k, v in r.items() if not k.startswith("recipe/")} for r in csv.DictReader(fh)]
     rows = [r for r in rows if any(v for k, v in r.items() if k not in ("epoch", "step"))]
+    if callbacks:  # the suite really measured: a callback that turned itself off proves nothing
+        measured = {type(cb).__name__: cb.figures for cb in callbacks if isinstance(cb, lr.RecipeCallback)}
+        assert len(measured) >= 14 and all(measured.values()), sorted(k for k, v in measured.items() if not v)
+        codes = {f.code for f in lr.findings(t)}
+        assert not codes & {"internal-error", "check-skipped"}, codes
     return model.state_dict(), rows, t.optimizers[0].state_dict(), torch.get_rng_state()
 
 

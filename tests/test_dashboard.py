@@ -7,7 +7,7 @@ without them it is skipped with the reason. The HTTP part always runs.
 
 import pytest
 
-from lightning_recipe._tbserver import BrowserPage, find_chromium, serve
+from _tbserver import BrowserPage, find_chromium, serve
 from lightning_recipe.demo import run_demo
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,10 @@ SCRIPT = Path(__file__).parent / "ddp" / "run_suite.py"
 pytestmark = pytest.mark.slow
 
 
-def run_ddp(out: Path, cfg: dict, timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
+def run_ddp(
+    out: Path, cfg: dict, timeout: int = 300, internal_error_expected: bool = False
+) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
+    """Run one scenario; fail if a diagnostic on any rank turned itself off (``internal-error``)."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), json.dumps(cfg)],
         capture_output=True,
@@ -29,6 +32,14 @@ def run_ddp(out: Path, cfg: dict, timeout: int = 300) -> tuple[subprocess.Comple
         f = out / f"rank{r}.json"
         if f.exists():
             ranks[r] = json.loads(f.read_text())
+    if not internal_error_expected:
+        broken = [
+            (r, f["message"])
+            for r, d in ranks.items()
+            for f in d["findings"]
+            if f["code"] == "internal-error"
+        ]
+        assert broken == [], broken
     return proc, ranks
 
 
