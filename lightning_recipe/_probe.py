@@ -446,30 +446,72 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- running steps
-def call_training_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
-    """``module.training_step(batch[, batch_idx])`` as Lightning would call it."""
-    step = getattr(module, "training_step", None)
+#: the step hooks a probe can call, as Lightning calls them
+STEP_HOOKS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def call_step(module: nn.Module, hook: str, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> Any:
+    """``module.<hook>(...)`` with every signature Lightning accepts.
+
+    * ``step(batch)``, ``step(batch, batch_idx)``, ``step(batch, batch_idx, dataloader_idx)``
+      (``dataloader_idx`` passed only when the step asks for it without a default);
+    * ``step(dataloader_iter)``: the step gets an iterator yielding ``(batch, batch_idx,
+      dataloader_idx)`` once, as Lightning's ``dataloader_iter`` does for one batch.
+
+    Raises :class:`ProbeSkip` when the module has no such step.
+    """
+    if hook not in STEP_HOOKS:
+        raise ValueError(f"`hook` must be one of {STEP_HOOKS}, got {hook!r}")
+    step = getattr(module, hook, None)
     if step is None:
-        raise ProbeSkip("the module has no training_step; pass step_fn=(model, batch) -> loss")
+        raise ProbeSkip(f"the module has no {hook}; pass step_fn=(model, batch) -> loss")
     try:
-        from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+        params = inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        return step(batch, batch_idx)
+    if "dataloader_iter" in params:
+        return step(iter([(batch, batch_idx, dataloader_idx)]))
+    positional = [
+        p
+        for p in params.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    var_positional = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
+    kwargs: dict[str, Any] = {}
+    dl = params.get("dataloader_idx")
+    if dl is not None and dl.default is inspect.Parameter.empty:
+        kwargs["dataloader_idx"] = dataloader_idx
+    if len(positional) >= 2 or var_positional:
+        return step(batch, batch_idx, **kwargs)
+    return step(batch, **kwargs)
 
-        takes_idx = is_param_in_hook_signature(step, "batch_idx", min_args=2)
-    except Exception:
-        takes_idx = True
-    return step(batch, batch_idx) if takes_idx else step(batch)
+
+def call_training_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
+    """``module.training_step`` as Lightning would call it (see :func:`call_step`)."""
+    return call_step(module, "training_step", batch, batch_idx)
 
 
-def extract_loss(output: Any) -> Tensor | None:
-    """The loss in a ``training_step`` return value: a tensor, ``{"loss": ...}`` or ``None``."""
+def find_loss(output: Any) -> Tensor | None:
+    """The loss in what a step returned, or ``None``: a tensor, a mapping with a tensor under
+    ``"loss"``, or an object with a tensor ``.loss`` attribute (Hugging Face style outputs).
+    A ``None`` return (the step skipped the batch) or anything else gives ``None``."""
     if output is None:
         return None
     if isinstance(output, Tensor):
         return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    return loss if isinstance(loss, Tensor) else None
+
+
+def extract_loss(output: Any) -> Tensor | None:
+    """The loss in a ``training_step`` return value (:func:`find_loss`); ``None`` for ``None``.
+    Raises :class:`ProbeSkip` for a return value that holds no loss tensor."""
+    if output is None:
+        return None
+    loss = find_loss(output)
+    if loss is not None:
+        return loss
     if isinstance(output, Mapping):
-        loss = output.get("loss")
-        if isinstance(loss, Tensor):
-            return loss
         raise ProbeSkip("training_step returned a dict without a tensor under 'loss'")
     raise ProbeSkip(f"training_step returned a {type(output).__name__}, not a loss tensor")
 
@@ -482,16 +524,8 @@ def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch
 
 
 def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
-    """``module.validation_step(batch, batch_idx[, 0])`` as Lightning would call it."""
-    step = module.validation_step
-    try:
-        params = inspect.signature(step).parameters
-    except (TypeError, ValueError):
-        params = {}
-    dl = params.get("dataloader_idx")
-    if dl is not None and dl.default is inspect.Parameter.empty:
-        return step(batch, batch_idx, 0)
-    return step(batch, batch_idx)
+    """``module.validation_step`` as Lightning would call it (see :func:`call_step`)."""
+    return call_step(module, "validation_step", batch, batch_idx)
 
 
 def has_own_validation_step(module: nn.Module) -> bool:
