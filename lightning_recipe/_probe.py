@@ -276,6 +276,50 @@ def untrack_hook(handle: Any) -> None:
     handle.remove()
 
 
+class HookSet:
+    """The hooks this package attaches for one step (or one probe), removed together.
+
+    Every hook goes through :func:`track_hook`, so model copies made while it is attached drop
+    it. Use it as a context manager for a probe, or keep it on the callback and call
+    :meth:`remove` when the logging step is over.
+
+    Example::
+
+        with HookSet() as hooks:
+            for m in model.modules():
+                hooks.forward(m, on_output)
+            model(x)
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def forward(self, module: nn.Module, fn: Callable[..., Any], *, pre: bool = False, **kwargs: Any) -> Any:
+        """Register a forward hook (``pre=True``: a forward pre-hook) on ``module``."""
+        register = module.register_forward_pre_hook if pre else module.register_forward_hook
+        handle = track_hook(register(fn, **kwargs))
+        self._handles.append(handle)
+        return handle
+
+    def remove(self) -> None:
+        """Remove every hook of the set (safe to call twice)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            untrack_hook(h)
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
 _HOOK_DICTS = (
     "_forward_hooks",
     "_forward_pre_hooks",
