@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_recipe import _context
-from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, check_code
+from lightning_recipe import _context, tensorboard
+from lightning_recipe import report as _report
+from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, _jsonable, check_code
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,6 +44,10 @@ class RecipeCallback(Callback):
             def on_train_start(self, trainer, pl_module):
                 self.report(trainer, "check-skipped", "info", "nothing to check", {"why": "demo"})
     """
+
+    #: the finding codes this callback can report (besides ``check-skipped`` / ``internal-error``),
+    #: so sibling callbacks can tell who covers a verdict (:func:`_context.reports_code`)
+    codes: tuple[str, ...] = ()
 
     def __init__(self, *, on_error: str = "warn") -> None:
         super().__init__()
@@ -106,9 +111,7 @@ class RecipeCallback(Callback):
             if _context.is_global_zero(trainer):
                 warnings.warn(f"[{code}] {message}", RecipeWarning, stacklevel=2)
         if trainer is not None:
-            from lightning_recipe import report
-
-            report.findings_changed(trainer)
+            _report.findings_changed(trainer)
         if found.severity is Severity.ERROR and self.on_error == "raise":
             if getattr(self, "_defer_errors", False):
                 if getattr(self, "_pending_error", None) is None:
@@ -195,32 +198,24 @@ class RecipeCallback(Callback):
         return {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning_recipe.tensorboard import recipe_callbacks_of
-
         if stage == "fit":
-            callbacks = recipe_callbacks_of(trainer)
+            callbacks = _context.recipe_callbacks_of(trainer)
             if callbacks and callbacks[0] is self:
                 _context.reset_trainer_state(trainer)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_recipe import report, tensorboard
-
         tensorboard.write_layout(trainer)
-        report.write_snapshot_once(trainer)
+        _report.write_snapshot_once(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_recipe import report
-
-        report.write_report_if_last(trainer, self)
+        _report.write_report_if_last(trainer, self)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         try:  # never replace the exception that ends the run with one of ours
             self.teardown_diagnostics()
         except Exception:
             pass
-        from lightning_recipe import report
-
-        report.write_report_if_last(trainer, self, status="failed")
+        _report.write_report_if_last(trainer, self, status="failed")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +232,6 @@ class RecipeCallback(Callback):
 
 
 def _context_safe(figures: dict[str, Any]) -> dict[str, Any]:
-    from lightning_recipe.findings import _jsonable
-
     return _jsonable(figures)
 
 

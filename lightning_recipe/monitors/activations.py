@@ -288,6 +288,11 @@ class ActivationMonitor(TrendMonitor):
         trainer.fit(model, datamodule)  # warns "[dead-units] 97% of the units of net.1 ..."
     """
 
+    codes = ("dead-units", "saturated-units")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 40
+
     def __init__(
         self,
         every_n_steps: int | None = None,

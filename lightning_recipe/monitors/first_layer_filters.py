@@ -85,6 +85,11 @@ class FirstLayerFilterMonitor(RecipeCallback):
         trainer.fit(mlp_on_mnist, datamodule)
     """
 
+    codes = ("noisy-filters",)
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 70
+
     def __init__(
         self,
         every_n_epochs: int = 1,

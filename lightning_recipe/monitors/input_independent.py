@@ -11,7 +11,6 @@ from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import (
-    REGRESSION_LOSSES,
     EvalStep,
     LossCall,
     ProbeSkip,
@@ -19,6 +18,7 @@ from lightning_recipe._probe import (
     StepResult,
     copy_module,
     is_manual_optimization,
+    know_nothing_loss,
     preserved_rng,
 )
 from lightning_recipe.batch import (
@@ -31,7 +31,6 @@ from lightning_recipe.batch import (
     tensor_leaves,
 )
 from lightning_recipe.callback import RecipeCallback
-from lightning_recipe.checks.loss_at_init import chance_input
 from lightning_recipe.findings import Severity
 
 TAG = "recipe/input_independent"
@@ -126,6 +125,11 @@ class InputIndependentBaseline(RecipeCallback):
         trainer = L.Trainer(callbacks=[InputIndependentBaseline()], logger=TensorBoardLogger("runs"))
         trainer.fit(model, datamodule)  # errors "[input-independent] ..." if inputs carry nothing
     """
+
+    codes = ("input-independent",)
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 30
 
     def __init__(
         self,
@@ -420,24 +424,13 @@ class InputIndependentBaseline(RecipeCallback):
 # ---------------------------------------------------------------------------- helpers
 def _chance_loss(call: LossCall | None) -> Tensor | None:
     """The loss of a know-nothing prediction with the same loss call, or ``None``."""
-    if call is None:
-        return None
-    base = chance_input(call)
-    target = call.target
-    if (
-        base is None
-        and call.name in REGRESSION_LOSSES
-        and isinstance(target, Tensor)
-        and target.is_floating_point()
-        and target.numel() > 0
-    ):
-        base = target.detach().float().mean().to(call.input.dtype).expand_as(call.input.detach())
-    if base is None:
-        return None
     try:
-        out = call.recompute(base).detach().float()
+        ref = know_nothing_loss(call)
     except Exception:
         return None
+    if ref is None:
+        return None
+    out = ref[0].detach().float()
     return (out if out.dim() == 0 else out.mean()).reshape(())
 
 

@@ -127,6 +127,11 @@ class LossCurveMonitor(StepMonitor):
         trainer = L.Trainer(callbacks=[LossCurveMonitor()], log_every_n_steps=50)
     """
 
+    codes = ("loss-diverged", "loss-not-decreasing", "lr-decayed-early", "non-finite-loss")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 0
+
     def __init__(
         self,
         every_n_steps: int | None = None,

@@ -116,6 +116,8 @@ class PredictionDynamicsMonitor(StepMonitor):
         trainer.fit(model, datamodule)  # Images tab: recipe/prediction_dynamics
     """
 
+    codes = ("prediction-instability",)
+
     def __init__(
         self,
         every_n_steps: int | None = None,

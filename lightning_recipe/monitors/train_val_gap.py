@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _context, stats, tensorboard
 from lightning_recipe._validate import check_number
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
@@ -111,6 +111,11 @@ class TrainValGapMonitor(RecipeCallback):
 
         trainer = L.Trainer(callbacks=[TrainValGapMonitor(num_classes=10)])
     """
+
+    codes = ("overfitting", "underfitting")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 10
 
     def __init__(
         self,
@@ -434,7 +439,7 @@ def _candidates(names: Sequence[str]) -> list[str]:
 
 def _measured_classes(trainer: Any) -> int | None:
     """The class count another recipe callback measured (e.g. LossAtInitCheck's figures)."""
-    for cb in tensorboard.recipe_callbacks_of(trainer):
+    for cb in _context.recipe_callbacks_of(trainer):
         c = getattr(cb, "figures", {}).get("num_classes")
         if isinstance(c, int) and not isinstance(c, bool) and c >= 2:
             return c
