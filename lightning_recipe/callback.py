@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe import _context, tensorboard
 from lightning_recipe import report as _report
+from lightning_recipe._validate import check_callable
+from lightning_recipe.batch import BatchAdapter, Getter
 from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, _jsonable, check_code
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -48,6 +50,8 @@ class RecipeCallback(Callback):
     #: the finding codes this callback can report (besides ``check-skipped`` / ``internal-error``),
     #: so sibling callbacks can tell who covers a verdict (:func:`_context.reports_code`)
     codes: tuple[str, ...] = ()
+    #: a short verb phrase for skip messages: "<Class> did not <what>: <reason>."
+    what = "run"
 
     def __init__(self, *, on_error: str = "warn") -> None:
         super().__init__()
@@ -151,6 +155,32 @@ class RecipeCallback(Callback):
                 f"{type(self).__name__} stopped the fit: another rank made an error finding "
                 "(on_error='raise'); that rank raised RecipeError with the finding in its message.",
             )
+
+    def skip(
+        self, trainer: Any | None, reason: str, *, once: bool = False, **evidence: Any
+    ) -> Finding | None:
+        """Report that this diagnostic could not run, and why (``check-skipped``, info): the one
+        place that words a skip. ``once=True`` says it only the first time (a resumed run keeps
+        the finding from before); ``evidence`` adds numbers to ``{"reason": reason}``."""
+        self.figures["skipped"] = reason
+        if once and self.has_reported("check-skipped"):
+            return None
+        return self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"{type(self).__name__} did not {self.what}: {reason.rstrip('.')}.",
+            {"reason": reason, **evidence},
+        )
+
+    def read_batches_with(
+        self, get_input: Getter | None = None, get_target: Getter | None = None, step_fn: Any = None
+    ) -> None:
+        """Set up how this callback reads batches and runs steps: :attr:`adapter` (the batch
+        layout guess, or ``get_input`` / ``get_target``) and :attr:`step_fn` (``None``: the
+        user's own ``training_step`` / ``validation_step`` through the probe layer)."""
+        self.adapter = BatchAdapter(get_input, get_target)
+        self.step_fn = check_callable("step_fn", step_fn, "(model, batch) -> loss")
 
     def has_reported(self, code: str) -> bool:
         """True if this callback already made a finding with ``code``."""

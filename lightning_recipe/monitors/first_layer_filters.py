@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import track_hook, untrack_hook
 from lightning_recipe._validate import check_int
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.activations import first_tensor
@@ -86,6 +86,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
     """
 
     codes = ("noisy-filters",)
+    what = "look at the first-layer filters"
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 70
@@ -125,7 +126,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
             raise ValueError(f"`noisy_ratio` must be a number in (0, 1], got {noisy_ratio!r}")
         self.noisy_ratio = float(noisy_ratio)
         self.max_filters = check_int("max_filters", max_filters)
-        self.adapter = BatchAdapter(get_input=get_input)
+        self.read_batches_with(get_input)
         self._handles: list[Any] = []
         self._searched = False
         self._fresh = False
@@ -269,16 +270,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
             )
         else:
             reason = "no Conv1d/Conv2d/Linear layer ran on the first training batch"
-        self.figures["skipped"] = reason
-        if self.has_reported("check-skipped"):  # said before the run was resumed
-            return
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"FirstLayerFilterMonitor did not look at the first-layer filters: {reason.rstrip('.')}.",
-            {"reason": reason},
-        )
+        self.skip(trainer, reason, once=True)
 
     def _detach(self) -> None:
         handles, self._handles = self._handles, []

@@ -127,6 +127,7 @@ class InputIndependentBaseline(RecipeCallback):
     """
 
     codes = ("input-independent",)
+    what = "compare real and zeroed inputs"
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 30
@@ -158,16 +159,11 @@ class InputIndependentBaseline(RecipeCallback):
             or not 0 <= min_gap < 1
         ):
             raise ValueError(f"`min_gap` must be a number in [0, 1), got {min_gap!r}")
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
         self.num_batches = num_batches
         self.min_gap = float(min_gap)
         self.warmup = warmup
         self.patience = patience
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self._eval_step = EvalStep(step_fn)
         self._reset()
 
@@ -390,16 +386,7 @@ class InputIndependentBaseline(RecipeCallback):
         return False
 
     def _skip(self, trainer: Any, reason: str, at_end: bool = False) -> None:
-        self.figures["skipped"] = reason
-        if self.has_reported("check-skipped"):  # said already (before the run was resumed)
-            return
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"InputIndependentBaseline did not compare real and zeroed inputs: {reason.rstrip('.')}.",
-            {"reason": reason, "end_of_fit": at_end},
-        )
+        self.skip(trainer, reason, once=True, end_of_fit=at_end)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

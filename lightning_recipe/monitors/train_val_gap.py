@@ -113,6 +113,7 @@ class TrainValGapMonitor(RecipeCallback):
     """
 
     codes = ("overfitting", "underfitting")
+    what = "compare train and val metrics"
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 10
@@ -384,16 +385,14 @@ class TrainValGapMonitor(RecipeCallback):
             else [n for pair in (*ACCURACY_GUESSES, *LOSS_GUESSES) for n in pair]
         )
         present = sorted(getattr(trainer, "callback_metrics", {}) or {})
-        self.figures["skipped"] = "no train/val metric pair found"
-        self.report(
+        self.skip(
             trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"TrainValGapMonitor found no pair of train/val metrics in callback_metrics (tried "
+            f"found no pair of train/val metrics in callback_metrics (tried "
             f"{', '.join(sorted(set(tried)))}, each also with '_epoch' and '/dataloader_idx_0'; "
             f"logged: {', '.join(present) or 'none'}); "
-            "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric.",
-            {"tried": sorted(set(tried)), "found": present},
+            "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric",
+            tried=sorted(set(tried)),
+            found=present,
         )
 
     # ------------------------------------------------------------------ layout and resume
