@@ -61,8 +61,8 @@ class RecipeCallback(Callback):
         self._broken = False
         #: key figures for the report, JSON-ready: {"loss": 2.31, ...}
         self.figures: dict[str, Any] = {}
-        #: print the findings table at fit end (the JSON and TensorBoard report are always written)
-        self.verbose = True
+        #: print the report at fit end (the JSON and TensorBoard report are always written)
+        self.print_report = True
 
     # ------------------------------------------------------------------ findings
     @property
@@ -79,6 +79,7 @@ class RecipeCallback(Callback):
             self._broken = False
             self.figures = {}
             self.on_error = "warn"
+            self.print_report = True
         return self._findings
 
     def report(

@@ -256,7 +256,7 @@ def write_report_if_last(trainer: Any, callback: Any, status: str = "finished") 
         return None
 
 
-def write_report(trainer: Any, verbose: bool | None = None, status: str = "finished") -> dict[str, Any]:
+def write_report(trainer: Any, print_report: bool | None = None, status: str = "finished") -> dict[str, Any]:
     """Write the console table, ``recipe/report`` and the JSON (rank zero); return the report."""
     report = collect(trainer, status)
     if not _context.is_global_zero(trainer):
@@ -265,9 +265,9 @@ def write_report(trainer: Any, verbose: bool | None = None, status: str = "finis
     tensorboard.add_text(trainer, "recipe/report", format_markdown(report))
     path = _write_json(trainer, report)
     report["path"] = None if path is None else str(path)
-    if verbose is None:
-        verbose = any(getattr(cb, "verbose", True) for cb in recipe_callbacks_of(trainer))
-    if verbose:
+    if print_report is None:
+        print_report = any(getattr(cb, "print_report", True) for cb in recipe_callbacks_of(trainer))
+    if print_report:
         saved = "not saved: fast_dev_run writes no files" if path is None else f"report saved to {path}"
         print("\n" + format_text(report) + f"\n\n({saved})\n", flush=True)
     return report

@@ -205,5 +205,9 @@ def test_the_test_suite_fails_on_an_internal_error(pytester):
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(
-        ["*a diagnostic failed internally (internal-error)*", "*ZeroDivisionError: inside*", "*test_unmarked*"]
+        [
+            "*a diagnostic failed internally (internal-error)*",
+            "*ZeroDivisionError: inside*",
+            "*test_unmarked*",
+        ]
     )
