@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import track_hook, untrack_hook
+from lightning_recipe._probe import HookSet
 from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback, guarded
@@ -127,7 +127,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
         self.noisy_ratio = float(noisy_ratio)
         self.max_filters = check_int("max_filters", max_filters)
         self.read_batches_with(get_input)
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
         self._searched = False
         self._fresh = False
         self._input_numel: int | None = None
@@ -162,7 +162,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
             self._input_shape = self._input_numel = None
         for m in pl_module.modules():
             if isinstance(m, _CANDIDATES):
-                self._handles.append(track_hook(m.register_forward_pre_hook(self._make_hook(pl_module))))
+                self._hooks.forward(m, self._make_hook(pl_module), pre=True)
 
     def _make_hook(self, model: nn.Module) -> Any:
         names = {id(m): n for n, m in model.named_modules()}
@@ -220,7 +220,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._handles and self._layer is not None:
+        if not self._hooks and self._layer is not None:
             return
         self._detach()
         if self._layer is None and self._searched:
@@ -273,9 +273,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
         self.skip(trainer, reason, once=True)
 
     def _detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            untrack_hook(h)
+        self._hooks.remove()
 
     def teardown_diagnostics(self) -> None:
         self._detach()
