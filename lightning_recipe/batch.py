@@ -15,8 +15,9 @@ When it cannot tell, it raises :class:`BatchLayoutError`, whose message names th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import fields, is_dataclass
 from typing import Any
 
 import torch
@@ -238,6 +239,18 @@ def _get_path(batch: Any, path: tuple[Any, ...]) -> Any:
     return value
 
 
+def _replace(obj: Any, changes: dict[str, Any]) -> Any:
+    """A shallow copy of the dataclass ``obj`` with ``changes`` applied, its type intact.
+
+    Unlike ``dataclasses.replace`` it does not call ``__init__`` again, so ``InitVar`` fields
+    (which a rebuilt instance would need and the instance does not keep), ``__post_init__``
+    side effects and frozen classes are all fine: the fields are set on a copy directly."""
+    new = copy.copy(obj)
+    for name, value in changes.items():
+        object.__setattr__(new, name, value)
+    return new
+
+
 def _set_path(batch: Any, path: tuple[Any, ...], new: Any) -> Any:
     if not path:
         return new
@@ -258,7 +271,7 @@ def _set_path(batch: Any, path: tuple[Any, ...], new: Any) -> Any:
         items[key] = _set_path(items[key], rest, new)
         return type(batch)(items) if isinstance(batch, list) else tuple(items)
     if is_dataclass(batch) and not isinstance(batch, type):
-        return replace(batch, **{key: _set_path(getattr(batch, key), rest, new)})
+        return _replace(batch, {key: _set_path(getattr(batch, key), rest, new)})
     import copy
 
     out = copy.copy(batch)
@@ -284,7 +297,7 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
         items = [map_tensors(v, fn) for v in batch]
         return items if isinstance(batch, list) else tuple(items)
     if is_dataclass(batch) and not isinstance(batch, type):
-        return replace(batch, **{f.name: map_tensors(getattr(batch, f.name), fn) for f in fields(batch)})
+        return _replace(batch, {f.name: map_tensors(getattr(batch, f.name), fn) for f in fields(batch)})
     return batch
 
 
@@ -344,7 +357,7 @@ def slice_batch(batch: Any, n: int, k: int) -> Any:
             items = [cut(v) for v in value]
             return items if isinstance(value, list) else tuple(items)
         if is_dataclass(value) and not isinstance(value, type):
-            return replace(value, **{f.name: cut(getattr(value, f.name)) for f in fields(value)})
+            return _replace(value, {f.name: cut(getattr(value, f.name)) for f in fields(value)})
         return value
 
     return cut(batch)

@@ -103,3 +103,24 @@ def test_with_input_refuses_a_getter_that_returns_a_computed_tensor():
         a.zero_inputs(batch)
     with pytest.raises(BatchLayoutError, match="get_input"):
         a.with_input(batch, torch.zeros(4, 3))
+
+
+def test_dataclass_batches_with_initvar_and_frozen_are_rebuilt_with_their_type():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Graph:
+        x: torch.Tensor
+        y: torch.Tensor
+        scale: dataclasses.InitVar[float] = 1.0
+
+        def __post_init__(self, scale):
+            if scale != 1.0:
+                object.__setattr__(self, "x", self.x * scale)
+
+    batch = Graph(torch.ones(4, 3), torch.zeros(4, dtype=torch.long), scale=2.0)
+    adapter = BatchAdapter()
+    zeroed = adapter.with_input(batch, torch.zeros(4, 3))
+    assert type(zeroed) is Graph and torch.equal(zeroed.x, torch.zeros(4, 3)) and zeroed.y is batch.y
+    assert torch.equal(batch.x, torch.full((4, 3), 2.0))  # the original is untouched
+    assert type(adapter.slice(batch, 2)) is Graph and adapter.slice(batch, 2).x.shape == (2, 3)
