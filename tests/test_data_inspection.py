@@ -1,9 +1,13 @@
 """DataInspectionCheck: normalised inputs pass, raw-scale / NaN / constant inputs are caught."""
 
+import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import lightning_recipe as lr
+from lightning_recipe import DataInspectionCheck
 from models import Classifier, accumulator, blobs, cnn, image_blobs, loaders, mlp, trainer
 
 
@@ -131,3 +135,40 @@ def test_targets_that_are_not_class_indices_do_not_stop_the_check(target):
     assert codes(check) == ["input-not-normalized"]
     counts = check.figures.get("label_counts")
     assert counts == ([int((~y).sum()), int(y.sum())] if target == "bool" else None)
+
+
+class LogCounts(L.LightningModule):
+    """Count data whose model log-transforms (or normalises) its input itself: raw counts are its
+    correct input, and the scale is judged where the input enters the first parametrised layer."""
+
+    def __init__(self, first: str):
+        super().__init__()
+        self.first = first
+        self.norm = nn.BatchNorm1d(16) if first == "batchnorm" else None
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    def forward(self, x):
+        if self.first == "log1p":
+            x = torch.log1p(x)
+        elif self.first == "batchnorm":
+            x = self.norm(x)
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize(("first", "flagged"), [("log1p", False), ("batchnorm", False), ("raw", True)])
+def test_scale_is_judged_where_the_input_enters_the_first_layer(first, flagged):
+    g = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(64, 16, generator=g) * 200, generator=g)  # raw counts, RMS ~115
+    y = torch.randint(0, 4, (64,), generator=g)
+    check = DataInspectionCheck()
+    check.check(None, LogCounts(first), (x, y))
+    assert ("input-not-normalized" in [f.code for f in check.findings]) is flagged
+    if not flagged:
+        assert "normalised_inside_model" in check.figures

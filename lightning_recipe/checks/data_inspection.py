@@ -8,11 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe import tensorboard
+from lightning_recipe._probe import HookSet, ProbeSkip, copy_module, preserved_rng, run_step
 from lightning_recipe.batch import Getter
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.findings import Severity
 
 MAX_IMAGES = 32
+#: largest RMS at the first parametrised layer of an input the model transformed itself
+#: (``log1p`` of counts up to ~e^10; raw 0..255 pixels have ~100): see docs/thresholds.md
+TRANSFORMED_MAX_RMS = 10.0
 MAX_CHANNEL_SCALARS = 16
 #: integer targets up to this value are counted as class indices (a language model's vocabulary
 #: fits); a larger one (an id, a hash, a timestamp) would need a counter for every value below it
@@ -93,7 +97,38 @@ class DataInspectionCheck(FirstBatchCheck):
         if not (x.is_floating_point() or x.is_complex()):
             self.figures["note"] = "integer input (token ids or raw image bytes): visualised, not judged"
             return
+        self._pending: list[tuple[str, Severity, str, dict[str, Any]]] = []
         self._judge(trainer, x.detach())
+        if self._pending:
+            self._confirm_in_model(trainer, module, batch)
+
+    def _confirm_in_model(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
+        """Judge the input's scale where it enters the first parametrised layer: a model that
+        normalises its input itself (``log1p`` of counts, a BatchNorm / LayerNorm first) is fine."""
+        pending, self._pending = self._pending, []
+        seen = _first_layer_input(module, batch, self.step_fn, trainer)
+        if seen is not None:
+            name, layer, t = seen
+            self.figures["first_layer"] = name
+            if isinstance(layer, _NORMS):
+                self.figures["normalised_inside_model"] = f"{name} ({type(layer).__name__}) comes first"
+                return
+            raw = self.adapter.input(batch)
+            unchanged = t is not None and t.shape == raw.shape and bool(torch.equal(t, raw.to(t.dtype)))
+            if t is not None and not unchanged and t.is_floating_point() and t.numel() > 1:
+                tf = torch.nan_to_num(t.detach().float())
+                rms = float(tf.pow(2).mean().sqrt())
+                feats = _features(tf).pow(2).mean(0).sqrt()
+                live = feats[feats > 0]
+                ratio = float(live.max() / live.median()) if live.numel() >= 3 and live.median() > 0 else 1.0
+                self.figures["first_layer_input_rms"] = rms
+                if rms <= max(self.max_rms, TRANSFORMED_MAX_RMS) and ratio <= self.max_scale_ratio:
+                    self.figures["normalised_inside_model"] = (
+                        f"{name} receives an RMS of {rms:.3g} (feature scale ratio {ratio:.3g})"
+                    )
+                    return
+        for code, severity, message, evidence in pending:
+            self.report(trainer, code, severity, message, evidence)
 
     # ------------------------------------------------------------------ measuring
     def _judge(self, trainer: Any | None, x: Tensor) -> None:
@@ -139,19 +174,21 @@ class DataInspectionCheck(FirstBatchCheck):
             )
             return
         if overall_rms > self.max_rms:
-            self.report(
-                trainer,
-                "input-not-normalized",
-                Severity.WARNING,
-                f"The inputs are far outside [-1, 1]: values {self.figures['min']:.4g}.."
-                f"{self.figures['max']:.4g}, root mean square {overall_rms:.3g} (limit {self.max_rms:g}); "
-                "standardise them (subtract the mean, divide by the std) or scale them to [0, 1].",
-                {
-                    "rms": overall_rms,
-                    "min": self.figures["min"],
-                    "max": self.figures["max"],
-                    "limit": self.max_rms,
-                },
+            self._pending.append(
+                (
+                    "input-not-normalized",
+                    Severity.WARNING,
+                    f"The inputs are far outside [-1, 1]: values {self.figures['min']:.4g}.."
+                    f"{self.figures['max']:.4g}, root mean square {overall_rms:.3g} "
+                    f"(limit {self.max_rms:g}); "
+                    "standardise them (subtract the mean, divide by the std) or scale them to [0, 1].",
+                    {
+                        "rms": overall_rms,
+                        "min": self.figures["min"],
+                        "max": self.figures["max"],
+                        "limit": self.max_rms,
+                    },
+                )
             )
         self._judge_scales(trainer, stats[4])
 
@@ -165,14 +202,16 @@ class DataInspectionCheck(FirstBatchCheck):
         self.figures["feature_scale_ratio"] = ratio
         if ratio > self.max_scale_ratio:
             worst = int(torch.argmax(rms))
-            self.report(
-                trainer,
-                "input-not-normalized",
-                Severity.WARNING,
-                f"Feature {worst} has an RMS of {top:.4g}, {ratio:.0f}x the median feature's {median:.4g} "
-                f"(limit {self.max_scale_ratio:g}x): wildly different feature scales; standardise each "
-                "feature.",
-                {"feature": worst, "feature_rms": top, "median_rms": median, "ratio": ratio},
+            self._pending.append(
+                (
+                    "input-not-normalized",
+                    Severity.WARNING,
+                    f"Feature {worst} has an RMS of {top:.4g}, {ratio:.0f}x the median feature's "
+                    f"{median:.4g} "
+                    f"(limit {self.max_scale_ratio:g}x): wildly different feature scales; standardise each "
+                    "feature.",
+                    {"feature": worst, "feature_rms": top, "median_rms": median, "ratio": ratio},
+                )
             )
 
     # ------------------------------------------------------------------ logging
@@ -249,6 +288,37 @@ def as_images(x: Tensor, image_shape: tuple[int, int, int] | None = None) -> Ten
     if x.dim() == 3 and x.shape[1] >= 8 and x.shape[2] >= 8 and x.shape[1] == x.shape[2]:
         return x.unsqueeze(1)
     return None
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _first_layer_input(
+    module: nn.Module, batch: Any, step_fn: Any, trainer: Any | None
+) -> tuple[str, nn.Module, Tensor | None] | None:
+    """(name, module, first tensor argument) of the first module with parameters of its own that
+    runs in the user's step, on a copy of the model; ``None`` if that cannot be seen."""
+    try:
+        model = copy_module(module, trainer)
+    except ProbeSkip:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    first: list[tuple[str, nn.Module, Tensor | None]] = []
+
+    def hook(mod: nn.Module, args: Any) -> None:
+        if not first:
+            t = next((a for a in args if isinstance(a, Tensor)), None)
+            first.append((names.get(id(mod), type(mod).__name__), mod, t))
+
+    with HookSet() as hooks, preserved_rng(), torch.no_grad():
+        for m in model.modules():
+            if any(True for _ in m.parameters(recurse=False)):
+                hooks.forward(m, hook, pre=True)
+        try:
+            run_step(model, batch, step_fn)
+        except Exception:
+            return None
+    return first[0] if first else None
 
 
 def _features(x: Tensor) -> Tensor:
