@@ -27,16 +27,14 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     stop at once on NaN or a blown-up loss, and say in one sentence why training stopped.
 
     Karpathy's early stopping catches the model "just as it's about to overfit", which only helps
-    if the weights you keep are the ones from that point. This is a drop-in subclass: it accepts
-    every ``EarlyStopping`` argument with the same meaning and default, and keeps Lightning's
-    public attributes, stop decision (reduced across DDP ranks), ``state_key`` and ``state_dict``
-    keys, so checkpoints move both ways. On each improvement of the monitored value the full
-    ``state_dict`` (buffers included) is copied; at the end of fit, in every case (patience,
-    divergence, NaN, ``max_epochs``, another callback's stop), it is loaded back on every rank,
-    after every ``on_train_end`` hook (so it wins over ``WeightAveraging``'s final copy). Without
-    validation it reports ``check-skipped`` and leaves training alone (a metric still missing
-    after a validation run raises, as in Lightning). Under DDP, log the monitored value with
-    ``sync_dist=True`` so the decision covers all the data.
+    if the weights you keep are the ones from that point. A drop-in subclass: it accepts every
+    ``EarlyStopping`` argument with the same meaning and default, and keeps Lightning's public
+    attributes, stop decision (reduced across DDP ranks), ``state_key`` and ``state_dict`` keys.
+    The full ``state_dict`` is copied on each improvement and loaded back on every rank at the end
+    of fit in every case (patience, divergence, NaN, ``max_epochs``, another callback's stop),
+    after every ``on_train_end`` hook. Without validation it reports ``check-skipped`` and leaves
+    training alone (a metric still missing after a validation run raises, as in Lightning).
+    Under DDP log the monitored value with ``sync_dist=True`` so the decision covers all data.
 
     Reports ``non-finite-loss`` (error) on a NaN/Inf monitored value or training loss and
     ``loss-diverged`` (error) when the monitored loss exceeds ``divergence_factor`` times the larger
