@@ -34,7 +34,7 @@ from lightning_recipe.findings import Severity
 
 #: float64 machine epsilon
 EPS64 = float(torch.finfo(torch.float64).eps)
-#: safety factor of the round-off allowance K * eps * |f| / h (see the class docstring)
+#: safety factor of the round-off allowance K * eps * |f| / h (docs/thresholds.md#gradient-check)
 ROUNDOFF_FACTOR = 100.0
 #: a disagreeing coordinate is retried with h / KINK_RETRY while that stays >= MIN_STEP
 KINK_RETRY = 10.0
@@ -152,8 +152,7 @@ class GradientCheck(FirstBatchCheck):
         """Jitter a float input by ``INPUT_JITTER`` of its std (seeded), so the check runs at a
         generic point. Images with constant backgrounds put max-pool and ReLU exactly on ties;
         several tied kinks summed through a conv are not one kink, no step size removes them,
-        and autograd's tie-break matches neither one-sided slope (measured on the digits CNN:
-        relative error 0.13 on a healthy input coordinate without the jitter, 0 with it)."""
+        and autograd's tie-break matches neither one-sided slope (docs/thresholds.md#gradient-check)."""
         x = self.adapter.input(batch)
         if not x.is_floating_point():
             return batch

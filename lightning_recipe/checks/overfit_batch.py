@@ -518,9 +518,9 @@ def ambiguity_floor(call: LossCall, x: Tensor) -> tuple[float, str] | None:
     (B, T) input it is the prefix ``x[b, :t+1]``, what a causal model sees when it predicts
     position t (also for a (B, T + 1) batch that the step splits into ``x[:, :-1]`` and
     ``x[:, 1:]``). A language model's first position sees one token (BOS, or a window's first
-    character) that many samples share with different next tokens, so its loss cannot reach 0:
-    a healthy makemore-style GRU on 20 words plateaus at 0.45 nats, 83% accuracy. A model that
-    sees the whole sequence could go lower, so for it this floor is lenient, never strict.
+    character) that many samples share with different next tokens, so its loss cannot reach 0
+    (docs/thresholds.md#overfit-batch). A model that sees the whole sequence could go lower, so
+    for it this floor is lenient, never strict.
     ``None`` when the call is not cross-entropy/NLL over integer classes or the shapes do not
     match one of those two layouts.
     """
