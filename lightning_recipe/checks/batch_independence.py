@@ -33,69 +33,26 @@ _MAX_PAIRS = 12
 
 
 class BatchIndependenceCheck(FirstBatchCheck):
-    """Chart the dependencies between samples with backprop (Karpathy's recipe).
+    """Chart the dependencies between the samples of a batch with backprop (Karpathy's recipe).
 
-    "Use backprop to chart dependencies": a ``view`` where a ``permute``/``transpose`` was
-    needed, an RNN or attention layer fed batch-first data while it expects time-first, or a
-    normalisation over the batch in ``forward`` (``x - x.mean(0)``) silently mixes information
-    across the samples of a batch. Training still "works", but every prediction depends on
-    the other samples in the batch. The check makes the loss something trivial -- a fixed random
-    weighting of the outputs of sample ``i`` -- runs backward to the input, and verifies that
-    only input ``i`` gets a non-zero gradient.
+    A ``view`` where a ``permute`` was meant, batch-first data fed to a time-first RNN, or a
+    normalisation over the batch in ``forward`` (``x - x.mean(0)``) silently mixes the samples of a
+    batch: training still "works", but every prediction depends on the rest of the batch. On the
+    first training batch, on a copy of the model in eval mode (the real model, its gradients and
+    every RNG are left alone), the check back-propagates a fixed random weighting of sample ``i``'s
+    output to the input (to the first embedding's output for token ids) and measures the gradient
+    that reaches every other sample. A model without a per-sample output (only flattened
+    ``(batch * time, ...)`` or ``(batch, batch)`` tensors) is skipped (``check-skipped``).
 
-    How it works, on the first training batch, on a deep copy of the model (the real model,
-    its optimizer, ``.grad`` and every RNG are left as they were):
+    Reports ``batch-mixing`` (error; a warning when a BatchNorm with ``track_running_stats=False``
+    mixes the batch by design) when a leak exceeds ``tolerance``.
 
-    * the copy is put in eval mode (BatchNorm legitimately mixes the batch in train mode, and
-      dropout is off) and its parameters stop requiring gradients, so a tensor that requires a
-      gradient is one that depends on the input;
-    * the batch is cut to at most ``max_batch`` samples (default 7: an odd size that rarely
-      equals another dimension of a model, so the batch dimension cannot be confused with a
-      hidden or time dimension; the first ``max_batch`` samples already expose any mixing);
-      if the step fails on the smaller batch the full batch is used;
-    * the input is replaced by a clone that requires a gradient; integer inputs (token ids)
-      cannot take a gradient, so the output of the first ``nn.Embedding`` called on them is
-      replaced by a leaf tensor that does;
-    * the user's own ``training_step`` (or ``step_fn``) runs on the copy, and the check picks a
-      per-sample output: a tensor whose first dimension is the batch size and that depends on
-      the input -- the model's ``forward`` output, else the input of the loss function, else
-      the output of the last submodule that ran. A tensor whose first dimension is
-      ``batch * time`` (flattened sequence logits) is never used: its order cannot be known,
-      and guessing would raise false alarms on healthy time-major code. Nor is a tensor with
-      a second dimension of the batch size: a (batch, batch) matrix of in-batch similarities
-      (CLIP/SimCLR-style contrastive training) depends on every sample by design. If nothing
-      qualifies the check is skipped (``check-skipped``, info);
-    * for ``num_probes`` samples ``i`` spread over the batch (default 3: first, middle, last)
-      it back-propagates ``sum(r * output[i])`` (``r`` fixed random weights, so a softmax or
-      LayerNorm output whose plain sum is constant still carries a gradient) and measures, for
-      every other sample ``j``, ``leak(i -> j) = max|grad input[j]| / max_k max|grad input[k]|``.
-
-    ``batch-mixing`` (error: every prediction depends on the rest of the batch, the run is
-    wasted) when a leak exceeds ``tolerance``. When the model contains a BatchNorm with
-    ``track_running_stats=False`` (it normalises with the batch statistics in eval mode too,
-    by design) the finding is a warning and says so.
-
-    The default ``tolerance=1e-4`` was measured (5 seeds each): healthy models give leaks of
-    exactly 0 -- an MLP, a CNN with BatchNorm and dropout, a GRU and a transformer on token
-    ids, dict batches, a language model returning flattened (B*T, V) logits, a contrastive
-    model with in-batch negatives -- because the backward of a per-sample computation puts
-    exact zeros on the other rows. The bugs give O(1): ``h.view(C, B, L)`` where a permute was
-    meant 0.82-1.0, ``x.t().reshape(B, -1)`` 1.0, batch-first data fed to a time-first GRU
-    0.33-0.63, and ``x - x.mean(0)`` in ``forward`` 1/(batch-1) = 0.167 on the 7-sample cut
-    (it stays above 1e-4 up to a batch of 10,000 when the full batch is needed).
-
-    Cost: one deep copy of the model, one forward and ``num_probes`` backward passes on at
-    most ``max_batch`` samples: 0.004-0.025 s on the digits demo CNN and the test models, 0.18 s
-    for a 10M-parameter MLP and 0.9 s for a 10M-parameter transformer (3 layers, d=512, 32
-    tokens) on one CPU thread.
-
-    Rank-local under DDP: each rank checks its own first batch and calls no collective (the
-    user's step runs once on the copy on every rank, twice where the cut batch fails); all
-    ranks run the same model code, so they reach the same verdict.
+    Thresholds: see docs/thresholds.md#batch-independence.
 
     Args:
-        num_probes: how many samples to back-propagate from (>= 1).
-        max_batch: cut the batch to at most this many samples (>= 2).
+        num_probes: how many samples (spread over the batch) to back-propagate from (>= 1).
+        max_batch: cut the batch to at most this many samples (>= 2); the full batch is used when
+            the step fails on the smaller one.
         tolerance: largest leak (fraction of the strongest input gradient) still counted as
             float noise, in (0, 1).
         get_input, get_target, step_fn, on_error: see :class:`FirstBatchCheck`.

@@ -28,22 +28,20 @@ class DataInspectionCheck(FirstBatchCheck):
 
     Karpathy: "visualize just before the net ... decode that raw tensor of data and labels into
     visualizations". This check takes the first training batch *after* the transfer to the
-    device (what ``training_step`` receives) and:
+    device (what ``training_step`` receives) and logs it as an image grid
+    (``recipe/batch_before_net``) when it looks like images ((N, C, H, W) with C in 1/3,
+    channels-last, or (N, H, W); pass ``image_shape`` for flattened images), per-feature /
+    per-channel mean, std, min and max (``recipe/data/...`` scalars for up to 16 channels,
+    histograms of the per-feature statistics otherwise) and the label histogram
+    (``recipe/labels``). Integer inputs (token ids, ``uint8`` images normalised inside the model)
+    are only visualised, not judged.
 
-    * logs it as an image grid (``recipe/batch_before_net``) when it looks like images
-      ((N, C, H, W) with C in 1/3, channels-last, or (N, H, W)); pass ``image_shape`` for
-      flattened images;
-    * logs per-feature / per-channel mean, std, min and max (``recipe/data/...`` scalars for up to
-      16 channels, histograms of the per-feature statistics otherwise) and the label histogram
-      (``recipe/labels``);
-    * reports ``bad-input`` (error) for NaN/Inf values or an input that is entirely constant;
-    * reports ``input-not-normalized`` (warning) when the typical magnitude of the input (its
-      root mean square) exceeds ``max_rms`` -- standardised data has an RMS of 1, data in [0, 1]
-      or [-1, 1] at most 1, raw 0..16 digits about 7 and 0..255 images about 100 -- or when one
-      feature's scale exceeds the median feature's by more than ``max_scale_ratio``.
+    Reports ``bad-input`` (error) for NaN/Inf values or an input that is entirely constant, and
+    ``input-not-normalized`` (warning) when the input's root mean square exceeds ``max_rms``
+    (normalised data has an RMS of at most 1) or one feature's scale exceeds the median feature's
+    by more than ``max_scale_ratio``.
 
-    Integer inputs (token ids, ``uint8`` images normalised inside the model) are only
-    visualised, not judged.
+    Thresholds: see docs/thresholds.md#data-inspection.
 
     Args:
         max_rms: largest input RMS still counted as normalised (default 3.0).

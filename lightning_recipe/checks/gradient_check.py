@@ -34,7 +34,7 @@ from lightning_recipe.findings import Severity
 
 #: float64 machine epsilon
 EPS64 = float(torch.finfo(torch.float64).eps)
-#: safety factor of the round-off allowance K * eps * |f| / h (see the class docstring)
+#: safety factor of the round-off allowance K * eps * |f| / h (docs/thresholds.md#gradient-check)
 ROUNDOFF_FACTOR = 100.0
 #: a disagreeing coordinate is retried with h / KINK_RETRY while that stays >= MIN_STEP
 KINK_RETRY = 10.0
@@ -47,88 +47,22 @@ INPUT_JITTER = 1e-3
 class GradientCheck(FirstBatchCheck):
     """Gradient check (cs231n): analytic vs centred numeric gradients on a float64 copy.
 
-    What for: a custom layer or a custom ``torch.autograd.Function`` whose ``backward`` is wrong
-    (a factor of 2, the wrong sign, a forgotten term) trains -- badly -- without any error.
-    The check follows cs231n's rules for gradient checks:
+    A custom layer or ``torch.autograd.Function`` whose ``backward`` is wrong (a factor of 2, the
+    wrong sign, a forgotten term) trains, badly, without any error. On the first training batch
+    the check compares autograd with ``(f(x + h) - f(x - h)) / 2h`` on a float64 copy of the model
+    in eval mode, ``f`` being the data loss (regularisers left out) with every RNG reseeded before
+    each evaluation, on a few samples and a few coordinates of every parameter tensor and of a
+    float input. Float64 round-off is allowed for, stop-gradients (``detach``, ``no_grad``) count
+    as design, and a coordinate on a kink (ReLU, max-pool) is retried with smaller steps and
+    counted as a kink, not a failure. A model that cannot run in float64 is skipped.
 
-    * **float64**: a deep copy of the model is cast with ``.double()``, float tensors of the
-      batch with ``to_dtype``, and the default dtype is float64 while the step runs, so tensors
-      created inside ``forward`` are float64 too, and so are ``.float()`` / ``.to(torch.float32)``
-      results (a ``one_hot(y, C).float()`` target). A model that cannot run in float64 (an error,
-      or a module that still returns float32) is skipped (``check-skipped``, info);
-    * **centred difference** ``(f(x + h) - f(x - h)) / 2h`` with ``h = step_size`` (1e-5);
-    * **relative error** ``|a - n| / max(|a|, |n|)`` (0 when both are 0), where the part of
-      ``|a - n|`` that float64 round-off can explain is not counted: ``f`` evaluated in float64
-      is exact to about ``c * eps * |f|`` (eps = 2.2e-16, ``c`` the error growth over the
-      operations of a forward pass), so the numeric gradient carries an absolute error of about
-      ``c * eps * |f| / h``. The check subtracts ``ROUNDOFF_FACTOR * eps * max|f| / h`` with
-      ``ROUNDOFF_FACTOR = 100`` (5e-9 for ``f`` = 2.3, ``h`` = 1e-5) from ``|a - n|``. Measured
-      on the healthy models below, ``|a - n|`` never exceeded 1.2 * eps * |f| / h, so 100 leaves
-      an 80x margin; the allowance is 5e-5..5e-7 of typical gradients (1e-4..1e-2), so it
-      hides no real error. Without it, correct gradients of tiny magnitude reach relative errors of
-      2.4e-5 (8-layer MLP), which is how cs231n's "errors grow with depth" shows up in float64;
-    * **few samples** (``num_samples``, 2) and **few dimensions**: ``coords_per_tensor`` (3)
-      coordinates of every trainable parameter tensor and of the input when it is float,
-      drawn with a seeded generator (not the global RNG) from a random pool of each tensor: the
-      one with the largest analytic gradient in the pool (so a dead ReLU does not hide a bug
-      behind two zeros) and the others at random (so a backward that wrongly returns zeros is
-      caught too);
-    * **dropout and randomness off**: the copy is in eval mode *and* every evaluation of ``f``
-      starts from the same seed (torch, Python, NumPy), so even ``F.dropout(training=True)``
-      or noise sampled in ``forward`` is the same function each time; ``f`` is evaluated twice
-      at the start point, and a step that still gives two different losses (its own
-      ``torch.Generator``, state it changes) is skipped rather than judged;
-    * **regularisation left out**: ``f`` is the captured loss-function output (the data loss),
-      not the ``training_step`` total with weight penalties;
-    * **stop-gradients are design, not bugs**: finite differences see every path from a
-      coordinate to the loss, autograd only the paths it is not told to ignore. During the
-      analytic pass ``detach()`` keeps the graph and ``torch.no_grad()`` inside the step does not
-      switch gradients off (both restored right after), so SimSiam/BYOL stop-gradients,
-      straight-through estimators and a teacher run under ``no_grad`` pass (measured: without
-      this they read 1.0-2.0); what is compared is the backward of every op and Function;
-    * **kinks** (ReLU, max-pool, abs, hinge losses): a disagreeing coordinate is retried with
-      ``h / 10``, ``h / 100``, ... down to ``MIN_STEP`` (1e-7). An artefact of the step -- a
-      kink inside ``[x - h, x + h]``, or curvature -- disappears once the step is small enough;
-      a wrong gradient does not (its error does not depend on ``h``). A coordinate that still
-      disagrees at the smallest step counts as a kink only when ``x`` sits on one: the
-      one-sided slopes ``(f(x+h) - f(x)) / h`` and ``(f(x) - f(x-h)) / h`` differ by more than
-      round-off (on a smooth piece only by ``h * |f''|``) and the analytic gradient equals one
-      of them. Kinks are counted in ``figures["kinks"]``, never as failures.
+    Reports ``gradcheck-failed`` with the relative error ``|a - n| / max(|a|, |n|)``: an error above
+    ``error_above``, a warning above ``warn_above`` (cs231n's bands), naming the tensors above the
+    bands and where in forward order the faulty backward sits (``figures["relative_error"]`` holds
+    the worst error per module and tensor). Coordinates are visited round-robin over the tensors
+    within ``max_seconds``; what the budget left out is a ``check-skipped`` info finding.
 
-    Bands (cs231n): relative error > ``error_above`` (1e-2): the gradient is wrong
-    (``gradcheck-failed``, error); between ``warn_above`` (1e-4) and 1e-2: suspicious
-    (``gradcheck-failed``, warning); below 1e-7: good. Measured with 20 coordinates per tensor,
-    5 seeds, 2 samples: an MLP with ReLU, tanh or abs, a CNN with BatchNorm and dropout, the
-    digits demo CNN (BatchNorm, max-pool, dropout), an 8-layer ReLU MLP, multiclass-SVM losses,
-    ``F.dropout(training=True)`` in ``forward``, a GRU and a transformer on token ids and dict
-    batches all give a worst relative error of exactly 0 after the round-off allowance (at
-    most 2.4e-5 before it), with 0-2 kinks per 600-1600 coordinates at ``h`` = 1e-5; with
-    ``h`` raised 1000x to 1e-2 they stay below 1e-4 (5e-5 worst) thanks to the retries. A
-    wrong ``backward`` gives: 2x -> 0.5, wrong sign -> 2.0, a forgotten product-rule term ->
-    0.5-2.0 (worst per run), on every tensor upstream of it; off by 0.1% -> 1e-3 (warning).
-
-    Findings name every parameter tensor (grouped by module) above the bands, the worst
-    coordinate with its analytic and numeric values, and where the faulty backward sits: after
-    the deepest failing tensor and before the first passing one in forward order.
-    ``figures["relative_error"]`` holds the worst relative error per module and tensor.
-
-    Budget: at most ``max_seconds`` (default 10 s) for the whole check; coordinates are visited
-    round-robin (one per tensor, then a second per tensor, ...), so a cut budget still covers
-    every layer as evenly as it can, and what was left out is an info ``check-skipped``
-    finding. Cost: a deep copy, one forward+backward and ``2 + 2 * coords_per_tensor *
-    (tensors + 1)`` forwards on ``num_samples`` samples (2 more per retry, only for
-    disagreeing coordinates): 0.1-0.3 s on the digits demo CNN (10 tensors, 69 evaluations),
-    1.3 s for a 10M-parameter MLP (8 tensors), and the full 10 s budget for a 10M-parameter
-    transformer (39 tensors, 3 layers, d=512, 32 tokens: 68 of 117 coordinates, every tensor
-    at least once), on one CPU thread. The step's stdout is swallowed during the evaluations
-    (it runs dozens of times on the copy).
-
-    Rank-local under DDP: each rank checks its own first batch and calls no collective; the
-    findings describe that rank's samples. The user's step runs a data-dependent number of
-    times on each rank (retries, time budget), so on the copy ``self.all_gather``, the
-    strategy's ``reduce`` / ``broadcast`` / ``barrier`` and SyncBatchNorm act as in a world of
-    one process (``copy_module``); only ``torch.distributed`` called directly in the step would
-    still communicate (pass a ``step_fn`` without it).
+    Thresholds: see docs/thresholds.md#gradient-check.
 
     Args:
         num_samples: samples of the first batch to use (>= 1).
@@ -218,8 +152,7 @@ class GradientCheck(FirstBatchCheck):
         """Jitter a float input by ``INPUT_JITTER`` of its std (seeded), so the check runs at a
         generic point. Images with constant backgrounds put max-pool and ReLU exactly on ties;
         several tied kinks summed through a conv are not one kink, no step size removes them,
-        and autograd's tie-break matches neither one-sided slope (measured on the digits CNN:
-        relative error 0.13 on a healthy input coordinate without the jitter, 0 with it)."""
+        and autograd's tie-break matches neither one-sided slope (docs/thresholds.md#gradient-check)."""
         x = self.adapter.input(batch)
         if not x.is_floating_point():
             return batch

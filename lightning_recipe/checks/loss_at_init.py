@@ -40,44 +40,25 @@ _ELEMENTWISE = (
 
 
 class LossAtInitCheck(FirstBatchCheck):
-    """Verify the loss at init, the recipe's first sanity check.
+    """Verify the loss at init against the chance loss, the recipe's first sanity check.
 
-    cs231n: "Look for correct loss at chance performance": a softmax classifier over C classes
-    that knows nothing predicts 1/C everywhere, so its loss is -ln(1/C) (2.302 for 10 classes).
-    Before the first optimizer step this check runs your ``training_step`` on a copy of the
-    untouched model over the first batch(es), reads the logits and targets that reach your loss
-    function, and computes the chance loss with the very same loss call (same class weights,
-    ``ignore_index``, label smoothing, ``pos_weight``) on a "knows nothing" input: zero logits for
-    ``cross_entropy`` / ``binary_cross_entropy_with_logits`` / ``multi_margin_loss``, uniform
-    log-probabilities for ``nll_loss``, 0.5 for ``binary_cross_entropy``.
+    cs231n: "Look for correct loss at chance performance": a classifier over C classes that knows
+    nothing predicts 1/C everywhere, so its loss is -ln(1/C). Before the first optimizer step the
+    check runs your ``training_step`` on a copy of the untouched model, reads the logits and targets
+    that reach your loss function, and computes the chance loss with that very loss call (class
+    weights, ``ignore_index``, label smoothing, ``pos_weight``) on a know-nothing prediction.
 
-    Findings:
+    Reports:
         * ``loss-at-init`` (warning) when the loss is more than ``tolerance`` (relative) above
-          chance: the net is confidently wrong at init (too large a final layer, unnormalised
-          inputs). Far below chance is an info finding (fine when the final bias starts at the
-          class priors; otherwise suspect label leakage). Above chance only because of the few
-          labels in the batch (the label-free loss below) is info too.
-        * ``softmax-before-loss`` (error) when the loss input is already probabilities.
-        * ``loss-at-init`` (warning) when ``nll_loss`` gets raw scores instead of log-probs.
+          chance -- for cross-entropy, NLL and binary losses only if the label-free loss (averaged
+          over every possible label) is too, so the few labels of a small batch cannot trigger it
+          (info then) -- or when ``nll_loss`` gets raw scores; info when far below chance, and for
+          regression (the loss vs predicting the target mean);
+        * ``softmax-before-loss`` (error) when the loss input is already probabilities;
         * ``loss-broadcast`` (warning) when an element-wise loss broadcasts input against a target
           of another shape (``(B, 1)`` vs ``(B,)`` gives a ``(B, B)`` loss).
-        * ``loss-at-init`` (info) for regression: the loss vs the loss of predicting the target
-          mean (the recipe's "init well": start the final bias at the data mean).
 
-    The default ``tolerance=0.25`` was measured, not guessed: over 5 seeds, default-initialised
-    PyTorch MLPs, 8-layer MLPs, CNNs with and without BatchNorm, tanh MLPs (10 classes), a GRU
-    and a transformer (1000 classes) and a binary classifier start between 0.96x and 1.09x the
-    chance loss; a final layer scaled up 10x starts at 1.8x-2.2x, N(0, 1) weights at 27x-52x.
-
-    On a few samples the loss also depends on which labels they hold: over 30 seeds, a healthy
-    GRU and a small transformer (3 classes) on batches of 1-8 samples started at up to 1.45x and
-    1.81x chance (above the tolerance for 3-17% of the seeds). So for cross-entropy, NLL and
-    binary losses the warning also needs the *label-free* loss -- the loss averaged over every
-    possible label, ``logsumexp(s) - mean(s)`` per row of scores, ``ln C`` for a uniform
-    prediction -- above ``1 + tolerance`` times its uniform value; otherwise the finding is info.
-    Those healthy runs stay below 1.25x label-free (all but 1 of the 180 transformer runs, on a
-    single sample); a final layer scaled 10x is above 1.25x on both counts for 27 of 30 GRU and
-    transformer seeds at 32 samples, as many as warned before.
+    Thresholds: see docs/thresholds.md#loss-at-init.
 
     Args:
         tolerance: relative deviation from the chance loss that is still fine (> 0).

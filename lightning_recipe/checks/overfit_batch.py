@@ -68,65 +68,20 @@ class OverfitBatchCheck(FirstBatchCheck):
     """Overfit a handful of samples of the first batch on a copy of the model.
 
     cs231n: "overfit a tiny subset of data (e.g. 20 samples) and make sure you can achieve zero
-    cost ... with regularisation set to zero"; Karpathy: "overfit one batch ... if they do not
-    [match the labels exactly], there is a bug somewhere". Before the first real step this check
-    takes the first ``num_samples`` samples of the first training batch and trains a deep copy of
-    the model on them alone, with your own ``training_step``: dropout off (dropout modules in
-    eval mode, functional dropout and attention dropout disabled; BatchNorm stays in train
-    mode), no weight decay, regularisers added in ``training_step`` left out (the objective is
-    the output of the loss function it calls), a fresh Adam (the recipe's "adam is safe").
+    cost"; Karpathy: "overfit one batch". Before the first real step a deep copy is trained with
+    your ``training_step`` on the first ``num_samples`` samples alone -- dropout off, no weight
+    decay, regularisers left out, every step from the same RNG state -- with a fresh Adam at each
+    of ``lrs`` in turn until one memorises: ``loss - floor <= tolerance * (reference - floor)``,
+    the floor being what the samples allow (0, the entropy of soft targets, or of labels that
+    equal inputs share) and the reference the chance loss (classifiers), the target-mean loss
+    (regression) or the first loss. Accuracy is reported, not required to reach 100%.
 
-    The verdict uses the loss, measured against the loss the samples can reach at best (0, or
-    the entropy of smoothed / soft targets, or the conditional entropy of the labels when equal
-    inputs -- for a language model, equal token prefixes such as a first BOS -- carry different
-    labels, see :func:`ambiguity_floor`): memorised when ``loss - floor <= tolerance *
-    (reference - floor)``, the reference being the chance loss (a know-nothing prediction, the
-    same loss call LossAtInitCheck uses) for classifiers, the loss of predicting the target mean
-    for regression and the first loss otherwise. The accuracy on the samples is reported too,
-    but it is not required to reach 100%: duplicate inputs with different labels make that
-    impossible for a correct model (a causal transformer LM on 20 random sequences reached
-    99.84% accuracy, 1 of 640 positions sharing its prefix with another, at 3e-4 of the chance
-    loss).
+    Reports ``overfit-batch-failed``: an error when every rate got stuck or diverged, or when the
+    loss depends on no trainable parameter; info when the budget ran out while the loss was still
+    falling, or when the cause is already reported as ``softmax-before-loss``. Logs
+    ``recipe/overfit_batch/loss`` and ``.../accuracy`` against the probe's own step.
 
-    Every step of the copy starts from the same RNG state, so augmentation or masking done
-    inside ``training_step`` draws the same values each time, as for a fixed dataset.
-
-    Learning rates are tried in turn (default 1e-2, then 1e-3, then 1e-4), each from a fresh
-    copy, until one memorises. A trial stops early when it memorises, when the loss becomes
-    non-finite, or when its best loss improved by less than 10% over the last ``patience``
-    steps (stuck). Measured on CPU (20 samples, 2-3 seeds), steps to memorise at 1e-2: MLP
-    17-21, CNN with BatchNorm and dropout 35-36, GRU 28-32, small transformer 20-22, the digits
-    CNN 14-15, non-linear regression MLP 39-59, MLP on random labels 26-37, 7-layer tanh MLP 9,
-    ResNet-style CNN 10-11, 6-layer pre-norm transformer 16-19, causal transformer LM 11-12, LSTM
-    10-12, 8-layer MLP 104-121. A 6-layer post-norm transformer and a plain 6-conv VGG stay
-    stuck at the class-prior loss at 1e-2 (given up after 51-58 steps) and memorise at 1e-3 (in
-    20-21 and 146-197 steps); at 1e-3 alone the CNN would need ~290 steps and the GRU over 300.
-    No single rate serves all of them, hence the sequence. The bugs it exists for stay stuck at
-    every rate, far from the 1% a healthy model reaches (``loss - floor`` as a fraction of
-    ``reference - floor``): an output multiplied by zero 1.00, zeroed inputs 0.93-0.96, a
-    softmax or sigmoid before ``cross_entropy`` 0.54 (stuck at ln(1 + 3/e) = 0.744 for 4
-    classes, with 100% accuracy; 0.64-0.68 on the digits CNN), a frozen 2-unit bottleneck
-    0.44-0.72, a sigmoid on a regression output 4-9x the mean-predictor loss, a regression
-    model whose input never arrives 1.00. A frozen feature extractor as wide as the samples are
-    many, or a ``.detach()`` before the head, is *not* caught here (the head alone memorises 20
-    samples; ModelLintCheck's ``params-not-updating`` catches it).
-
-    Findings:
-        * ``overfit-batch-failed`` (error) when no learning rate memorises the samples and every
-          trial got stuck or diverged, or when the loss does not depend on any trainable
-          parameter (``torch.no_grad()`` / ``.detach()`` around the whole model).
-        * the same failure only as info when the loss input is already probabilities and a
-          LossAtInitCheck or ModelLintCheck on the trainer reports that as ``softmax-before-loss``
-          (one bug, one error).
-        * ``overfit-batch-failed`` (info) when the budget (``max_steps`` per rate, ``time_limit``
-          seconds) ran out while the loss was still falling: no verdict, the numbers are given.
-
-    TensorBoard: ``recipe/overfit_batch/loss`` and ``recipe/overfit_batch/accuracy`` against the
-    probe's own step (written only to TensorBoard, whose tags take any step order).
-
-    Under DDP every rank memorises its own first samples on its own copy (SyncBatchNorm on the
-    copy uses the local batch only); nothing is reduced, so the finding describes each rank's
-    own batch.
+    Thresholds: see docs/thresholds.md#overfit-batch.
 
     Args:
         num_samples: how many samples of the first batch to memorise (cs231n: ~20).
@@ -563,9 +518,9 @@ def ambiguity_floor(call: LossCall, x: Tensor) -> tuple[float, str] | None:
     (B, T) input it is the prefix ``x[b, :t+1]``, what a causal model sees when it predicts
     position t (also for a (B, T + 1) batch that the step splits into ``x[:, :-1]`` and
     ``x[:, 1:]``). A language model's first position sees one token (BOS, or a window's first
-    character) that many samples share with different next tokens, so its loss cannot reach 0:
-    a healthy makemore-style GRU on 20 words plateaus at 0.45 nats, 83% accuracy. A model that
-    sees the whole sequence could go lower, so for it this floor is lenient, never strict.
+    character) that many samples share with different next tokens, so its loss cannot reach 0
+    (docs/thresholds.md#overfit-batch). A model that sees the whole sequence could go lower, so
+    for it this floor is lenient, never strict.
     ``None`` when the call is not cross-entropy/NLL over integer classes or the shapes do not
     match one of those two layouts.
     """

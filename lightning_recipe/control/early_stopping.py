@@ -26,94 +26,41 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     """Lightning's ``EarlyStopping``, plus the recipe's habits: keep and restore the best weights,
     stop at once on NaN or a blown-up loss, and say in one sentence why training stopped.
 
-    Karpathy's recipe regularises with "early stopping: stop training based on your measured
-    validation loss to catch your model just as it's about to overfit" -- which only helps if
-    the model you keep is the one from *that* point. Lightning's ``EarlyStopping`` cannot restore
-    it (a long-standing request closed as won't-fix); Keras' ``restore_best_weights`` only
-    restored when training actually stopped early, so a run that reached ``max_epochs`` kept its
-    last, overfitted weights. This callback is a drop-in replacement:
+    Karpathy's early stopping catches the model "just as it's about to overfit", which only helps
+    if the weights you keep are the ones from that point. A drop-in subclass: it accepts every
+    ``EarlyStopping`` argument with the same meaning and default, and keeps Lightning's public
+    attributes, stop decision (reduced across DDP ranks), ``state_key`` and ``state_dict`` keys.
+    The full ``state_dict`` is copied on each improvement and loaded back on every rank at the end
+    of fit in every case (patience, divergence, NaN, ``max_epochs``, another callback's stop),
+    after every ``on_train_end`` hook. Without validation it reports ``check-skipped`` and leaves
+    training alone (a metric still missing after a validation run raises, as in Lightning).
+    Under DDP log the monitored value with ``sync_dist=True`` so the decision covers all data.
 
-    * It **is** an ``EarlyStopping`` (subclass): every argument has the same meaning and default,
-      the public attributes (``wait_count``, ``stopped_epoch``, ``best_score``, ``patience``,
-      ``stopping_reason``, ``stopping_reason_message``...), the checkpoint ``state_key``
-      (``"EarlyStopping{'monitor': ..., 'mode': ...}"``, so checkpoints move both ways) and the
-      ``state_dict`` keys are Lightning's; the stop decision is Lightning's, reduced across DDP
-      ranks with ``trainer.strategy.reduce_boolean_decision`` as before. Same run, same
-      ``stopped_epoch``/``wait_count``/``best_score``.
-    * ``restore_best_weights=True``: whenever the monitored value improves, the weights (the full
-      ``state_dict``: parameters *and* buffers such as BatchNorm statistics) are copied, and at the
-      **end of fit, in every case** (patience exhausted, divergence, NaN, ``max_epochs``,
-      ``max_steps``, another callback's stop) they are loaded back into the model, on every rank.
-      Restoring happens in ``on_fit_end``, after every ``on_train_end`` hook (so it also wins over
-      ``WeightAveraging``'s final copy; pass ``restore_best_weights=False`` to keep that one).
-      The weights are the ones in place when the best value was checked: for the usual
-      validation-loss monitor, exactly the weights that produced it.
-    * It stops at once, with an error finding, on a non-finite monitored value (Lightning's
-      ``check_finite``) or training loss (``non-finite-loss``) and on a monitored loss that blew up
-      (``loss-diverged``): more than ``divergence_factor`` times its reference, the larger of its
-      value *before training* (read from Lightning's sanity-check validation, which runs on the
-      untouched model; with ``num_sanity_val_steps=0`` the first checked value stands in) and
-      its best so far. Not the best alone: a val loss that overfits from 0.002 to 0.135 (measured,
-      a 72x ratio) is overfitting for ``patience`` to handle, not a divergence.
-    * At fit end an ``early-stopped`` info finding says why training stopped (patience exhausted
-      with the numbers, divergence, NaN, a threshold, or "ran to max_epochs") and which weights
-      were restored (epoch, step, value).
+    Reports ``non-finite-loss`` (error) on a NaN/Inf monitored value or training loss and
+    ``loss-diverged`` (error) when the monitored loss exceeds ``divergence_factor`` times the larger
+    of its value before training and its best (both stop at once), and ``early-stopped`` (info) at
+    fit end: why training stopped and which epoch's weights were restored.
 
-    ``divergence_factor`` (default 5 for ``mode="min"``, off for ``mode="max"``), measured as the
-    val loss over its value before training, per epoch: healthy runs (MLP/CNN/GRU on blobs and
-    tokens, the digits CNN; Adam 1e-3..0.1, SGD 0.2..1.0; 3-4 seeds; hard overfitting included)
-    stay at or below 1.2x, with one spike to 3.9x (digits CNN, SGD lr 0.5: 8.9 vs 2.30, which
-    recovered to 0.08); learning rates that blow up (Adam 0.5-1.0) reach 13x-48x in the first
-    epoch (digits, Adam 0.5: 110 vs 2.30) or NaN (SGD lr 20). Only meaningful for loss-like
-    metrics that are >= 0 and lower-is-better; ignored while the reference is <= 0, and refused
-    with ``mode="max"``.
-
-    Cost: the training loss is read on logging steps only (every ``Trainer(log_every_n_steps)``
-    steps: one host sync, and one ``reduce_boolean_decision`` under DDP; nothing in between -- a
-    NaN that corrupted the weights shows up on every later step); one ``state_dict`` copy per
-    improvement of the monitored value; one broadcast of a bool per check under DDP.
-
-    Memory (``best_weights_storage``): one copy of the model's ``state_dict``, allocated once and
-    overwritten in place on each improvement -- in CPU RAM (``"cpu"``, default), in device memory
-    (``"device"``, fastest, costs one model of accelerator memory) or in a file (``"disk"``, one
-    ``torch.save`` per improvement, under ``best_weights_dir``, default
-    ``<default_root_dir>/recipe_best_weights``). Under DDP every rank keeps its own copy (ranks
-    hold identical weights, and rank-local copies need no shared file system): the cost is per
-    process. Sharded strategies (FSDP, DeepSpeed) hold a shard per rank: restoring is skipped
-    there with an info line.
-
-    Checkpoints: with ``"cpu"``/``"device"`` the best weights travel inside the callback state, so
-    a checkpoint grows by one copy of the model (a resumed run restores the right weights even if
-    they came from before the interruption); with ``"disk"`` only the file path and its
-    epoch/step travel (the file is checked against them before it is loaded). The ``early-stopped``
-    verdict of a checkpoint saved after ``fit`` is dropped on resume: the resumed fit gives its own.
-
-    No validation (no val dataloader, ``limit_val_batches=0``): where Lightning's ``strict`` check
-    would raise because the monitored metric was never logged, this callback reports one
-    ``check-skipped`` info finding and leaves training alone while no validation run has ended in
-    the fit; a metric still missing after a validation run (a typo) raises as in Lightning.
-
-    DDP: the stop decision is Lightning's (any rank stops every rank). Whether an improvement
-    happened is taken from rank zero (``trainer.strategy.broadcast``), so every rank stores and
-    restores the weights of the same epoch even if the monitored value was logged without
-    ``sync_dist=True``; log it with ``sync_dist=True`` so the decision covers all the data.
-    Findings are recorded on every rank, warnings and logs come from rank zero only.
+    Thresholds: see docs/thresholds.md#early-stopping.
 
     Args:
         monitor, min_delta, patience, verbose, mode, strict, check_finite, stopping_threshold,
         divergence_threshold, check_on_train_epoch_end, log_rank_zero_only: exactly as in
-            Lightning's ``EarlyStopping``.
-        restore_best_weights: keep the best weights and load them back at the end of fit.
-        best_weights_storage: ``"cpu"``, ``"device"`` or ``"disk"`` (see above).
-        best_weights_dir: folder for ``"disk"`` storage.
+            Lightning's ``EarlyStopping`` (same meanings and defaults).
+        restore_best_weights: keep the best weights and load them back at the end of fit
+            (``False`` keeps e.g. ``WeightAveraging``'s final weights).
+        best_weights_storage: where the one copy of the best weights lives: ``"cpu"`` RAM
+            (default), ``"device"`` memory (fastest) or ``"disk"`` (one ``torch.save`` per
+            improvement). With ``"cpu"``/``"device"`` checkpoints carry the copy (+1 model).
+            Each DDP rank keeps its own copy; sharded strategies (FSDP, DeepSpeed) skip restoring.
+        best_weights_dir: folder for ``"disk"`` storage (default
+            ``<default_root_dir>/recipe_best_weights``).
         divergence_factor: ``"auto"`` (5.0 for ``mode="min"``, ``None`` for ``"max"``), a number
-            > 1, or ``None`` to turn the divergence stop off.
+            > 1, or ``None`` to turn the divergence stop off; for losses (>= 0, lower is better).
         check_train_loss: also stop on a non-finite training loss (read on logging steps).
         on_error: ``"warn"`` or ``"raise"`` (raise ``RecipeError`` on the error findings).
 
     Example::
-
-        from lightning_recipe import RecipeEarlyStopping
 
         stopper = RecipeEarlyStopping(monitor="val_loss", patience=5)
         trainer = L.Trainer(callbacks=[stopper], max_epochs=100)

@@ -205,68 +205,20 @@ class ForwardOrder:
 class ActivationMonitor(TrendMonitor):
     """Per-layer activation histograms and statistics; dead ReLU and saturated tanh/sigmoid units.
 
-    cs231n (*Learning and Evaluation*): "plot activation/gradient histograms for all layers of the
-    network"; an incorrect initialisation can slow or stop learning, and for tanh units the
-    distribution should span [-1, 1] rather than sit at 0 or saturate at ±1. On each logging step
-    (every ``every_n_steps`` optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``) the
-    monitor attaches forward hooks to every layer (:func:`list_layers`: modules that own
-    parameters, plus activation modules) for that one training batch, computes everything on the
-    device inside the hooks (only small tensors are kept), removes the hooks when the batch ends
-    and moves the numbers to the host in one transfer. Between logging steps it does nothing.
-    Inside a ``torch.compile``d module the hooks run eagerly (``torch.compiler.disable``), so
-    dynamo does not compile the monitor's own code once per layer name (measured on a small CNN
-    compiled with inductor on CPU, the checks' model copies run eagerly: 24 steps took 25.1 s and
-    16 compiled graphs with the hooks compiled, 20.9 s and 9 graphs with eager hooks, 13.1 s and
-    2 graphs without the suite).
+    cs231n: "plot activation/gradient histograms for all layers of the network"; a bad init can
+    slow or stop learning, and tanh units should span [-1, 1] rather than sit at 0 or saturate at
+    ±1. On each logging step the monitor hooks every layer (:func:`list_layers`: modules that own
+    parameters, plus activation modules) for that one batch and logs ``recipe/activations/<layer>``
+    (histogram) and ``recipe/activation_stats/<layer>/mean``, ``/std``, ``/dead_fraction`` (ReLU:
+    units -- channels of conv outputs, the last dimension otherwise -- zero for the whole batch) and
+    ``/saturated_fraction`` (tanh/sigmoid: units beyond ``|tanh| > 0.99`` or sigmoid outside
+    [0.01, 0.99] on more than half of their values). Between logging steps it does nothing.
+    Functional activations (``F.relu`` in ``forward``) cannot be hooked and are not seen.
 
-    Logged:
-        * ``recipe/activations/<layer>``: histogram of the layer's output (subsampled on the
-          device to at most 65,536 values);
-        * ``recipe/activation_stats/<layer>/mean`` and ``/std``;
-        * ``recipe/activation_stats/<layer>/dead_fraction`` for ReLU/ReLU6 modules: the fraction
-          of units that are exactly zero for the whole batch. A *unit* is a feature: dimension 1
-          of conv outputs ((B, C, ...) after a Conv/BatchNorm), the last dimension of (B, D) and
-          (B, T, D) outputs (after a Linear, LayerNorm, RNN, embedding);
-        * ``recipe/activation_stats/<layer>/saturated_fraction`` for Tanh (and Hardtanh(-1, 1))
-          and Sigmoid (and Hardsigmoid): the fraction of units that are saturated on more than
-          half of their values, saturated meaning ``|tanh| > 0.99`` (pre-activation beyond ±2.65,
-          local gradient below 0.02) or ``sigmoid < 0.01 or > 0.99`` (beyond ±4.6, gradient
-          below 0.01).
+    Reports ``dead-units`` and ``saturated-units`` (warnings, once each) when a layer's fraction is
+    above its threshold on ``patience`` consecutive logging steps, never on one noisy batch.
 
-    A module called several times in one forward pass (a shared ``self.act``) is logged per call
-    as ``<layer>/call1``, ``<layer>/call2``... up to ``max_calls`` calls. Activations applied as
-    functions (``F.relu`` inside ``forward``, the default of ``nn.TransformerEncoderLayer``) are
-    not seen: only modules can be hooked without tracing the whole step.
-
-    Findings (each reported once, when the condition held on ``patience`` consecutive logging
-    steps, never on one noisy batch):
-        * ``dead-units`` (warning): a ReLU layer with more than ``dead_threshold`` (90%) of its
-          units dead. Some dead units are normal; measured maxima over 300 Adam steps, 3 seeds,
-          batch 32 (8 for one): 2-layer MLPs 3-16% (lr 1e-3..1e-2), a wide MLP 9-15%, CNNs with
-          BatchNorm 0%, 8-layer Kaiming MLPs 19-38%, the digits demo CNN 23-36% (its head), an
-          MLP on digits 9-17%; default-init 8-layer MLPs start at 50-66% and fall below 40%
-          within 60 steps. cs231n's "as much as 40% of your network can be dead" is passed by
-          healthy runs, though: the ReLU head after conv + BatchNorm + ReLU + pooling features
-          (all-positive inputs, so each unit's sign is shared by the whole batch) loses 38-42%
-          of its units at once with Adam 1e-3, 57-66% with Adam/AdamW 3e-3, 54-70% with SGD
-          0.05 (momentum 0.9) and 80% with SGD 0.1, and stays there while reaching 95-99.5%
-          validation accuracy on digits (Adam at 1e-2: 94%). Broken runs: a first-layer bias of
-          -5 or -2 kills 97-100% of the layer's units, the demo's ``lr-too-high`` 100%; Adam at
-          lr 0.3 (30x too high) leaves 59-75% dead and is reported by the update-ratio and
-          loss-curve monitors instead.
-          The digits demo: healthy 20-22% at most (its head), ``lr-too-high`` 100% by step 15;
-          a head that cannot learn anything also dies (``batch-view`` 75% and more,
-          ``shuffled-labels`` 80%, ``no-zero-grad`` 59%); above the 90% limit this finding then
-          accompanies the one that names the cause.
-          Units are judged only with at least ``min_positions`` values per unit in the batch
-          (with batch 1 half of healthy units are zero by chance).
-        * ``saturated-units`` (warning): a tanh/sigmoid layer with more than
-          ``saturated_threshold`` of its units saturated. Healthy tanh/sigmoid MLPs (default or
-          Xavier init, up to 8 layers): 0-9%. Weights drawn from N(0, 1) in a tanh MLP
-          (pre-activations with std 4-6): 69-97% on every logging step.
-
-    Activation statistics describe the batch of the process that computes them (each DDP rank
-    judges its own batch; messages come from rank zero); nothing is reduced across ranks.
+    Thresholds: see docs/thresholds.md#activations.
 
     Args:
         every_n_steps: logging interval in optimizer steps (``None``: the trainer's
@@ -275,7 +227,8 @@ class ActivationMonitor(TrendMonitor):
         saturated_threshold: likewise for saturated tanh/sigmoid units (0..1).
         patience: consecutive logging steps the condition must hold (>= 1).
         histograms: log the histograms (``False``: scalars and findings only).
-        max_calls: calls of one module per forward pass that are measured (>= 1).
+        max_calls: calls of one module per forward pass that are measured, logged as
+            ``<layer>/call1``, ``<layer>/call2``... (>= 1).
         min_positions: values per unit (batch x spatial / time) needed to judge dead units.
         on_error: ``"warn"`` or ``"raise"`` (no finding of this monitor is an error).
 

@@ -22,50 +22,21 @@ _CANDIDATES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 class FirstLayerFilterMonitor(RecipeCallback):
     """Visualise the first layer's weights each logging epoch and measure how noisy they are.
 
-    cs231n: "when working with image pixels it can be helpful to visualise the first-layer
-    features": noisy patterns can mean an unconverged network, a badly set learning rate or too
-    little weight regularisation; smooth, clean and diverse filters mean training goes well.
+    cs231n: noisy first-layer features can mean an unconverged network, a badly set learning rate
+    or too little weight regularisation; smooth, clean and diverse filters mean training goes well.
+    The layer is the first ``Conv1d``/``Conv2d`` that runs in the forward pass, else the first
+    ``Linear`` that reads the raw input as an image (shape from ``image_shape`` or a (B, C, H, W) /
+    (B, H, W) input); a model with neither gets one ``check-skipped`` info finding. Every
+    ``every_n_epochs`` epochs it logs ``recipe/first_layer_filters`` (an image grid, each filter
+    normalised to its own range) and ``recipe/first_layer_filters/smoothness`` and
+    ``.../smoothness_at_init``: the squared difference of neighbouring weights over the weights'
+    variance, 2 for white noise (every standard init), well below 1 for smooth filters.
 
-    *Which layer*: the first ``Conv1d``/``Conv2d`` that runs in the forward pass, found with
-    forward pre-hooks on the first training batch only (module registration order is not call
-    order: a model may define its head before its backbone). Without a convolution, the first
-    ``Linear`` that runs, if it reads the raw input as an image: its input has as many values per
-    sample as the batch input, and the image shape comes from ``image_shape`` or from a batch
-    input of shape (B, C, H, W) / (B, H, W) with ``C*H*W == in_features``. A flattened (B, H*W)
-    input needs ``image_shape``: tabular data with 16 or 64 columns is not an image. A model with
-    neither gets one ``check-skipped`` info finding and nothing else.
+    Reports ``noisy-filters`` (info, at the end of training) when the smoothness is still above
+    ``noisy_ratio`` times its value at init. Kernels smaller than ``min_kernel_size`` and a frozen
+    first layer are shown but not judged.
 
-    Logged each ``every_n_epochs`` epochs (at ``on_train_epoch_end``):
-        * ``recipe/first_layer_filters``: up to ``max_filters`` filters as an image grid, each
-          filter normalised to its own range. Filters over 1 or 3 input channels are shown as
-          grey / RGB images; for other channel counts the first input channel is shown. 1-D
-          convolutions are shown as 1-pixel-high strips;
-        * ``recipe/first_layer_filters/smoothness`` and ``.../smoothness_at_init``: the mean
-          squared difference between neighbouring weights of a filter divided by the variance of
-          its weights (the median over all filters and input channels). White noise -- what
-          every standard init draws -- scores 2; smooth filters score well below 1 (a 9x9
-          Gaussian blob exp(-r^2) over [-2, 2]^2: 0.38). Only for kernels of at least
-          ``min_kernel_size`` in every spatial dimension: a 3x3 filter has 9 weights and 12
-          neighbour pairs; one white-noise 3x3 filter scores anywhere in 1.3-2.8 (5-95%), and the
-          useful 3x3 filters are not smooth at all (Sobel 0.89, Laplacian 3.6), so the score
-          cannot tell learned 3x3 filters from noise. On the digits demo CNN (3x3) healthy
-          training moves it by 0.93-1.02x in 8 epochs, like a learning rate 1000x too low.
-
-    Finding ``noisy-filters`` (info, at the end of training): the smoothness is still above
-    ``noisy_ratio`` times its value at init, i.e. the filters are less than 10% smoother than
-    the noise they started as. Measured on scikit-learn's digits (8x8), AdamW, 3 seeds: an MLP
-    over the flattened images at lr 2e-3 goes from 1.97-2.03 to 0.72-0.75x its init smoothness
-    in 10 epochs (0.94-0.95x after 1 epoch, below 0.9x from epoch 2-3); at lr 5e-4 it reaches
-    0.81-0.85x; at lr 1e-4 it stays at 0.98-1.00x, at 1e-5 and 1e-6 at 1.00x. The digits demo
-    CNN's first conv (3x3, BatchNorm after it) is not judged; with a 5x5 first conv, its
-    filters stay at 0.97-1.02x even in a healthy run (98-99% accuracy): 8x8 images and 8 epochs
-    do not need smooth first-layer filters, so on such small images the finding is a prompt to
-    look at the picture, not a verdict. It is an info finding for that reason.
-
-    A frozen first layer (``requires_grad=False`` when training starts: a pretrained backbone) is
-    shown but not judged: its smoothness at the end equals its value at the start by construction.
-
-    Weights are the same on every DDP rank; the image is written by rank zero.
+    Thresholds: see docs/thresholds.md#first-layer-filters.
 
     Args:
         every_n_epochs: log every this many training epochs (>= 1).

@@ -48,70 +48,22 @@ class _Record:
 class GradientMonitor(TrendMonitor):
     """Per-layer gradient norms and histograms; vanishing, exploding and non-finite gradients.
 
-    cs231n: plot activation/gradient histograms for all layers; deep nets suffer from vanishing
-    and exploding gradients (the training-tips seed). On each logging step the monitor reads
-    the parameter gradients in ``on_before_optimizer_step`` -- after the backward pass and
-    gradient accumulation, unscaled under AMP, already all-reduced under DDP (so every rank sees
-    and decides the same) and before ``zero_grad`` -- computes everything on the device and moves
-    it to the host in one transfer. Between logging steps it does nothing. At the end of training
-    it checks once more, for NaN/Inf, the gradients the last optimizer step left behind (a NaN
-    loss often stops a run before the next logging step). ``check_every_step=True`` adds a
-    sync-free every-step flag: one grouped ``torch._foreach_norm`` over the gradients whose
-    "any non-finite" bit and first step are kept on the device and read on the next logging
-    step. It is off by default because it is one more pass over every gradient: measured on
-    CPU, 52 us on a 3.8 ms ResNet-style CNN step (1.4%) and 152 us on a 2.9 ms wide-MLP step
-    (5%).
+    cs231n: plot gradient histograms for all layers; deep nets suffer from vanishing and exploding
+    gradients. On each logging step the monitor reads the gradients in ``on_before_optimizer_step``
+    (after accumulation, unscaled under AMP, all-reduced under DDP) and logs, per layer (a module
+    that owns parameters), ``recipe/grad_norm/<layer>``, ``recipe/grad_relative/<layer>``
+    (``norm(grad) / norm(weight)``: how fast the layer learns), ``recipe/grad_depth_ratio`` (first
+    layer over last hidden layer, ``/opt<i>`` per optimizer) and gradient and weight histograms.
+    At the end of training it checks the last gradients for NaN/Inf once more.
 
-    A *layer* is a module that owns parameters (``net.0`` for ``net.0.weight`` and
-    ``net.0.bias``); layers are put in forward order by forward pre-hooks attached for the
-    logging step only (registration order is not call order in general).
+    Reports ``vanishing-gradients`` / ``exploding-gradients`` (warnings) when the depth ratio is
+    below ``vanishing_ratio`` / above ``exploding_ratio`` on ``patience`` consecutive logging steps
+    (embeddings, the output layer and ``exclude`` left out; two hidden layers needed), and
+    ``non-finite-gradients`` (error) with the layers holding NaN/Inf in forward order, the deepest
+    being where backprop met it first (under an fp16 ``GradScaler`` only after ``patience``
+    logging steps in a row).
 
-    Logged:
-        * ``recipe/grad_norm/<layer>``: the L2 norm of the layer's gradient (all its parameters);
-        * ``recipe/grad_relative/<layer>``: ``norm(grad) / norm(weight)`` over the layer's
-          weight tensors (parameters with 2+ dimensions), the layer's "learning speed": one SGD
-          step changes the weights by lr times this, relative to their size;
-        * ``recipe/grad_depth_ratio``: the relative gradient of the first layer divided by that of
-          the last hidden layer (``/opt<i>`` per optimizer when there are several);
-        * ``recipe/gradients/<layer>`` and ``recipe/weights/<parameter>`` histograms.
-
-    Findings:
-        * ``vanishing-gradients`` / ``exploding-gradients`` (warning): the depth ratio below
-          ``vanishing_ratio`` / above ``exploding_ratio`` on ``patience`` consecutive logging
-          steps. The profile uses the layers with weight tensors in forward order, without
-          embeddings (their gradients are sparse by construction), without the layers named in
-          ``exclude`` and without the output layer: the output layer's relative gradient is the
-          loss gradient on a small (C x hidden) matrix and sits 3-30x above the hidden layers in
-          every healthy net measured, a constant offset that says nothing about depth. It needs
-          at least two hidden layers; layers whose gradient is exactly zero are not judged (that
-          is a dead layer or a frozen one, see ``dead-units`` / ``params-not-updating``).
-          *Why relative to the weight norm*: it is scale-free (a loss summed instead of averaged
-          changes nothing) and is what decides how fast a layer learns (cs231n's update ratio).
-          Note that homogeneous nets (ReLU, no biases) have the same weight-gradient norm in
-          every layer whatever their init gain -- their exploding init shows up as a huge loss
-          and update ratio (LossAtInitCheck, UpdateRatioMonitor), not as a depth trend here.
-          Measured (first/last hidden relative gradient, every 10 of 300 Adam steps, 3 seeds):
-          healthy 2-layer MLPs (ReLU/tanh/sigmoid) 0.27-3.2, CNNs with BatchNorm 0.31-26 (the high
-          end at lr 0.05, at convergence), a 1-layer transformer 0.18-2.2, 8-layer Kaiming ReLU and
-          16-layer Xavier tanh MLPs 0.07-3.5, default-init 8-layer ReLU MLPs 0.02-2.8. Broken:
-          sigmoid MLPs with 8 hidden layers 1.5e-6..1.4e-3 (6 layers 1e-4..0.18, 4 layers
-          0.004..0.37: those train, slowly), default-init 16-layer ReLU MLPs 1.2e-5..0.35;
-          tanh MLPs with weights N(0, 9/fan_in) (the chaotic regime: forward bounded, backward
-          growing 1.3x per layer) with 20 layers 58-2000, 16 layers 15-230, 12 layers 3.5-84.
-          The digits demo CNN: healthy 0.36-3.2; its head made 7 sigmoid layers deep 1.4e-5..6e-5;
-          16 tanh layers with N(0, 9/fan_in) weights 800-3400; one tanh layer with N(0, 1) weights
-          340-710 -- a saturated layer with large weights gets a tiny relative gradient, so
-          ``exploding-gradients`` then comes with ``saturated-units`` (fix the saturation first).
-        * ``non-finite-gradients`` (error): a NaN/Inf gradient, with the layers that have them in
-          forward order: the *deepest* one is where backprop met the NaN first (it starts there
-          or in the loss), every earlier layer inherits it. With a ``GradScaler`` (fp16 AMP)
-          occasional inf gradients are the scaler's normal overflow handling (it skips the
-          step), so the finding then needs ``patience`` logging steps in a row and the
-          every-step and end-of-training checks are off.
-
-    Works with gradient accumulation (read once, at the optimizer step), mixed precision,
-    manual optimisation and several optimizers (one depth profile per optimizer: a GAN's
-    generator and discriminator are separate networks).
+    Thresholds: see docs/thresholds.md#gradients.
 
     Args:
         every_n_steps: logging interval in optimizer steps (``None``: ``log_every_n_steps``).
@@ -119,8 +71,8 @@ class GradientMonitor(TrendMonitor):
         exploding_ratio: depth ratio above which gradients count as exploding (> 1).
         patience: consecutive logging steps a condition must hold (>= 1).
         histograms: log gradient and weight histograms.
-        check_every_step: the sync-free every-step NaN/Inf flag (one grouped norm over the
-            gradients per optimizer step, 1-5% of a small CPU step; default off).
+        check_every_step: a sync-free every-step NaN/Inf flag, read on the next logging step (one
+            grouped norm over the gradients per optimizer step; default off).
         exclude: layer names to leave out of the depth profile (e.g. a first layer over
             bag-of-words inputs, whose gradient is sparse).
         on_error: ``"warn"`` or ``"raise"`` (``non-finite-gradients`` is an error finding).

@@ -44,74 +44,26 @@ _TARGET_MOVED = "_target_moved"
 class InputIndependentBaseline(RecipeCallback):
     """Compare the validation loss with real inputs against the loss with all inputs zeroed.
 
-    Karpathy: "train an input-independent baseline (e.g. easiest is to just set all your inputs
-    to zero). This should perform worse than when you actually plug in your data without zeroing
-    it out. Does it? i.e. does your model learn to extract any information out of the input at
-    all?" Rather than training a second model, this callback asks the model being trained: after
-    every validation run (not the sanity check) it runs your ``validation_step`` (your
-    ``training_step`` when the validation step calls no loss function) on a deep copy of
-    the model in eval mode (no gradients, every RNG restored, the copy freed right after) over the
-    first ``num_batches`` validation batches, once as they are and once with the input replaced by
-    zeros (``BatchAdapter.zero_inputs``; token ids become id 0, usually padding: still a valid
-    baseline). The batches are taken from the validation loop the trainer runs anyway (first
-    seen in the sanity check), cut to their first 256 examples and kept on their device until
-    training ends; the callback never iterates a dataloader. Cost: nothing between validation runs;
-    per validation run one deep copy of the model and ``2 * num_batches`` forward passes (42 ms
-    on the digits CNN with two batches of 256 and 103 images).
+    Karpathy: "train an input-independent baseline (e.g. easiest is to just set all your inputs to
+    zero) ... does your model learn to extract any information out of the input at all?" Rather
+    than training a second model, after every validation run (not the sanity check) this callback
+    runs your ``validation_step`` (``training_step`` when it calls no loss function) on a copy of
+    the model in eval mode over the first ``num_batches`` validation batches the trainer ran, once
+    as they are and once with the input zeroed. It logs ``recipe/input_independent/real_loss``,
+    ``.../zero_loss``, ``.../chance_loss`` and ``.../gap`` = ``(baseline - real) / |baseline|``
+    with ``baseline = min(zero_loss, chance_loss)``. Batches whose target is the input itself
+    (autoencoders, next-token prediction) are not judged (``check-skipped``).
 
-    Logged: ``recipe/input_independent/real_loss``, ``.../zero_loss``, ``.../chance_loss`` (the
-    loss of a know-nothing prediction with your loss call: uniform class scores, or the target
-    mean for regression), charted together as "real vs zero-input loss" in the Recipe section of
-    Custom Scalars, and ``.../gap``, the quantity judged: ``(baseline - real) / |baseline|`` with
-    ``baseline = min(zero_loss, chance_loss)``, the best the model does without its input (zeros
-    can be out of distribution and give a loss above chance; capping at chance keeps that from
-    hiding a model that learned nothing).
+    Reports ``input-independent`` (error) when, after the first ``warmup`` validation runs, the gap
+    is below ``min_gap`` on ``patience`` runs in a row (a run whose gap grew by ``min_gap / 2`` is
+    still learning and does not count): the inputs never reach the model, the labels do not depend
+    on them, or it has learned nothing yet.
 
-    Finding ``input-independent`` (error): after the first ``warmup`` validation runs, the gap is
-    below ``min_gap`` on ``patience`` validation runs in a row: the model extracts no information
-    from its input (the inputs never reach it, or are overwritten), or the labels do not depend on
-    the inputs (labels shuffled apart from their inputs, a misaligned join), or it has learned
-    nothing at all yet. A run whose gap grew by at least ``min_gap / 2`` since the previous run is
-    still learning and does not count (slow starts, learning-rate warm-up).
-
-    The input is guessed from the batch's keys and positions, then checked once per fit: when
-    zeroing it leaves the model's output unchanged (a ``(sample_weight, x, y)`` or
-    ``(index, x, y)`` batch), the other tensors of the batch are zeroed in turn and the first one
-    that changes the output is used instead (``figures["input"]`` says which). A model that no
-    tensor of its batch reaches is judged as it is.
-
-    Not judged (``check-skipped`` info) when zeroing the input changes the loss target too -- the
-    target the loss call received differs between the two runs, or, when no loss call could be
-    read, the batch carries no target apart from its input: an autoencoder, a language model
-    predicting its next token, a self-supervised loss. Predicting zeros from zeros is easy, so
-    such a "baseline" beats every healthy model (measured: an autoencoder 0.29 real vs 0.013
-    zeroed, a next-token GRU 0.64 vs 0.011, both still learning).
-
-    Measured (gap per validation run, 6 epochs, 5 seeds, 2 validation batches of 32 examples or
-    256 digits, 12-23 optimizer steps per epoch): models whose forward ignores the input stay
-    between -0.011 and 0.000; models trained on labels shuffled apart from their inputs (digits
-    CNN, MLP and CNN on blobs, GRU and transformer on token ids) between -0.13 and +0.04 on every
-    run, the gap never growing by more than 0.033 from one run to the next; all 31 broken runs
-    got the finding at the 4th validation run (one at the 5th). Healthy models at sensible
-    learning rates separate by a lot: digits CNN 0.77-0.82 after the first epoch and 0.94-0.96
-    after the second; MLP / CNN / GRU at Adam 1e-2 0.35-0.94 after the first; the transformer at
-    Adam 1e-3 0.11-0.31 after the second; an MLP on 35%-noisy labels 0.29-0.47; slow learners
-    (transformer at Adam 3e-4, GRU and MLP at 1e-3, CNN at SGD 1e-2) start near 0 but gain
-    0.03-0.17 per run, so the growth rule keeps them silent. None of these 60 healthy runs got a
-    finding. Hence ``min_gap=0.05``, ``warmup=2``, ``patience=2``. Reported too, and rightly:
-    SGD at lr 1e-3 (100x too low) that learned nothing in 72 steps (gaps -0.03..+0.02, 5 of 5
-    seeds), and a task whose inputs carry almost no information (blobs with centres 6x closer,
-    43-51% accuracy on 4 classes: 2 of 5 seeds, whose validation loss ended above chance); lower
-    ``min_gap`` for such weak-signal tasks.
-
-    Rank-local under DDP: each rank evaluates the first batches of its own validation shard and
-    rank zero's losses are logged; the per-run verdict "no clear gap" is reduced across ranks
-    with ``trainer.strategy.reduce_boolean_decision(all=True)`` (every rank must see it), called
-    on every rank after every validation run, so every rank keeps the same streak.
+    Thresholds: see docs/thresholds.md#input-independent-baseline.
 
     Args:
         num_batches: how many validation batches to evaluate (each costs two forward passes).
-        min_gap: smallest relative gap ``(zero - real) / |zero|`` that counts as a clear gap.
+        min_gap: smallest gap ``(baseline - real) / |baseline|`` that counts as a clear gap.
         warmup: validation runs at the start of fit that are never judged.
         patience: validation runs in a row without a clear gap before the finding.
         get_input: ``callable(batch) -> Tensor`` for batch layouts the guess cannot read.

@@ -29,86 +29,25 @@ WARMUP_FRACTION = 0.1
 class LossCurveMonitor(StepMonitor):
     """Watch the training loss curve and the learning-rate schedule.
 
-    cs231n, "Loss function": a loss that explodes says the learning rate is too high, a curve
-    that stays flat says it is too low (or that something is broken), and a NaN is a bug.
-    Karpathy: "don't trust learning rate decay defaults" -- a scheduler written for epochs and
-    stepped per batch decays the rate to nothing in the first few percent of the run.
+    cs231n: a loss that explodes says the learning rate is too high, a flat curve that it is too
+    low (or that something is broken), and a NaN is a bug; Karpathy: "don't trust learning rate
+    decay defaults". The monitor keeps a reference to each step's loss (no sync) and, on each
+    logging step, logs the mean training loss of the interval as ``recipe/loss/train`` (and
+    ``recipe/loss/train_log10``) and each param group's rate as ``recipe/lr/opt<i>_group<j>``.
 
-    How it reads the loss: the value your ``training_step`` returns (a tensor, or a dict with
-    ``"loss"``), as Lightning hands it to ``on_train_batch_end`` (under gradient accumulation
-    Lightning divides it by ``accumulate_grad_batches``; the monitor multiplies it back). Between
-    logging steps it only keeps a reference to each (detached) loss tensor -- no kernel, no
-    sync; on a logging step it stacks them on the device, computes the mean of the finite
-    values, the count of non-finite ones and the step of the first non-finite one, and makes one
-    host transfer. Each point of the curve is therefore the *mean training loss of the interval*
-    since the previous logging step, which is much less noisy than one batch.
+    Reports:
+        * ``non-finite-loss`` (error): a NaN/Inf loss, with the first step it appeared;
+        * ``loss-diverged`` (error): the interval mean rose above its best by more than both
+          ``(divergence_factor - 1) x |best|`` and half the progress since the first batch, on
+          ``patience`` logging steps in a row, or at once if it rose 20x more than that;
+        * ``loss-not-decreasing`` (warning): after ``2 x window`` logging steps and ``min_steps``
+          steps, the mean of the latest ``window`` interval means is less than ``flat_tolerance``
+          below that of the first ``window``, on ``patience`` logging steps (not during warm-up);
+        * ``lr-decayed-early`` (warning): every group's rate fell below ``lr_floor`` of its peak for
+          5% of the planned steps, before ``lr_deadline`` of them (``ReduceLROnPlateau`` groups and
+          runs of unknown length are left out).
 
-    It logs ``recipe/loss/train`` (the interval mean), ``recipe/loss/train_log10`` (its log10,
-    for the "Training loss (log10)" custom-scalars chart: that tab has no log axis and cs231n
-    prefers loss curves on a log scale) and the learning rate of every parameter group as
-    ``recipe/lr/opt<i>_group<j>``.
-
-    Findings:
-
-    * ``non-finite-loss`` (error): a NaN/Inf loss; the message gives the first step where it
-      appeared (found on the device, not by sampling) and how many steps of the interval were
-      affected.
-    * ``loss-diverged`` (error): the interval mean rose above its best value (the first batch's
-      loss included) by more than both ``(divergence_factor - 1) x |best|`` and half of the
-      progress made since the first batch (``(initial - best) / 2``), on ``patience`` logging
-      steps in a row -- or at once if it rose 20x more than that (an explosion: the loss often
-      drops back to a dead-net plateau within two intervals). The first test is fastai's
-      ``lr_find`` rule (stop at 4x the best smoothed loss); the second keeps a nearly converged
-      run quiet when a loss of 1e-5 jitters to 1e-4.
-    * ``loss-not-decreasing`` (warning): once there are ``2 x window`` logging steps and
-      ``min_steps`` optimizer steps, the mean of the latest ``window`` interval means is less
-      than ``flat_tolerance`` (relative) below the mean of the first ``window`` ones, on
-      ``patience`` logging steps in a row: the curve is flat from the start (a converged curve
-      is not flat by this test: it fell a lot first). A curve that *rose* gets the opposite advice
-      (lower the rate, check that gradients are zeroed). Not judged while a warm-up is on (a
-      rising rate below 10% of the one it is heading for: ``initial_lr`` of the warm-up
-      scheduler, ``max_lr`` of OneCycleLR, or its peak so far): Adam warming up linearly to 1e-3
-      over 2000-10000 steps moved the loss only 0.4-0.8% by step 110.
-    * ``lr-decayed-early`` (warning): every parameter group's learning rate fell below
-      ``lr_floor`` (1%) of its peak and stayed there, not rising, for 5% of the planned steps
-      (``trainer.estimated_stepping_batches``), before ``lr_deadline`` (half) of them; the message
-      gives the steps. Warm-up is healthy (the reference is the peak, not the first value), and
-      so is a cosine/one-cycle schedule over the whole run (they reach 1% of their peak at ~94% /
-      ~95% of the run); the 5% keep quiet the bottoms of cyclic schedules (CyclicLR, warm
-      restarts: below 1% for at most ~6% of a cycle, and a cycle that ends before the deadline is
-      at most half the run) and the hand-written warm-up of Lightning's docs (full rate at step 0,
-      then 1/500 of it, rising). Groups driven by ``ReduceLROnPlateau`` are left out (their rate
-      falls when the monitored metric stops improving, as asked), and so is a run whose length is
-      unknown (``max_epochs=-1``, a dataloader without a length). The learning rates are Python
-      floats in the optimizer's param groups, so reading them at the start of each batch costs no
-      device work and no sync; the check stops once it fired or the deadline passed, and learning
-      rates held as tensors are only read on logging steps.
-
-    Where the numbers come from (this package's test models over 200-300 steps, 2 seeds, batches
-    of 32 and a noisy 4, logging every 1, 5 or 10 steps). Divergence, measured as rise / margin
-    (the test fires above 1): healthy MLP/CNN/GRU/transformer runs (Adam 1e-3/1e-2, SGD 0.1 +
-    momentum) stayed below 0.31 at batch 32 and below 0.9 at batch 4, except single one-batch
-    intervals of the batch-4 GRU (1.6) and CNN (3.3), which ``patience`` keeps quiet, and the
-    batch-4 CNN on SGD 0.1 + momentum (7.3: that run really lost all its progress for 4
-    intervals, its loss back from 0.06 to 2.5 > its first 1.48, and it is reported). Broken: SGD
-    at lr 10 went to 7-16x (GRU, for 5+ intervals) and 12..1e22x (MLP, CNN) the first-batch loss
-    within 5-10 steps, i.e. 4..1e22 on the same scale; the demo's AdamW at lr 0.5 averaged 274-325
-    over its first 5 steps (first batch 2.3: 39-47 on the scale) and then sat at chance, hence
-    the immediate report above 20 (6x the largest healthy single interval, 3.3).
-    Flatness, as relative improvement of the second window over the first at step 100 (windows
-    of 5 intervals of 10 steps): 98..100% for the sane rates above, 4.7..7.3% for plain SGD 1e-2,
-    2.2..2.8% for Adam 1e-4 (already 100x below its best rate); lr = 0 and SGD at 1e-6 gave
-    -0.3..+0.1%, and lr = 0 measured on one-batch-of-4 intervals -2.5..+2.9% (still reported by
-    step 105, the windows being noisy in both directions), hence ``flat_tolerance`` = 1%.
-
-    Resume: a checkpoint carries the losses of the unfinished logging interval (their sum, count
-    and first NaN, one host transfer when the checkpoint is saved), so the resumed run completes
-    that interval as a straight run would; the end-of-training point of the interrupted run (its
-    partial last interval) stays in the chart, and is left out of the checkpointed curve state.
-
-    Rank-local under DDP: each rank reads its own batch's loss (the curve of rank zero is the
-    one logged). The only collective is the vote of ``on_error="raise"`` on logging steps, which
-    every rank casts (also one whose monitor turned itself off), so all ranks stop together.
+    Thresholds: see docs/thresholds.md#loss-curve.
 
     Args:
         every_n_steps: logging interval in optimizer steps; ``None`` follows

@@ -36,64 +36,21 @@ class PredictionDynamicsMonitor(StepMonitor):
     """Watch the model's predictions on one fixed validation batch as training goes on.
 
     Karpathy: "visualize prediction dynamics: model predictions on a fixed test batch during the
-    course of training" -- they show instability and a learning rate too low or too high.
+    course of training" -- they show instability and a learning rate too low or too high. The
+    monitor keeps the first ``num_examples`` examples of the first validation batch the trainer
+    runs and, every ``every_n_steps`` optimizer steps (and before the first), runs your
+    ``validation_step`` on a copy of the model in eval mode, reading per example the predicted
+    class and the probability of the true class (classifiers) or the error over the targets' std
+    (regression). It logs the image ``recipe/prediction_dynamics`` (examples x logging steps, red
+    to green, darker when wrong) and ``recipe/prediction_dynamics/flips``, ``.../accuracy``,
+    ``.../true_class_prob`` or ``.../error``; the history is saved in checkpoints.
 
-    At fit start the monitor keeps the first ``num_examples`` examples of the first validation
-    batch the trainer runs (the sanity check's, or the first validation's when the sanity check
-    is off or the run resumes from a checkpoint, where Lightning skips it; it never iterates a
-    dataloader itself, and until a validation batch was seen it has nothing to evaluate). Every
-    ``every_n_steps`` optimizer steps (and once before the first step) it runs your
-    ``validation_step`` (``training_step`` when it calls no loss function) on a deep copy of the
-    model in eval mode (no gradients, every RNG restored, the copy freed right after), reads the
-    predictions and targets that reach your loss function and records per example (one host
-    transfer per logging step):
+    Reports ``prediction-instability`` (warning, once, classifiers only) when, late in training,
+    more than ``flip_threshold`` of the examples changed their predicted class since the previous
+    log on at least ``patience`` of the last ``window`` logs. Early flipping is normal and never
+    counted.
 
-    * classifiers (``cross_entropy``, ``nll_loss``, ``multi_margin_loss``, binary cross-entropy):
-      the predicted class and the probability of the true class (rows with an ignored target
-      left out; for sequence models up to ``num_examples`` evenly spaced rows of the loss input);
-    * regression (``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``): the error
-      ``|prediction - target|`` divided by the targets' standard deviation on the batch.
-
-    Logged: the image ``recipe/prediction_dynamics`` (rows = examples, columns = logging steps,
-    oldest left; colour = probability of the true class from red (0) through yellow to green (1),
-    cells whose predicted class is wrong drawn darker; for regression the normalised error from
-    green (0) to red (2 or more)), the scalars ``recipe/prediction_dynamics/flips`` (examples whose
-    predicted class changed since the last log), ``.../accuracy`` and ``.../true_class_prob``
-    (mean), or ``.../error`` for regression. The history is bounded to the last ``max_history``
-    logs and saved in checkpoints; after a resume the batch is fixed again and, if it is the same
-    one (a fingerprint is compared), the history goes on.
-
-    Finding ``prediction-instability`` (warning, once per fit; classifiers only): late in training
-    -- every one of the last ``window`` logs falls after ``late_fraction`` of the planned steps
-    (``trainer.estimated_stepping_batches``), or, when the run has no planned length, the accuracy
-    on the batch has made no new best for ``window`` logs -- more than ``flip_threshold`` of the
-    examples changed their predicted class since the previous log on at least ``patience`` of the
-    last ``window`` logs. A converging run settles; a learning rate far too high keeps throwing
-    examples across decision boundaries. Early flipping is normal (healthy runs flip 30-90% of
-    the examples per log at the start) and is never counted.
-
-    Measured (flip level = the ``patience``-th largest flip rate of any 5 consecutive late logs;
-    5 seeds; digits CNN, MLP / CNN / GRU / transformer on blobs and token ids; logging every 1 to
-    50 steps): at sensible learning rates (Adam 1e-3..1e-2, SGD 0.1..0.3, SGD with momentum) and
-    on a 35%-noisy-label task at 68-80% accuracy the level stays at or below 0.063, once 0.19
-    (digits with SGD 0.3, a late burst); higher Adam rates reach 0.03-0.09 (3e-2 on the noisy
-    task) and 0.03-0.25 (0.05 on digits, 25x the demo's rate). SGD far too high (digits at 1-3,
-    MLP / CNN at 10, GRU at 30) gives 0.28-1.0, and the demo's AdamW at 0.2 (100x) 0.28-0.72
-    while the healthy demo stays at 0-0.03. Hence ``flip_threshold=0.25``, ``patience=3``,
-    ``window=5``. Runs whose predictions collapse to one constant class (SGD so high the net
-    dies: digits at 3 and the MLP at 10 on 2 of 5 seeds each, the transformer at 30) do not flip
-    and get no finding here; the loss monitors see those. The flip rate grows with the logging
-    interval for a model that is still drifting; raise ``flip_threshold`` if you log only every
-    few hundred steps.
-
-    Cost: nothing between logging steps (validation batches are only copied until one is kept);
-    on a logging step one deep copy of the model and one forward pass over ``num_examples``
-    examples (7.5 ms on the digits CNN, whose training step takes 13 ms).
-
-    Rank-local under DDP: each rank fixes the first examples of its own validation shard; the
-    image and scalars are rank zero's. The per-log verdict "flipping late" is reduced across
-    ranks with ``trainer.strategy.reduce_boolean_decision(all=True)`` (every rank must see it),
-    called on every rank at every logging step, so all ranks report together.
+    Thresholds: see docs/thresholds.md#prediction-dynamics.
 
     Args:
         every_n_steps: logging interval in optimizer steps (``None``: ``Trainer(log_every_n_steps)``).
@@ -101,10 +58,11 @@ class PredictionDynamicsMonitor(StepMonitor):
         flip_threshold: fraction of examples flipping per log above which a log counts as unstable.
         patience: how many of the last ``window`` late logs must be unstable for the finding.
         window: the number of recent logs judged together.
-        late_fraction: the fraction of the planned steps after which flipping counts as late.
+        late_fraction: the fraction of the planned steps after which flipping counts as late
+            (without a planned length: no new best accuracy on the batch for ``window`` logs).
         max_history: how many logs the image and the checkpointed history keep.
-        get_input: ``callable(batch) -> Tensor`` for batch layouts the guess cannot read.
-        get_target: ``callable(batch) -> Tensor | None`` likewise.
+        get_input, get_target: ``callable(batch)`` returning the input / target, for batch layouts
+            the guess cannot read.
         step_fn: ``callable(model, batch) -> loss`` replacing ``training_step`` (needed under
             manual optimisation).
         on_error: ``"warn"`` or ``"raise"``.

@@ -34,64 +34,24 @@ LOSS_GUESSES: tuple[tuple[str, str], ...] = (
 class TrainValGapMonitor(RecipeCallback):
     """Compare training and validation accuracy after each validation, cs231n's second chart.
 
-    cs231n: "The gap between the training and validation accuracy indicates the amount of
-    overfitting ... [if] the validation accuracy tracks the training accuracy fairly well, [the]
-    model capacity is not high enough: make the model larger." This monitor reads metrics you
-    already log (``self.log("train_acc", ...)``, ``self.log("val_acc", ...)``) from
-    ``trainer.callback_metrics``; it computes nothing itself and adds no hook to the model.
+    cs231n: the gap between training and validation accuracy indicates overfitting; a validation
+    accuracy that tracks a low training accuracy says the model is too small. The monitor reads
+    metrics you already log (``self.log("train_acc", ...)``, ``self.log("val_acc", ...)``) from
+    ``trainer.callback_metrics`` after each validation (not the sanity check) and judges them at the
+    next training epoch end; it computes nothing itself. Unnamed metrics are looked up as
+    ``train_acc``/``val_acc``, ``train_accuracy``/``val_accuracy``, ``train/acc``/``val/acc``,
+    ``train/accuracy``/``val/accuracy``, ``acc``/``val_acc`` (losses ``train_loss``/``val_loss``,
+    ``train/loss``/``val/loss``, ``loss``/``val_loss``), with their ``_epoch`` and
+    ``/dataloader_idx_0`` variants. Logs ``recipe/train_val/...`` and ``recipe/train_val_gap/acc``
+    (train - val accuracy), ``.../loss`` (val - train loss).
 
-    The validation values are taken in ``on_validation_end`` (the sanity check is skipped) and
-    judged in the following ``on_train_epoch_end``, where Lightning has just aggregated the
-    training epoch's ``on_epoch=True`` metrics (at ``on_validation_end`` they still hold the
-    previous epoch's values). Names: ``train_metric``/``val_metric`` and ``train_loss``/
-    ``val_loss`` if given, else the first pair found among ``train_acc``/``val_acc``,
-    ``train_accuracy``/``val_accuracy``, ``train/acc``/``val/acc``, ``train/accuracy``/
-    ``val/accuracy``, ``acc``/``val_acc`` (and ``train_loss``/``val_loss``, ``train/loss``/
-    ``val/loss``, ``loss``/``val_loss``), each tried with its ``_epoch`` variant first and its
-    ``/dataloader_idx_0`` variant last (several validation dataloaders: the first one is
-    compared). All values of one validation reach the host in one transfer.
+    Reports (warnings, once each) ``overfitting``: train - val accuracy above ``gap`` (without
+    accuracies: the val loss ``loss_rise`` above its best while the train loss falls);
+    ``underfitting``: train - val accuracy at most ``close``, both below ``low_accuracy``, training
+    accuracy above chance but plateaued and the learning rate still on; each on ``patience``
+    validations in a row. ``check-skipped`` (info) when no train/val pair is found.
 
-    It logs ``recipe/train_val/train_acc``, ``val_acc``, ``train_loss``, ``val_loss`` (copies
-    under stable tags, for the "Train vs val" custom-scalars charts; the losses also as log10,
-    since custom scalars have no log axis), ``recipe/train_val_gap/acc``
-    (train - val accuracy) and ``recipe/train_val_gap/loss`` (val - train loss).
-
-    Findings (both warnings, once each):
-
-    * ``overfitting``: train accuracy above validation accuracy by more than ``gap`` on
-      ``patience`` validations in a row. Without accuracy metrics, the validation loss rose more
-      than ``loss_rise`` (relative) above its best while the training loss kept falling, on
-      ``patience`` validations in a row.
-    * ``underfitting``: train accuracy at most ``close`` above validation accuracy, both below
-      ``low_accuracy`` and the training accuracy above chance, on ``patience`` validations in a
-      row, while the best training accuracy of those validations is less than ``plateau`` above
-      the best before them (training has plateaued) and the learning rate is still on. Without
-      ``low_accuracy``, "low" means closer to chance than to 100%: below ``(1 + 1/C) / 2`` for
-      ``C`` classes (``num_classes``, or the class count another recipe callback measured,
-      e.g. :class:`~lightning_recipe.LossAtInitCheck`); without either, underfitting is not
-      judged (said in ``figures``).
-    * ``check-skipped`` (info): no pair of train/val metrics was found (the names tried are in
-      the message).
-
-    Where the numbers come from (this package's test models, batch 32, 2 seeds, 8-20 epochs):
-    healthy MLP/CNN/GRU/transformer runs on learnable data (128 validation samples) had train -
-    val accuracy of -0.24..+0.01, except the CNN's first epoch (+0.25 once: BatchNorm's running
-    statistics lag; ``patience`` = 3 keeps it quiet); the training accuracy is the mean over an
-    epoch of a model still improving, with dropout on, so it usually trails. The digits demo CNN
-    gave -0.20..+0.02, an MLP on heavily overlapping blobs +0.12 after 20 epochs (mild, real
-    overfitting). Broken: a 512-unit MLP memorising 48 noisy samples had train 0.85..1.00 / val
-    0.49..0.60 (gap 0.32..0.45) from its third epoch on, the digits CNN trained on 20 images
-    train 0.75..1.0 / val 0.29..0.69 (gap 0.31..0.46), so ``gap`` = 0.2 is 1.7x the largest
-    healthy gap after the first epoch and 1.5x below the smallest broken one. Underfitting: a
-    linear model on 2-D data whose classes need |x1| (4 classes, chance 0.25) plateaued at train
-    0.49..0.56 / val 0.49..0.59 from its third epoch (an MLP reaches 0.94..0.98 on the same
-    data), a linear model on two pooled pixels of the digits at 0.27..0.31 / 0.29..0.34 (chance
-    0.1); "low" is 0.625 and 0.55 there. A model at chance level (trained with lr = 0, or whose
-    learning rate decayed to ~0) is not "too small": it is not reported (train accuracy must be
-    10% of the way from chance to 100%, and some learning rate at least 1% of its peak).
-
-    Rank-local under DDP unless you log with ``sync_dist=True`` (then ``callback_metrics`` are
-    already reduced); no collective is called.
+    Thresholds: see docs/thresholds.md#train-val-gap.
 
     Args:
         train_metric, val_metric: accuracy names in ``callback_metrics`` (higher is better).
@@ -99,7 +59,8 @@ class TrainValGapMonitor(RecipeCallback):
         num_classes: the number of classes, for the chance level of ``underfitting``.
         gap: train - val accuracy above which ``overfitting`` is reported (default 0.2).
         close: largest train - val accuracy still "close" for ``underfitting`` (default 0.05).
-        low_accuracy: accuracy below which both are "low" (default from ``num_classes``).
+        low_accuracy: accuracy below which both are "low" (default ``(1 + 1/C) / 2`` for ``C``
+            classes from ``num_classes`` or another recipe callback; else not judged).
         plateau: training-accuracy gain over ``patience`` validations below which training has
             plateaued (default 0.01).
         loss_rise: relative rise of the validation loss above its best for the loss-only

@@ -68,81 +68,23 @@ class _Measured:
 class UpdateRatioMonitor(StepMonitor):
     """Watch the ratio of the update to the weights, cs231n's "ratio of weights:updates".
 
-    cs231n: "the ratio of the update magnitudes to the value magnitudes ... should be somewhere
-    around 1e-3. If it is lower than this then the learning rate might be too low. If it is
-    higher then the learning rate is likely too high." The *update* is the change the optimizer
-    really made (momentum, Adam's normalisation, weight decay and clipping included), not the
-    gradient. On a logging step this monitor copies the parameters of the optimizer that is about
-    to step (``on_before_optimizer_step``, so it fires only on stepping batches under gradient
-    accumulation, once per optimizer under manual optimisation), compares them after the step
-    (at the next optimizer's ``on_before_optimizer_step`` or at ``on_train_batch_end``) with
-    grouped ``_foreach_norm``, frees the copy and makes one host transfer. Between logging steps
-    it does nothing: no copy, no hook, no sync.
+    cs231n: the ratio of the update magnitudes to the value magnitudes "should be somewhere around
+    1e-3"; far lower, the learning rate might be too low, far higher, likely too high. The *update*
+    is the change the optimizer really made (momentum, Adam, weight decay and clipping included):
+    the parameters are copied before the step and compared after it, every step for the first
+    ``dense_steps`` steps, then every ``every_n_steps``. Logged in log10 (custom scalars have no log
+    axis; -3 means 1e-3): ``recipe/update_ratio/<name>``, ``recipe/update_ratio_summary/median``,
+    ``.../fraction_low`` / ``fraction_high`` (plain fractions), the band lines and a histogram.
+    Groups whose learning rate is below 10% of its peak (warm-up, a schedule's tail) and steps the
+    GradScaler skipped are left out.
 
-    It logs, at each logging step (all values **log10**, since TensorBoard's custom-scalars charts
-    have no log axis: -3 means 1e-3):
+    Reports (warnings, each from ``patience`` consecutive measurements) ``update-ratio-high``: the
+    median ratio above ``high``; ``update-ratio-low``: the median below ``low`` on every measurement
+    since the start (a later fall is convergence or a dead net, not a low rate);
+    ``params-not-updating``: a parameter in an optimizer that changed by exactly zero on every
+    measurement since the start.
 
-    * ``recipe/update_ratio/<name>``: log10 ratio per parameter or per layer (``granularity``);
-    * ``recipe/update_ratio_summary/median``: log10 of the median per-parameter ratio, over the
-      parameters whose learning rate is active (see below);
-    * ``recipe/update_ratio_summary/fraction_low`` / ``fraction_high``: the fraction of those
-      parameters below ``low`` / above ``high`` (plain fractions, not log10);
-    * ``recipe/update_ratio_summary/band_low``, ``band_high`` and ``target``: constant lines at
-      log10(``low``), log10(``high``) and -3, so the "Recipe" custom-scalars chart "Update ratio"
-      shows the band next to the curves;
-    * ``recipe/update_ratio_summary/log10_ratios``: a histogram of every parameter's log10 ratio.
-
-    When it measures: every optimizer step for the first ``dense_steps`` (10) steps, then every
-    ``every_n_steps``. The start is where a far-too-high rate shows (it blows the weights up or
-    kills the net within a few steps, after which the ratio collapses and a sparse sample would
-    miss it) and where a too-low one is clearest (10 copies of the parameters, once per fit).
-
-    Findings (each from ``patience`` consecutive measurements, never one sample):
-
-    * ``update-ratio-high`` (warning): the median ratio is above ``high`` (default 1.0: every
-      step changes a weight tensor by more than its own size);
-    * ``update-ratio-low`` (warning): the median ratio was below ``low`` (default 1e-5) on every
-      measurement since the start. A ratio that *falls* below it later is not reported: it comes
-      from convergence (gradients ~0) or from a net killed by a too-high rate, not from a low rate;
-    * ``params-not-updating`` (warning): a parameter with ``requires_grad`` that is in an
-      optimizer changed by exactly zero on every measurement since the start (no gradient reaches
-      it, every unit feeding it is dead, or its group has ``lr=0`` from the start). Measurements
-      while its group's learning rate is inactive (below) do not count, and a parameter that
-      changed once is not reported later: a converged run's updates fall below float32
-      resolution (Adam memorising 48 samples: exact zeros from step ~150).
-
-    Where the thresholds come from: the rule of thumb is 1e-3, but healthy runs are not at 1e-3.
-    Measured on this package's test models (MLP, CNN with BatchNorm and dropout, GRU and
-    transformer on token ids; batch 32, 2-3 seeds, SGD with momentum 0.9) over their first 10
-    steps, healthy medians were 4e-3..1e-2 (Adam 1e-3), 0.04..0.1 (Adam 1e-2: Adam's first step is
-    lr per weight, so the ratio is lr / weight scale, 1e-2 / 0.14 for a 16-input Linear layer) and
-    8e-4..0.13 (SGD 1e-2..1e-1); the digits demo CNN (AdamW 2e-3) gave 0.016..0.035. Runs that
-    train fine at aggressive rates reach higher: a BatchNorm CNN at SGD 1.0 gave 0.25, 0.63, 0.63,
-    0.5 on steps 0-3 and at Adam 0.1 gave 0.79 at step 0, then 0.4. Broken: SGD at lr 10 gave
-    medians of 0.6..1e4 or NaN weights within 2-6 steps (reported at step 3-4 in 7 of 9 runs; the
-    GRU saturates instead and is left to ``loss-diverged``), SGD at 3 on the MLP 0.25..30. So
-    ``high`` = 1.0 is above every healthy triple of consecutive medians (largest: 0.5) and below
-    the exploding ones. Low side: SGD at lr 1e-6 gave medians of 1e-7..1e-6 (Adam at 1e-6 gave
-    5e-6..1e-5; SGD 1e-6 and Adam 1e-7 were both reported at step 2 in every run), while the
-    lowest healthy start was 8e-4 (plain SGD 1e-2, whose first step has no momentum yet): ``low``
-    = 1e-5 is 80x below it. Healthy ratios do fall later -- to 7e-6 for an MLP that memorised its
-    data with SGD 0.1 (loss 1e-5), to 1e-7 for a net killed by SGD at lr 3 -- hence "since the
-    start" for the low side.
-
-    Learning-rate schedules: a parameter group whose current learning rate is below 10% of its
-    peak (``initial_lr`` or the largest value seen) is left out of the median, so a warm-up or
-    the tail of a cosine schedule does not read as "LR too low"; a group whose rate was 0 from
-    the start counts as not updating. Mixed precision: a step that the GradScaler skipped (inf
-    or NaN gradients) changes nothing at all and is ignored, not called not-updating.
-
-    Memory: the copy of one optimizer's parameters is bounded by ``max_snapshot_mb``; a larger
-    model is measured on a rotating subset of its parameter tensors (a different slice on each
-    logging step), and a single tensor above the bound is never measured (said in
-    ``figures["unmeasured"]``).
-
-    DDP: parameters are replicated, so every rank measures the same ratios; no collective is
-    called, and only rank zero writes. Sharded parameters (FSDP, DeepSpeed stage 3) measure the
-    local shard.
+    Thresholds: see docs/thresholds.md#update-ratio.
 
     Args:
         every_n_steps: logging interval in optimizer steps; ``None`` follows
@@ -154,7 +96,8 @@ class UpdateRatioMonitor(StepMonitor):
         high: median ratio above which ``update-ratio-high`` is reported (default 1.0).
         patience: consecutive measurements a condition must hold (default 3).
         dense_steps: the first optimizer steps measured every step (default 10; 0 turns it off).
-        max_snapshot_mb: largest copy of parameters kept during one optimizer step (default 256).
+        max_snapshot_mb: largest copy of parameters kept during one optimizer step (default 256);
+            a larger model is measured on a rotating subset of its tensors, a larger tensor never.
         histogram: log the histogram of log10 ratios (default True).
         on_error: ``"warn"`` or ``"raise"``.
 
