@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe._probe import (
+    HookSet,
     ProbeSkip,
     StepFn,
     StepResult,
@@ -19,8 +20,6 @@ from lightning_recipe._probe import (
     is_manual_optimization,
     preserved_rng,
     run_step,
-    track_hook,
-    untrack_hook,
 )
 from lightning_recipe.batch import Getter
 from lightning_recipe.checks.base import FirstBatchCheck
@@ -375,13 +374,12 @@ class _OutputProbe:
             if hit is not None:
                 self.last = hit
 
-        handles = [track_hook(model.register_forward_hook(on_top))]
-        handles += [track_hook(m.register_forward_hook(on_sub)) for m in model.modules() if m is not model]
-        try:
+        with HookSet() as hooks:
+            hooks.forward(model, on_top)
+            for m in model.modules():
+                if m is not model:
+                    hooks.forward(m, on_sub)
             yield
-        finally:
-            for h in handles:
-                untrack_hook(h)
 
     def choose(self, result: StepResult, k: int) -> tuple[Tensor | None, str]:
         if self.top is not None:
@@ -406,15 +404,11 @@ class _EmbeddingLeaf:
 
     @contextmanager
     def attached(self, model: nn.Module) -> Iterator[None]:
-        handles = []
-        for name, m in model.named_modules():
-            if isinstance(m, _EMBEDDINGS):
-                handles.append(track_hook(m.register_forward_hook(self._hook(name or type(m).__name__))))
-        try:
+        with HookSet() as hooks:
+            for name, m in model.named_modules():
+                if isinstance(m, _EMBEDDINGS):
+                    hooks.forward(m, self._hook(name or type(m).__name__))
             yield
-        finally:
-            for h in handles:
-                untrack_hook(h)
 
     def _hook(self, name: str) -> Any:
         def hook(mod: nn.Module, args: Any, out: Any) -> Any:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_recipe._probe import (
+    HookSet,
     ProbeSkip,
     StepFn,
     StepResult,
@@ -24,8 +25,6 @@ from lightning_recipe._probe import (
     preserved_rng,
     run_step,
     seed_rngs,
-    track_hook,
-    untrack_hook,
 )
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import Getter, to_dtype
@@ -519,18 +518,16 @@ class _DtypeWatch:
         self.low_dtype: torch.dtype | None = None
         self.ran: list[nn.Module] = []
         self._seen: set[int] = set()
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
 
     def __enter__(self) -> _DtypeWatch:
         for name, m in self.model.named_modules():
-            self._handles.append(track_hook(m.register_forward_pre_hook(self._pre_hook)))
-            self._handles.append(track_hook(m.register_forward_hook(self._hook(name or "<model>"))))
+            self._hooks.forward(m, self._pre_hook, pre=True)
+            self._hooks.forward(m, self._hook(name or "<model>"))
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            untrack_hook(h)
-        self._handles = []
+        self._hooks.remove()
 
     def _pre_hook(self, mod: nn.Module, args: Any) -> None:
         if id(mod) not in self._seen:
