@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_recipe import _context
+
 StepFn = Callable[[nn.Module, Any], Any]
 
 LOSS_FUNCTIONS: dict[Callable[..., Any], str] = {
@@ -563,6 +565,18 @@ def peek_train_batch(trainer: Any) -> Any:
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
     except Exception:
         return batch
+
+
+def batch_or_peek(trainer: Any, module: nn.Module, batch: Any) -> Any:
+    """The batch a training-batch hook got, or for ``training_step(self, dataloader_iter)``
+    (where Lightning hands callbacks ``None``) the first training batch, read once per fit and
+    shared by every callback (:func:`peek_train_batch`). Raises :class:`ProbeSkip` if unreadable."""
+    if batch is not None or trainer is None or not takes_dataloader_iter(module):
+        return batch
+    state = _context.trainer_state(trainer)
+    if state.peeked_batch is None:
+        state.peeked_batch = peek_train_batch(trainer)
+    return state.peeked_batch
 
 
 def call_training_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:

@@ -150,34 +150,19 @@ def test_import_graph_reads_function_level_and_relative_imports():
     assert import_cycles({"a": {"b"}, "b": set()}) == []
 
 
-# Debts being paid off on other branches: the xfail tests below pass once they are, and the
-# "no new" tests keep everything else strict meanwhile. Empty these (and drop the xfails) then.
-#: modules whose imports of each other (and of the package) close the known cycle
-KNOWN_CYCLE = {"lightning_recipe.callback", "lightning_recipe.report", "lightning_recipe.tensorboard"}
-#: modules known to be over the limit
-KNOWN_LONG = {"lightning_recipe.control.ensemble"}
-
-
 def _print_cycles(cycles: list[list[str]]) -> None:
     for cycle in cycles:
         print("import cycle: " + " -> ".join(cycle))
 
 
-@pytest.mark.xfail(strict=False, reason="lead removes the callback/report/tensorboard cycle")
 def test_no_import_cycle():
     cycles = import_cycles(import_graph())
     _print_cycles(cycles)
     assert not cycles, f"{len(cycles)} import cycle(s), the first: {' -> '.join(cycles[0])}"
 
 
-def test_no_import_cycle_but_the_known_one():
-    graph = {
-        mod: {t for t in targets if not (mod in KNOWN_CYCLE and t in KNOWN_CYCLE | {PACKAGE})}
-        for mod, targets in import_graph().items()
-    }
-    cycles = import_cycles(graph)
-    _print_cycles(cycles)
-    assert not cycles, f"{len(cycles)} import cycle(s), the first: {' -> '.join(cycles[0])}"
+#: modules known to be over the limit (being split on another branch)
+KNOWN_LONG = {"lightning_recipe.control.ensemble"}
 
 
 @pytest.mark.xfail(strict=False, reason="control/ensemble.py is split on another branch")

@@ -6,8 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_recipe import _context
-from lightning_recipe._probe import ProbeSkip, StepFn, peek_train_batch, takes_dataloader_iter
+from lightning_recipe._probe import ProbeSkip, StepFn, batch_or_peek
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
 
@@ -58,18 +57,13 @@ class FirstBatchCheck(RecipeCallback):
             self.done = True
 
     def _on_batch(self, trainer: Any, pl_module: Any, batch: Any) -> None:
-        if batch is None and takes_dataloader_iter(pl_module):
-            # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
-            state = _context.trainer_state(trainer)
-            if state.peeked_batch is None:
-                try:
-                    state.peeked_batch = peek_train_batch(trainer)
-                except ProbeSkip as why:
-                    if not self.done:
-                        self.done = True
-                        self.skip(trainer, str(why))
-                    return
-            batch = state.peeked_batch
+        try:  # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
+            batch = batch_or_peek(trainer, pl_module, batch)
+        except ProbeSkip as why:
+            if not self.done:
+                self.done = True
+                self.skip(trainer, str(why))
+            return
         self.first_batches(trainer, pl_module, batch)
 
     def first_batches(self, trainer: Any, pl_module: Any, batch: Any) -> None:

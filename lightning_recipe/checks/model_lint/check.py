@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe._probe import ProbeSkip, StepFn, copy_module, is_manual_optimization
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
+from lightning_recipe._probe import ProbeSkip, StepFn, batch_or_peek, copy_module, is_manual_optimization
+from lightning_recipe.batch import BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint._common import Lint
@@ -41,60 +41,26 @@ LINT_SAMPLES = 8
 
 
 class ModelLintCheck(RecipeCallback):
-    """Catch the "mistakes people make" from Karpathy's recipe, by measuring them.
+    """Catch the "mistakes people make" from Karpathy's recipe, by measuring them on the real model.
 
     The recipe lists them: not toggling train/eval mode, forgetting ``zero_grad()`` before
     ``backward()``, a softmax output fed to a loss that expects logits, ``bias=True`` on a
-    Linear/Conv that feeds a BatchNorm, no bias on the output layer. This callback checks each
-    one on the real model, plus a parameter that never trains:
+    Linear/Conv that feeds a BatchNorm, no bias on the output layer. This callback checks each one,
+    plus a parameter that never trains: optimizer coverage and the data flow on the first batch
+    (forward hooks on a copy), gradients during the first ``steps`` optimizer steps (read in
+    ``on_before_optimizer_step``, kept on the device, read once), module modes during the first
+    training batches and every validation run, and the first validation batch run twice on a copy
+    with two seeds (which catches ``F.dropout(x, p, training=True)``). :meth:`static_check` runs the
+    structural part without a trainer (``preflight``).
 
-    * ``params-not-updating`` (warning): a trainable parameter (``requires_grad``) that is in no
-      optimizer's param groups (read at the first batch from ``trainer.optimizers``), or that
-      got no gradient (``None`` or all zeros) in any of the first ``steps`` optimizer steps (read
-      in ``on_before_optimizer_step``, where gradients are unscaled and already reduced; several
-      steps so that a branch used only now and then, or a layer behind a zero-initialised gate,
-      is not flagged). The gradient flags are kept on the device and read once.
-    * ``bias-before-norm`` (info): a Linear/Conv with ``bias=True`` whose output tensor *is* the
-      input of a BatchNorm, found by tensor identity with forward hooks during one forward pass of
-      a copy (not by module order, which says nothing about the data flow).
-    * ``output-no-bias`` (info): the layer whose output is the loss input has no bias.
-    * ``softmax-before-loss`` (error): the loss input is already probabilities (the detector
-      LossAtInitCheck uses); reported here only when no LossAtInitCheck is on the trainer.
-    * ``train-eval-mode`` (warning): (a) dropout / BatchNorm (or attention / RNN dropout) in
-      training mode during validation, read from the module flags at the end of the first
-      validation batch of every validation run; (b) the first validation batch run twice through
-      the user's ``validation_step`` on a copy with two RNG seeds: outputs that differ while a
-      dropout ran in training mode (this catches ``F.dropout(x, p, training=True)``, which no
-      flag shows); outputs that differ with no dropout at all are an info finding (sampling
-      models such as VAEs do that on purpose); (c) dropout / BatchNorm left in eval mode during
-      training, read at the end of the first ``steps`` training batches and of the first batch of
-      every epoch. A module in eval mode is flagged only when the outermost module that was put
-      in eval mode with it still has trainable parameters: a frozen backbone in eval mode
-      (``requires_grad=False``) is healthy, and a BatchNorm put in eval mode on its own while its
-      parent trains ("freeze the BN statistics", mmdetection's ``norm_eval``) is deliberate.
-    * ``grad-not-zeroed`` (warning): a parameter whose gradient was never seen cleared (``None``
-      or zero at a ``backward``) between two steps of its optimizer during the first ``steps``
-      optimizer steps, i.e. the step used gradients carried over from the step before.
-      Gradient accumulation (several backward calls, then step, then ``zero_grad``) is healthy:
-      the first backward after the step sees cleared gradients. It is checked in automatic
-      optimisation too (an ``optimizer_zero_grad`` override that does nothing). The flags stay
-      on the device; one read at the end.
+    Reports ``params-not-updating`` (warning: in no optimizer, or no gradient in any of the first
+    ``steps`` steps), ``train-eval-mode`` (warning: dropout/BatchNorm training during validation or
+    left in eval mode during training, a deliberately frozen module excepted), ``grad-not-zeroed``
+    (warning: gradients carried over between steps, gradient accumulation excepted),
+    ``softmax-before-loss`` (error, when no LossAtInitCheck is on the trainer), ``bias-before-norm``
+    and ``output-no-bias`` (info).
 
-    Measured: a healthy model's two validation reruns differ by exactly 0 on CPU (MLP, CNN with
-    BatchNorm and dropout, GRU, transformer, digits CNN), with dropout left on by 0.42-0.86
-    (largest difference relative to the largest output); the limit, 1e-3, leaves room for
-    non-deterministic GPU kernels (~1e-6). Ten optimizer steps let a zero-initialised gate
-    (ReZero's alpha, LoRA's B: their branch gets a zero gradient on the first step only) and an
-    auxiliary head used every third step pass. Cost: one copy, one forward pass of 8 samples
-    and two validation steps of 8 samples, once (0.08 s for a 4-layer, 512-wide MLP on CPU);
-    gradient norms (one grouped ``_foreach_norm`` per hook) during the first ``steps`` steps;
-    nothing after that (0.02 ms per step, within noise of a 15 ms step).
-
-    The structural part (:meth:`static_check`: optimizer coverage, bias-before-norm,
-    output-no-bias, softmax-before-loss, and in ``preflight`` the eval-mode checks on the given
-    batch) also runs without a trainer. Under DDP everything is rank-local and needs no
-    collective: gradients are read after the all-reduce, so every rank sees the same ones; the
-    forward-pass lints describe each rank's own batch.
+    Thresholds: see docs/thresholds.md#model-lint.
 
     Args:
         steps: optimizer steps watched for missing and carried-over gradients (>= 2).
@@ -112,6 +78,16 @@ class ModelLintCheck(RecipeCallback):
         #  optimizer's param groups, so they never train: net.0.weight, net.0.bias, ..."
     """
 
+    codes = (
+        "params-not-updating",
+        "train-eval-mode",
+        "grad-not-zeroed",
+        "softmax-before-loss",
+        "bias-before-norm",
+        "output-no-bias",
+    )
+    what = "run the structural lints"
+
     def __init__(
         self,
         steps: int = 10,
@@ -124,13 +100,8 @@ class ModelLintCheck(RecipeCallback):
         super().__init__(on_error=on_error)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
             raise ValueError(f"`steps` must be an int >= 2, got {steps!r}")
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
         self.steps = steps
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self._reported: set[str] = set()
         self._static_done = False
         self._val_probe_done = False
@@ -155,15 +126,15 @@ class ModelLintCheck(RecipeCallback):
         if not self._static_done:  # the same first batch on every rank
             self._static_done = True
             with self.rank_consistent_errors(trainer):
-                self.run_safely(
-                    trainer,
-                    "on_train_batch_start",
-                    self.static_check,
-                    trainer,
-                    pl_module,
-                    batch,
-                    list(trainer.optimizers),
-                )
+                self.run_safely(trainer, "on_train_batch_start", self._first_batch, trainer, pl_module, batch)
+
+    def _first_batch(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        try:  # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
+            batch = batch_or_peek(trainer, pl_module, batch)
+        except ProbeSkip as why:
+            self.skip(trainer, str(why))
+            return
+        self.static_check(trainer, pl_module, batch, list(trainer.optimizers))
 
     @guarded
     def on_train_batch_end(
