@@ -180,7 +180,7 @@ def configurations(only: list[str] | None) -> dict[str, Any]:
     configs: dict[str, Any] = {
         "plain": lambda: [],
         "plain (again)": lambda: [],  # the noise floor: plain against itself
-        "suite": lambda: lr.recipe_callbacks(verbose=False),
+        "suite": lambda: lr.recipe_callbacks(print_report=False),
     }
     for name, _ in SUITE:
         configs[name] = lambda name=name: lr.recipe_callbacks(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_recipe._version import __version__
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
@@ -37,15 +38,12 @@ from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMoni
 from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
 from lightning_recipe.monitors.update_ratio import UpdateRatioMonitor
 from lightning_recipe.preflight import preflight
+from lightning_recipe.report import gather_findings
 from lightning_recipe.suite import recipe_callbacks
-
-__version__ = "0.1.0"
 
 
 def findings(trainer: Any) -> list[Finding]:
     """Every finding of every recipe callback on ``trainer``, in step order."""
-    from lightning_recipe.report import gather_findings
-
     return gather_findings(trainer)
 
 

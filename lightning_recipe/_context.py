@@ -56,6 +56,26 @@ def reset_trainer_state(trainer: Any) -> None:
             trainer._lightning_recipe_state = TrainerState()
 
 
+def recipe_callbacks_of(trainer: Any) -> list[Any]:
+    """The recipe callbacks on ``trainer``, in the trainer's order.
+
+    Found by duck typing (a callback that keeps recipe findings), so this low-level module needs no
+    callback class and callbacks of either Lightning namespace are found alike."""
+    return [
+        cb
+        for cb in getattr(trainer, "callbacks", None) or []
+        if callable(getattr(cb, "_recipe_findings", None))
+    ]
+
+
+def reports_code(trainer: Any | None, code: str) -> bool:
+    """True when a recipe callback on ``trainer`` declares ``code`` among the codes it reports
+    (its ``codes`` attribute): lets one callback leave a verdict to another without importing it."""
+    return trainer is not None and any(
+        code in getattr(cb, "codes", ()) for cb in recipe_callbacks_of(trainer)
+    )
+
+
 def is_global_zero(trainer: Any | None) -> bool:
     """True on the process that writes files and prints (rank zero), also without a trainer."""
     if trainer is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import random
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -682,6 +683,56 @@ def class_scores(call: LossCall) -> ClassScores | None:
     elif target is not None:
         target = None  # probability targets: no integer classes
     return ClassScores(scores, target, c, 1)
+
+
+# ---------------------------------------------------------------------------- know-nothing reference
+#: the reference kinds :func:`know_nothing` returns
+CHANCE, MEAN_PREDICTOR = "chance loss", "mean-predictor loss"
+
+
+def chance_input(call: LossCall) -> Tensor | None:
+    """The prediction of a classifier that knows nothing (uniform over the classes) in the input
+    format of the loss in ``call``; ``None`` for other losses."""
+    x = call.input.detach()
+    if call.name in ("cross_entropy", "multi_margin_loss", "binary_cross_entropy_with_logits"):
+        return torch.zeros_like(x)
+    if call.name == "nll_loss":
+        c = x.shape[1] if x.dim() > 1 else x.shape[0]
+        return torch.full_like(x, -math.log(c))
+    if call.name == "binary_cross_entropy":
+        return torch.full_like(x, 0.5)
+    return None
+
+
+def know_nothing(call: LossCall | None) -> tuple[Tensor, str] | None:
+    """The know-nothing prediction for the loss in ``call`` and which reference it is: uniform
+    class scores (:data:`CHANCE`) for classification losses, the target mean
+    (:data:`MEAN_PREDICTOR`) for regression losses with float targets; ``None`` otherwise."""
+    if call is None:
+        return None
+    base = chance_input(call)
+    if base is not None:
+        return base, CHANCE
+    target = call.target
+    if (
+        call.name in REGRESSION_LOSSES
+        and isinstance(target, Tensor)
+        and target.is_floating_point()
+        and target.numel() > 0
+    ):
+        mean = target.detach().float().mean().to(call.input.dtype)
+        return mean.expand_as(call.input.detach()), MEAN_PREDICTOR
+    return None
+
+
+def know_nothing_loss(call: LossCall | None) -> tuple[Tensor, str] | None:
+    """The loss of :func:`know_nothing`'s prediction through the same loss call (same target,
+    weights, reduction), and which reference it is; ``None`` when there is none."""
+    ref = know_nothing(call)
+    if ref is None or call is None:
+        return None
+    with torch.no_grad():
+        return call.recompute(ref[0]), ref[1]
 
 
 def rounding_eps(dtype: torch.dtype) -> float:

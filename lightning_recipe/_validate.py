@@ -13,6 +13,14 @@ def check_int(name: str, value: Any, low: int = 1) -> int:
     return value
 
 
+def check_callable(name: str, value: Any, signature: str) -> Any:
+    """``value`` if it is ``None`` or callable, else ``TypeError`` naming ``name`` and the
+    expected ``signature`` (e.g. ``"(model, batch) -> loss"``)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"`{name}` must be a callable {signature}, got {type(value).__name__}")
+    return value
+
+
 def check_number(
     name: str,
     value: Any,

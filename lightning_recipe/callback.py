@@ -10,8 +10,11 @@ from typing import Any, TypeVar
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_recipe import _context
-from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, check_code
+from lightning_recipe import _context, tensorboard
+from lightning_recipe import report as _report
+from lightning_recipe._validate import check_callable
+from lightning_recipe.batch import BatchAdapter, Getter
+from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, _jsonable, check_code
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,6 +47,12 @@ class RecipeCallback(Callback):
                 self.report(trainer, "check-skipped", "info", "nothing to check", {"why": "demo"})
     """
 
+    #: the finding codes this callback can report (besides ``check-skipped`` / ``internal-error``),
+    #: so sibling callbacks can tell who covers a verdict (:func:`_context.reports_code`)
+    codes: tuple[str, ...] = ()
+    #: a short verb phrase for skip messages: "<Class> did not <what>: <reason>."
+    what = "run"
+
     def __init__(self, *, on_error: str = "warn") -> None:
         super().__init__()
         self.on_error = validate_on_error(on_error)
@@ -52,8 +61,8 @@ class RecipeCallback(Callback):
         self._broken = False
         #: key figures for the report, JSON-ready: {"loss": 2.31, ...}
         self.figures: dict[str, Any] = {}
-        #: print the findings table at fit end (the JSON and TensorBoard report are always written)
-        self.verbose = True
+        #: print the report at fit end (the JSON and TensorBoard report are always written)
+        self.print_report = True
 
     # ------------------------------------------------------------------ findings
     @property
@@ -70,6 +79,7 @@ class RecipeCallback(Callback):
             self._broken = False
             self.figures = {}
             self.on_error = "warn"
+            self.print_report = True
         return self._findings
 
     def report(
@@ -106,9 +116,7 @@ class RecipeCallback(Callback):
             if _context.is_global_zero(trainer):
                 warnings.warn(f"[{code}] {message}", RecipeWarning, stacklevel=2)
         if trainer is not None:
-            from lightning_recipe import report
-
-            report.findings_changed(trainer)
+            _report.findings_changed(trainer)
         if found.severity is Severity.ERROR and self.on_error == "raise":
             if getattr(self, "_defer_errors", False):
                 if getattr(self, "_pending_error", None) is None:
@@ -148,6 +156,32 @@ class RecipeCallback(Callback):
                 f"{type(self).__name__} stopped the fit: another rank made an error finding "
                 "(on_error='raise'); that rank raised RecipeError with the finding in its message.",
             )
+
+    def skip(
+        self, trainer: Any | None, reason: str, *, once: bool = False, **evidence: Any
+    ) -> Finding | None:
+        """Report that this diagnostic could not run, and why (``check-skipped``, info): the one
+        place that words a skip. ``once=True`` says it only the first time (a resumed run keeps
+        the finding from before); ``evidence`` adds numbers to ``{"reason": reason}``."""
+        self.figures["skipped"] = reason
+        if once and self.has_reported("check-skipped"):
+            return None
+        return self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"{type(self).__name__} did not {self.what}: {reason.rstrip('.')}.",
+            {"reason": reason, **evidence},
+        )
+
+    def read_batches_with(
+        self, get_input: Getter | None = None, get_target: Getter | None = None, step_fn: Any = None
+    ) -> None:
+        """Set up how this callback reads batches and runs steps: :attr:`adapter` (the batch
+        layout guess, or ``get_input`` / ``get_target``) and :attr:`step_fn` (``None``: the
+        user's own ``training_step`` / ``validation_step`` through the probe layer)."""
+        self.adapter = BatchAdapter(get_input, get_target)
+        self.step_fn = check_callable("step_fn", step_fn, "(model, batch) -> loss")
 
     def has_reported(self, code: str) -> bool:
         """True if this callback already made a finding with ``code``."""
@@ -195,32 +229,24 @@ class RecipeCallback(Callback):
         return {}
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        from lightning_recipe.tensorboard import recipe_callbacks_of
-
         if stage == "fit":
-            callbacks = recipe_callbacks_of(trainer)
+            callbacks = _context.recipe_callbacks_of(trainer)
             if callbacks and callbacks[0] is self:
                 _context.reset_trainer_state(trainer)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_recipe import report, tensorboard
-
         tensorboard.write_layout(trainer)
-        report.write_snapshot_once(trainer)
+        _report.write_snapshot_once(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        from lightning_recipe import report
-
-        report.write_report_if_last(trainer, self)
+        _report.write_report_if_last(trainer, self)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         try:  # never replace the exception that ends the run with one of ours
             self.teardown_diagnostics()
         except Exception:
             pass
-        from lightning_recipe import report
-
-        report.write_report_if_last(trainer, self, status="failed")
+        _report.write_report_if_last(trainer, self, status="failed")
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -237,8 +263,6 @@ class RecipeCallback(Callback):
 
 
 def _context_safe(figures: dict[str, Any]) -> dict[str, Any]:
-    from lightning_recipe.findings import _jsonable
-
     return _jsonable(figures)
 
 

@@ -15,7 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lightning_recipe import _context
+from lightning_recipe import _context, tensorboard
+from lightning_recipe._context import recipe_callbacks_of
+from lightning_recipe._version import __version__
 from lightning_recipe.findings import Finding, Severity, _jsonable
 
 REPORT_FILE = "recipe_report.json"
@@ -28,8 +30,6 @@ def gather_findings(trainer: Any) -> list[Finding]:
     lived in the worker processes; in the launching process their lists are empty, so the
     findings are read back from rank zero's ``recipe_report.json``.
     """
-    from lightning_recipe.tensorboard import recipe_callbacks_of
-
     callbacks = recipe_callbacks_of(trainer)
     found: list[Finding] = []
     for cb in callbacks:
@@ -63,9 +63,6 @@ def _findings_from_report(trainer: Any) -> list[Finding]:
 
 def collect(trainer: Any, status: str = "finished") -> dict[str, Any]:
     """The report as a JSON-ready dict; ``status`` is "running", "finished" or "failed"."""
-    from lightning_recipe import __version__
-    from lightning_recipe.tensorboard import recipe_callbacks_of
-
     callbacks = recipe_callbacks_of(trainer)
     figures: dict[str, Any] = {}
     for cb in callbacks:
@@ -168,8 +165,6 @@ def format_text(report: dict[str, Any], width: int | None = None) -> str:
 
 def format_markdown(report: dict[str, Any]) -> str:
     """The report as markdown (TensorBoard text ``recipe/report``)."""
-    from lightning_recipe.tensorboard import findings_markdown
-
     found = [Finding.from_dict(d) for d in report.get("findings", [])]
     c = report.get("counts") or count_by_severity(found)
     out = [
@@ -178,7 +173,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         + ": "
         f"{c.get('error', 0)} error(s), {c.get('warning', 0)} warning(s), {c.get('info', 0)} info",
         "",
-        findings_markdown(sorted(found, key=lambda f: (-f.severity.rank, f.step))),
+        tensorboard.findings_markdown(sorted(found, key=lambda f: (-f.severity.rank, f.step))),
     ]
     figures = report.get("figures", {})
     if figures:
@@ -193,10 +188,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 def findings_changed(trainer: Any) -> None:
     """New findings: refresh ``recipe/findings`` in TensorBoard and the JSON on disk (rank zero),
     so ``lightning-recipe report`` shows them while the run is still going."""
-    from lightning_recipe import tensorboard
-
     try:
-        tensorboard.findings_changed(trainer)
+        tensorboard.findings_changed(trainer, lambda: gather_findings(trainer))
     except Exception:  # a refresh for the reader's convenience must never stop the run
         pass
     state = _context.trainer_state(trainer)
@@ -242,8 +235,6 @@ def _write_json(trainer: Any, report: dict[str, Any]) -> Path | None:
 def write_report_if_last(trainer: Any, callback: Any, status: str = "finished") -> dict[str, Any] | None:
     """Write the report if ``callback`` is the last recipe callback on the trainer (so every
     other callback's ``on_fit_end`` has run) and it was not written yet this fit."""
-    from lightning_recipe.tensorboard import recipe_callbacks_of
-
     callbacks = recipe_callbacks_of(trainer)
     if not callbacks or callbacks[-1] is not callback:
         return None
@@ -265,20 +256,18 @@ def write_report_if_last(trainer: Any, callback: Any, status: str = "finished") 
         return None
 
 
-def write_report(trainer: Any, verbose: bool | None = None, status: str = "finished") -> dict[str, Any]:
+def write_report(trainer: Any, print_report: bool | None = None, status: str = "finished") -> dict[str, Any]:
     """Write the console table, ``recipe/report`` and the JSON (rank zero); return the report."""
-    from lightning_recipe import tensorboard
-
     report = collect(trainer, status)
     if not _context.is_global_zero(trainer):
         return report
-    tensorboard.flush_findings(trainer)
+    tensorboard.flush_findings(trainer, lambda: gather_findings(trainer))
     tensorboard.add_text(trainer, "recipe/report", format_markdown(report))
     path = _write_json(trainer, report)
     report["path"] = None if path is None else str(path)
-    if verbose is None:
-        verbose = any(getattr(cb, "verbose", True) for cb in tensorboard.recipe_callbacks_of(trainer))
-    if verbose:
+    if print_report is None:
+        print_report = any(getattr(cb, "print_report", True) for cb in recipe_callbacks_of(trainer))
+    if print_report:
         saved = "not saved: fast_dev_run writes no files" if path is None else f"report saved to {path}"
         print("\n" + format_text(report) + f"\n\n({saved})\n", flush=True)
     return report

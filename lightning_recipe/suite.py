@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -66,7 +67,8 @@ def recipe_callbacks(
     get_target: Any = None,
     step_fn: Any = None,
     on_error: str = "warn",
-    verbose: bool = True,
+    print_report: bool = True,
+    verbose: bool | None = None,
     **overrides: Any,
 ) -> list[Callback]:
     """The full ``lightning_recipe`` suite, ready for ``Trainer(callbacks=...)``.
@@ -81,8 +83,10 @@ def recipe_callbacks(
         get_target: ``callable(batch) -> Tensor | None``, likewise.
         step_fn: ``callable(model, batch) -> loss`` instead of ``training_step`` in the checks.
         on_error: ``"warn"`` or ``"raise"`` (stop the fit on an error finding).
-        verbose: print the findings table at the end of fit (the JSON report and the
-            TensorBoard text are written either way).
+        print_report: print the report at the end of fit (the JSON report and the TensorBoard
+            text are written either way).
+        verbose: deprecated name of ``print_report`` (it never touches early stopping's own
+            ``verbose``; pass ``early_stopping={"verbose": True}`` for that).
         **overrides: per callback, by its snake-case name (see :data:`SUITE`): a dict of
             arguments, ``False`` to leave it out, or a ready callback instance to use instead.
 
@@ -92,6 +96,16 @@ def recipe_callbacks(
                                                        loss_at_init={"tolerance": 0.5},
                                                        data_inspection=False))
     """
+    if verbose is not None:
+        warnings.warn(
+            "recipe_callbacks(verbose=...) is deprecated: it is called print_report now (early "
+            "stopping's own verbose is set with early_stopping={'verbose': ...}).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        print_report = bool(verbose)
+    if not isinstance(print_report, bool):
+        raise TypeError(f"`print_report` must be True or False, got {print_report!r}")
     known = {name for name, _ in SUITE}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -126,8 +140,8 @@ def recipe_callbacks(
             raise ValueError("recipe_callbacks(early_stopping={...}) needs a 'monitor' (or pass monitor=...)")
         out.append(cls(**kwargs))
     for cb in out:
-        if hasattr(cb, "verbose"):
-            cb.verbose = verbose
+        if hasattr(cb, "_recipe_findings"):
+            cb.print_report = print_report
     if monitor is None and not any(name in overrides for name in CONTROL):
         _hint_control()
     return out

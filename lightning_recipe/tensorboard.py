@@ -14,7 +14,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import textwrap
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -269,33 +270,17 @@ def add_text(trainer: Any | None, tag: str, markdown: str, step: int | None = No
 
 
 # ---------------------------------------------------------------------------- layout
-def recipe_callbacks_of(trainer: Any) -> list[Any]:
-    """The recipe callbacks on ``trainer``, in the trainer's order."""
-    from lightning_recipe.callback import RecipeCallback
-
-    return [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, RecipeCallback)]
-
-
-#: the order of the charts in the Recipe section: what a user reads first comes first
-CHART_ORDER = (
-    "LossCurveMonitor",
-    "TrainValGapMonitor",
-    "UpdateRatioMonitor",
-    "InputIndependentBaseline",
-    "ActivationMonitor",
-    "GradientMonitor",
-    "CheckpointEnsemble",
-    "FirstLayerFilterMonitor",
-    "OverfitBatchCheck",
-)
+#: where a callback's charts go in the Recipe section when it sets no ``chart_rank``: after the
+#: ranked ones, in trainer order
+DEFAULT_CHART_RANK = 100
 
 
 def build_layout(callbacks: Iterable[Any]) -> dict[str, dict[str, list]]:
     """Merge every callback's charts into ``{category: {title: [kind, [tag regexes]]}}``,
-    ordered by :data:`CHART_ORDER` (unknown callbacks last, in trainer order)."""
+    ordered by each callback's ``chart_rank`` (what a user reads first comes first; callbacks
+    without one last, in trainer order)."""
     layout: dict[str, dict[str, list]] = {}
-    rank = {name: i for i, name in enumerate(CHART_ORDER)}
-    for cb in sorted(callbacks, key=lambda cb: rank.get(type(cb).__name__, len(rank))):
+    for cb in sorted(callbacks, key=lambda cb: getattr(cb, "chart_rank", DEFAULT_CHART_RANK)):
         for category, charts in (cb.tensorboard_charts() or {}).items():
             section = layout.setdefault(category, {})
             for title, (kind, tags) in charts.items():
@@ -311,7 +296,7 @@ def write_layout(trainer: Any) -> None:
     if state.layout_written:
         return
     state.layout_written = True
-    layout = build_layout(recipe_callbacks_of(trainer))
+    layout = build_layout(_context.recipe_callbacks_of(trainer))
     state.layout = layout
     writer = get_writer(trainer)
     if writer is None or not layout:
@@ -329,8 +314,6 @@ def findings_markdown(findings: list[Any]) -> str:
     """
     if not findings:
         return "No findings."
-    import textwrap
-
     rows = ["| step | severity | code | message |", "|---:|---|---|---|"]
     for f in findings:
         text = f"{f.message} ({f.source})".replace("|", "\\|").replace("\n", " ")
@@ -339,9 +322,10 @@ def findings_markdown(findings: list[Any]) -> str:
     return "\n".join(rows)
 
 
-def findings_changed(trainer: Any) -> None:
+def findings_changed(trainer: Any, gather: Callable[[], list[Any]]) -> None:
     """Rewrite ``recipe/findings`` when findings arrive (at most once per global step; the
-    last batch of a step is written by :func:`flush_findings`)."""
+    last batch of a step is written by :func:`flush_findings`). ``gather()`` returns the
+    findings to show (the report module knows where they live)."""
     writer = get_writer(trainer)
     if writer is None:
         return
@@ -350,21 +334,19 @@ def findings_changed(trainer: Any) -> None:
     if step == state.findings_step:
         state.findings_pending = True
         return
-    _write_findings(trainer, writer, state, step)
+    _write_findings(writer, state, step, gather)
 
 
-def flush_findings(trainer: Any) -> None:
+def flush_findings(trainer: Any, gather: Callable[[], list[Any]]) -> None:
     """Write ``recipe/findings`` if findings arrived since the last write."""
     writer = get_writer(trainer)
     state = _context.trainer_state(trainer)
     if writer is not None and state.findings_pending:
-        _write_findings(trainer, writer, state, max(state.findings_step, _context.global_step(trainer)))
+        _write_findings(writer, state, max(state.findings_step, _context.global_step(trainer)), gather)
 
 
-def _write_findings(trainer: Any, writer: Any, state: Any, step: int) -> None:
-    from lightning_recipe.report import gather_findings
-
-    found = gather_findings(trainer)
+def _write_findings(writer: Any, state: Any, step: int, gather: Callable[[], list[Any]]) -> None:
+    found = gather()
     writer.add_text("recipe/findings", findings_markdown(found), global_step=step)
     state.findings_step = step
     state.findings_written = len(found)

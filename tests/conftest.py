@@ -35,27 +35,27 @@ def _quiet():
 # A diagnostic that fails internally reports an ``internal-error`` info finding and turns itself
 # off, so a test that only looks at warnings would still pass with the callback blind. Every
 # test fails on such a finding unless it is marked ``@pytest.mark.internal_error_expected``.
-_INTERNAL_ERRORS: list = []
+pytest_plugins = ["pytester"]
 
 
-def _install_internal_error_recorder() -> None:
+def _internal_error_log() -> list:
+    """The list every ``internal-error`` finding is appended to (kept on the patched method, so a
+    nested pytest run in the same process shares it)."""
     from lightning_recipe.callback import RecipeCallback
 
-    if getattr(RecipeCallback.report, "_records_internal_errors", False):
-        return
-    original = RecipeCallback.report
+    if getattr(RecipeCallback.report, "_internal_errors", None) is None:
+        original = RecipeCallback.report
+        log: list = []
 
-    def report(self, trainer, code, *args, **kwargs):
-        if code == "internal-error":
-            message = args[1] if len(args) > 1 else kwargs.get("message", "")
-            _INTERNAL_ERRORS.append(f"{type(self).__name__}: {message}")
-        return original(self, trainer, code, *args, **kwargs)
+        def report(self, trainer, code, *args, **kwargs):
+            if code == "internal-error":
+                message = args[1] if len(args) > 1 else kwargs.get("message", "")
+                log.append(f"{type(self).__name__}: {message}")
+            return original(self, trainer, code, *args, **kwargs)
 
-    report._records_internal_errors = True
-    RecipeCallback.report = report
-
-
-_install_internal_error_recorder()
+        report._internal_errors = log
+        RecipeCallback.report = report
+    return RecipeCallback.report._internal_errors
 
 
 def pytest_configure(config):
@@ -67,8 +67,10 @@ def pytest_configure(config):
 @pytest.fixture(autouse=True)
 def _no_internal_errors(request):
     """Fail the test if any recipe callback reported ``internal-error`` during it."""
-    _INTERNAL_ERRORS.clear()
+    log = _internal_error_log()
+    log.clear()
     yield
-    if request.node.get_closest_marker("internal_error_expected") is None and _INTERNAL_ERRORS:
-        errors, _INTERNAL_ERRORS[:] = list(_INTERNAL_ERRORS), []
+    errors = list(log)
+    log.clear()
+    if errors and request.node.get_closest_marker("internal_error_expected") is None:
         pytest.fail("a diagnostic failed internally (internal-error):\n" + "\n".join(errors), pytrace=False)

@@ -77,7 +77,7 @@ def fit_suite(
 ) -> Run:
     """Fit ``module`` with ``recipe_callbacks(monitor="val_loss")`` (every callback of the suite)
     and a TensorBoard logger at ``tmp_path/run/version_0``."""
-    callbacks = lr.recipe_callbacks(monitor="val_loss", verbose=False, **(suite or {}))
+    callbacks = lr.recipe_callbacks(monitor="val_loss", print_report=False, **(suite or {}))
     opts: dict[str, Any] = {
         "max_steps": 24,
         "max_epochs": 100,

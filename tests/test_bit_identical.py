@@ -23,8 +23,10 @@ def fit(tmp_path, callbacks, kind):
     if callbacks:  # the suite really measured: a callback that turned itself off proves nothing
         measured = {type(cb).__name__: cb.figures for cb in callbacks if isinstance(cb, lr.RecipeCallback)}
         assert len(measured) >= 14 and all(measured.values()), sorted(k for k, v in measured.items() if not v)
-        codes = {f.code for f in lr.findings(t)}
-        assert not codes & {"internal-error", "check-skipped"}, codes
+        blind = {f.source: f.message for f in lr.findings(t) if f.code in ("internal-error", "check-skipped")}
+        if kind == "mlp":  # no conv layer and no image input: no first-layer filters to look at
+            blind.pop("FirstLayerFilterMonitor", None)
+        assert blind == {}, blind
     return model.state_dict(), rows, t.optimizers[0].state_dict(), torch.get_rng_state()
 
 

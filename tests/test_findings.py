@@ -2,6 +2,7 @@
 
 import dataclasses
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +113,7 @@ def test_on_error_raise_turns_error_into_recipe_error():
     assert info.value.finding.code == "bad-input"
 
 
+@pytest.mark.internal_error_expected
 def test_run_safely_turns_internal_failure_into_info_and_turns_off():
     cb = Probe()
 
@@ -178,3 +180,34 @@ def test_catalog_states_the_chance_loss_the_check_measures():
     zero_prediction = F.multi_margin_loss(torch.zeros(3, c), torch.tensor([0, 1, 2]))
     assert float(zero_prediction) == pytest.approx((c - 1) / c)
     assert "(C-1)/C" in CATALOG["loss-at-init"].meaning
+
+
+@pytest.mark.internal_error_expected
+def test_the_test_suite_fails_on_an_internal_error(pytester):
+    """tests/conftest.py fails a test in which a diagnostic turned itself off, unless it is marked."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile(
+        """
+        import pytest
+        from lightning_recipe import RecipeCallback
+
+        def boom():
+            raise ZeroDivisionError("inside")
+
+        def test_unmarked():
+            RecipeCallback().run_safely(None, "hook", boom)
+
+        @pytest.mark.internal_error_expected
+        def test_marked():
+            RecipeCallback().run_safely(None, "hook", boom)
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*a diagnostic failed internally (internal-error)*",
+            "*ZeroDivisionError: inside*",
+            "*test_unmarked*",
+        ]
+    )

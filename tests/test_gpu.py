@@ -22,7 +22,7 @@ def test_full_suite_on_gpu_is_silent_and_logs(tmp_path, precision):
     train, val = loaders(x, y, batch_size=64)
     t = trainer(
         tmp_path,
-        lr.recipe_callbacks(monitor="val_loss", verbose=False),
+        lr.recipe_callbacks(monitor="val_loss", print_report=False),
         accelerator="gpu",
         precision=precision,
         max_epochs=3,
@@ -43,6 +43,6 @@ def test_checks_catch_a_bug_on_gpu(tmp_path):
 
     x, y = image_blobs(n=256)
     train, val = loaders(x, y)
-    t = trainer(tmp_path, lr.recipe_callbacks(verbose=False), accelerator="gpu", max_steps=5)
+    t = trainer(tmp_path, lr.recipe_callbacks(print_report=False), accelerator="gpu", max_steps=5)
     t.fit(Softmaxed(cnn()), train, val)
     assert "softmax-before-loss" in {f.code for f in lr.findings(t)}

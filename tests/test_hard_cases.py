@@ -438,7 +438,7 @@ def test_misspelled_monitor_still_raises_like_lightning(tmp_path):
     """Only a fit without validation is let off: a metric missing after a validation run is a typo,
     and Lightning's strict EarlyStopping error stands."""
     L.seed_everything(0, verbose=False)
-    callbacks = lr.recipe_callbacks(monitor="val_los", verbose=False)
+    callbacks = lr.recipe_callbacks(monitor="val_los", print_report=False)
     t = make_trainer(tmp_path, callbacks, logger=None, max_steps=24, max_epochs=100, limit_val_batches=2)
     with pytest.raises(RuntimeError, match="val_los"):
         t.fit(Classifier(mlp()), *mlp_data())
@@ -486,7 +486,9 @@ def _final_weights(tmp_path: Path, make, data, with_suite: bool, **kw):
     L.seed_everything(123, verbose=False)
     model = make()
     callbacks = (
-        lr.recipe_callbacks(monitor="val_loss", verbose=False, early_stopping={"restore_best_weights": False})
+        lr.recipe_callbacks(
+            monitor="val_loss", print_report=False, early_stopping={"restore_best_weights": False}
+        )
         if with_suite
         else []
     )

@@ -65,7 +65,7 @@ def test_report_reads_a_run_that_is_still_going(tmp_path, capsys):
 
     x, y = blobs()
     train, val = loaders(x, y)
-    t = trainer(tmp_path, [*lr.recipe_callbacks(verbose=False), PeekMidRun()], max_steps=6)
+    t = trainer(tmp_path, [*lr.recipe_callbacks(print_report=False), PeekMidRun()], max_steps=6)
     t.fit(Softmaxed(mlp()), train, val)
     assert seen["rc"] == 0 and seen["json"]["status"] == "running"
     assert "softmax-before-loss" in {f["code"] for f in seen["json"]["findings"]}
@@ -77,7 +77,7 @@ def test_report_reads_a_run_that_is_still_going(tmp_path, capsys):
 def test_report_formats(tmp_path, capsys):
     x, y = blobs()
     train, val = loaders(x, y)
-    trainer(tmp_path, lr.recipe_callbacks(verbose=False), max_steps=3).fit(Softmaxed(mlp()), train, val)
+    trainer(tmp_path, lr.recipe_callbacks(print_report=False), max_steps=3).fit(Softmaxed(mlp()), train, val)
     capsys.readouterr()
     assert main(["report", str(tmp_path), "--format", "markdown"]) == 0
     md = capsys.readouterr().out
@@ -92,7 +92,7 @@ def test_failed_run_report_says_so(tmp_path):
     x, y = blobs()
     x[0, 0] = float("nan")
     train, _ = loaders(x, y, shuffle=False, val_fraction=0.0)
-    t = trainer(tmp_path, lr.recipe_callbacks(on_error="raise", verbose=False), max_steps=3)
+    t = trainer(tmp_path, lr.recipe_callbacks(on_error="raise", print_report=False), max_steps=3)
     try:
         t.fit(Classifier(mlp()), train)
     except lr.RecipeError:
@@ -125,3 +125,18 @@ def test_fast_dev_run_prints_the_report_but_writes_no_file(tmp_path, capsys, mon
     assert "softmax-before-loss" in out and "not saved: fast_dev_run writes no files" in out
     assert list(tmp_path.rglob("recipe_report.json")) == []
     assert [f.code for f in lr.findings(t) if f.severity is lr.Severity.ERROR] == ["softmax-before-loss"]
+
+
+def test_print_report_is_its_own_switch_and_leaves_early_stopping_verbose_alone(tmp_path, capsys):
+    callbacks = lr.recipe_callbacks(monitor="val_loss", print_report=False, early_stopping={"verbose": True})
+    stopper = next(cb for cb in callbacks if isinstance(cb, lr.RecipeEarlyStopping))
+    assert stopper.verbose is True  # Lightning's flag, as the user set it
+    assert all(cb.print_report is False for cb in callbacks)
+    x, y = blobs()
+    trainer(tmp_path, callbacks, max_steps=3).fit(Classifier(mlp()), *loaders(x, y))
+    assert "lightning_recipe report" not in capsys.readouterr().out
+    with pytest.warns(DeprecationWarning, match="print_report"):
+        old = lr.recipe_callbacks(verbose=False)
+    assert all(cb.print_report is False for cb in old)
+    with pytest.raises(TypeError, match="`print_report` must be True or False"):
+        lr.recipe_callbacks(print_report="no")

@@ -103,7 +103,7 @@ def fit(
     make_model, make_data, has_val = _scenario(name)
     model = make_model()
     train, val = make_data()
-    callbacks = lr.recipe_callbacks(monitor="val_loss", verbose=False) if suite else []
+    callbacks = lr.recipe_callbacks(monitor="val_loss", print_report=False) if suite else []
     if before is not None:
         before(callbacks)
     t = L.Trainer(

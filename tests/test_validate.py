@@ -22,3 +22,12 @@ def test_check_number_intervals():
     for bad in (float("nan"), float("inf"), True, "0.5", None):
         with pytest.raises(ValueError, match="`x`"):
             check_number("x", bad, 0, 1)
+
+
+def test_check_callable_names_the_argument_and_the_signature():
+    from lightning_recipe._validate import check_callable
+
+    assert check_callable("step_fn", None, "(model, batch) -> loss") is None
+    assert check_callable("step_fn", len, "(model, batch) -> loss") is len
+    with pytest.raises(TypeError, match=r"`step_fn` must be a callable \(model, batch\) -> loss, got int"):
+        check_callable("step_fn", 3, "(model, batch) -> loss")

@@ -7,9 +7,8 @@ from typing import Any
 from torch import nn
 
 from lightning_recipe._probe import ProbeSkip, StepFn
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
-from lightning_recipe.findings import Severity
 
 
 class FirstBatchCheck(RecipeCallback):
@@ -30,9 +29,6 @@ class FirstBatchCheck(RecipeCallback):
             error finding.
     """
 
-    #: a short verb phrase for messages ("measure the loss at init")
-    what = "run"
-
     def __init__(
         self,
         *,
@@ -42,12 +38,7 @@ class FirstBatchCheck(RecipeCallback):
         on_error: str = "warn",
     ) -> None:
         super().__init__(on_error=on_error)
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self.done = False
         self._seen = 0
 
@@ -88,17 +79,6 @@ class FirstBatchCheck(RecipeCallback):
     def check(self, trainer: Any | None, module: nn.Module, batch: Any) -> None:
         """Measure on ``batch``; report findings with :meth:`report`. Subclasses implement it."""
         raise NotImplementedError
-
-    def skip(self, trainer: Any | None, reason: str) -> None:
-        """Report that the check could not run, and why (info)."""
-        self.figures["skipped"] = reason
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"{type(self).__name__} did not {self.what}: {reason.rstrip('.')}.",
-            {"reason": reason},
-        )
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "done": self.done}

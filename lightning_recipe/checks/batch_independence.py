@@ -108,6 +108,8 @@ class BatchIndependenceCheck(FirstBatchCheck):
         # eval mode) depend on other samples: ... 3->4: 1, 6->1: 1 ...; look for a view/reshape ...
     """
 
+    codes = ("batch-mixing",)
+
     what = "chart the dependencies between the samples of a batch"
 
     def __init__(

@@ -53,6 +53,8 @@ class DataInspectionCheck(FirstBatchCheck):
         trainer = L.Trainer(callbacks=[DataInspectionCheck(image_shape=(1, 28, 28))])
     """
 
+    codes = ("bad-input", "input-not-normalized")
+
     what = "inspect the first batch"
 
     def __init__(

@@ -150,6 +150,8 @@ class GradientCheck(FirstBatchCheck):
         # and 'head.4.weight' in forward order.
     """
 
+    codes = ("gradcheck-failed",)
+
     what = "check the gradients"
 
     def __init__(

@@ -16,6 +16,7 @@ from lightning_recipe._probe import (
     LossCall,
     ProbeSkip,
     StepFn,
+    chance_input,
     class_scores,
     copy_module,
     is_manual_optimization,
@@ -89,6 +90,8 @@ class LossAtInitCheck(FirstBatchCheck):
         trainer = L.Trainer(callbacks=[LossAtInitCheck()])
         trainer.fit(model, datamodule)  # warns: "[loss-at-init] The loss at init is 4.71, ..."
     """
+
+    codes = ("loss-at-init", "loss-broadcast", "softmax-before-loss")
 
     what = "measure the loss at init"
 
@@ -338,19 +341,6 @@ def _chance_rule(loss_fn: str, c: int | None) -> str:
     if loss_fn in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
         return "ln 2 per output for a 0.5 prediction"
     return "a know-nothing prediction"
-
-
-def chance_input(call: LossCall) -> Tensor | None:
-    """The prediction of a model that knows nothing, for the loss in ``call``."""
-    x = call.input.detach()
-    if call.name in ("cross_entropy", "multi_margin_loss", "binary_cross_entropy_with_logits"):
-        return torch.zeros_like(x)
-    if call.name == "nll_loss":
-        c = x.shape[1] if x.dim() > 1 else x.shape[0]
-        return torch.full_like(x, -math.log(c))
-    if call.name == "binary_cross_entropy":
-        return torch.full_like(x, 0.5)
-    return None
 
 
 def _broadcast_issue(call: LossCall) -> dict[str, Any] | None:

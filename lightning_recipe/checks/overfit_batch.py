@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe import tensorboard
+from lightning_recipe import _context, tensorboard
 from lightning_recipe._probe import (
+    CHANCE,
     CLASS_LOSSES,
     REGRESSION_LOSSES,
     LossCall,
@@ -22,6 +23,7 @@ from lightning_recipe._probe import (
     class_scores,
     copy_module,
     is_manual_optimization,
+    know_nothing_loss,
     looks_like_probabilities,
     preserved_rng,
     run_step,
@@ -29,7 +31,6 @@ from lightning_recipe._probe import (
 from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.checks.base import FirstBatchCheck
-from lightning_recipe.checks.loss_at_init import chance_input
 from lightning_recipe.findings import RecipeError, Severity
 
 #: losses that are >= 0 and reach 0 on a perfect prediction (hard targets)
@@ -147,6 +148,11 @@ class OverfitBatchCheck(FirstBatchCheck):
         #  best loss was 0.7437 (floor 0, chance loss 1.386, target <= 0.01386), accuracy 100.0%;
         #  every prediction is right but the loss cannot fall further: ..."
     """
+
+    codes = ("overfit-batch-failed",)
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 80
 
     what = "overfit the first samples"
 
@@ -502,26 +508,16 @@ def _scale(call: LossCall | None, loss: Tensor) -> _Scale:
         ideal = _ideal_input(call)
         if ideal is not None:
             scale.floor = max(0.0, _scalar(call.recompute(ideal)))
-        if call.name in CLASS_LOSSES or call.name in _BINARY:
-            base = chance_input(call)
-            if base is not None:
-                scale.reference, scale.reference_kind = _scalar(call.recompute(base)), "chance loss"
-        elif call.name in REGRESSION_LOSSES and _float_target_like(call):
-            mean = call.target.detach().float().mean().to(call.input.dtype)
-            ref = _scalar(call.recompute(mean.expand_as(call.input.detach())))
-            if ref > 0:
-                scale.reference, scale.reference_kind = ref, "mean-predictor loss"
+        ref = know_nothing_loss(call)
+        if ref is not None and (ref[1] == CHANCE or _scalar(ref[0]) > 0):
+            scale.reference, scale.reference_kind = _scalar(ref[0]), ref[1]
     return scale
 
 
 def _softmax_reported_elsewhere(trainer: Any | None) -> bool:
     """True when LossAtInitCheck or ModelLintCheck is on the trainer: one of them reports
     ``softmax-before-loss`` as the error, so the overfit failure it causes is only info."""
-    from lightning_recipe.checks.loss_at_init import LossAtInitCheck
-    from lightning_recipe.checks.model_lint import ModelLintCheck
-
-    callbacks = getattr(trainer, "callbacks", None) or []
-    return any(isinstance(cb, (LossAtInitCheck, ModelLintCheck)) for cb in callbacks)
+    return _context.reports_code(trainer, "softmax-before-loss")
 
 
 def _float_target_like(call: LossCall) -> bool:

@@ -122,6 +122,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         print(stopper.best_epoch, stopper.findings[-1].message)  # the model now holds those weights
     """
 
+    codes = ("early-stopped", "loss-diverged", "non-finite-loss")
+
     def __init__(
         self,
         monitor: str,

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import track_hook, untrack_hook
+from lightning_recipe._probe import HookSet
 from lightning_recipe._validate import check_int
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
@@ -157,13 +157,13 @@ class ForwardOrder:
 
     def __init__(self) -> None:
         self.index: dict[int, int] = {}
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
 
     def attach(self, modules: list[nn.Module]) -> None:
         self.detach()
         self.index = {}
         for m in modules:
-            self._handles.append(track_hook(m.register_forward_pre_hook(self._hook(m))))
+            self._hooks.forward(m, self._hook(m), pre=True)
 
     def _hook(self, module: nn.Module) -> Callable[..., None]:
         key = id(module)
@@ -176,13 +176,11 @@ class ForwardOrder:
         return hook
 
     def detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            untrack_hook(h)
+        self._hooks.remove()
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._hooks)
 
     def sort_key(self, model: nn.Module) -> Callable[[str], tuple[int, int]]:
         """A key for module names: the call position of the module (or of its nearest called
@@ -288,6 +286,11 @@ class ActivationMonitor(TrendMonitor):
         trainer.fit(model, datamodule)  # warns "[dead-units] 97% of the units of net.1 ..."
     """
 
+    codes = ("dead-units", "saturated-units")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 40
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -309,7 +312,7 @@ class ActivationMonitor(TrendMonitor):
         if not isinstance(histograms, bool):
             raise TypeError(f"`histograms` must be a bool, got {type(histograms).__name__}")
         self.histograms = histograms
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
         self._hist = tensorboard.HistogramBatch(HISTOGRAM_BINS, HISTOGRAM_SAMPLES)
         self._values: dict[str, Tensor] = {}
         self._sites: dict[str, tuple[str, str]] = {}  # tag name -> (kind, measure)
@@ -331,7 +334,7 @@ class ActivationMonitor(TrendMonitor):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._handles:
+        if not self._hooks:
             return
         self._detach()
         if self._hook_error is not None:
@@ -354,13 +357,10 @@ class ActivationMonitor(TrendMonitor):
         self._layout = None
         self._hist = tensorboard.HistogramBatch(HISTOGRAM_BINS, HISTOGRAM_SAMPLES)
         for layer in list_layers(model):
-            hook = self._make_hook(layer.name, layer.kind)
-            self._handles.append(track_hook(layer.module.register_forward_hook(hook)))
+            self._hooks.forward(layer.module, self._make_hook(layer.name, layer.kind))
 
     def _detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            untrack_hook(h)
+        self._hooks.remove()
 
     def _make_hook(self, name: str, kind: str) -> Callable[..., None]:
         # a closure, not a bound method or partial: deep copies of the model (checks run on

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import track_hook, untrack_hook
+from lightning_recipe._probe import HookSet
 from lightning_recipe._validate import check_int
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.activations import first_tensor
@@ -85,6 +85,12 @@ class FirstLayerFilterMonitor(RecipeCallback):
         trainer.fit(mlp_on_mnist, datamodule)
     """
 
+    codes = ("noisy-filters",)
+    what = "look at the first-layer filters"
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 70
+
     def __init__(
         self,
         every_n_epochs: int = 1,
@@ -120,8 +126,8 @@ class FirstLayerFilterMonitor(RecipeCallback):
             raise ValueError(f"`noisy_ratio` must be a number in (0, 1], got {noisy_ratio!r}")
         self.noisy_ratio = float(noisy_ratio)
         self.max_filters = check_int("max_filters", max_filters)
-        self.adapter = BatchAdapter(get_input=get_input)
-        self._handles: list[Any] = []
+        self.read_batches_with(get_input)
+        self._hooks = HookSet()
         self._searched = False
         self._fresh = False
         self._input_numel: int | None = None
@@ -156,7 +162,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
             self._input_shape = self._input_numel = None
         for m in pl_module.modules():
             if isinstance(m, _CANDIDATES):
-                self._handles.append(track_hook(m.register_forward_pre_hook(self._make_hook(pl_module))))
+                self._hooks.forward(m, self._make_hook(pl_module), pre=True)
 
     def _make_hook(self, model: nn.Module) -> Any:
         names = {id(m): n for n, m in model.named_modules()}
@@ -214,7 +220,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._handles and self._layer is not None:
+        if not self._hooks and self._layer is not None:
             return
         self._detach()
         if self._layer is None and self._searched:
@@ -264,21 +270,10 @@ class FirstLayerFilterMonitor(RecipeCallback):
             )
         else:
             reason = "no Conv1d/Conv2d/Linear layer ran on the first training batch"
-        self.figures["skipped"] = reason
-        if self.has_reported("check-skipped"):  # said before the run was resumed
-            return
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"FirstLayerFilterMonitor did not look at the first-layer filters: {reason.rstrip('.')}.",
-            {"reason": reason},
-        )
+        self.skip(trainer, reason, once=True)
 
     def _detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            untrack_hook(h)
+        self._hooks.remove()
 
     def teardown_diagnostics(self) -> None:
         self._detach()

@@ -131,6 +131,11 @@ class GradientMonitor(TrendMonitor):
         trainer.fit(model, datamodule)  # warns "[vanishing-gradients] ... 3.3e-06x ..."
     """
 
+    codes = ("exploding-gradients", "non-finite-gradients", "vanishing-gradients")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 50
+
     def __init__(
         self,
         every_n_steps: int | None = None,

@@ -11,7 +11,6 @@ from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
 from lightning_recipe._probe import (
-    REGRESSION_LOSSES,
     EvalStep,
     LossCall,
     ProbeSkip,
@@ -19,6 +18,7 @@ from lightning_recipe._probe import (
     StepResult,
     copy_module,
     is_manual_optimization,
+    know_nothing_loss,
     preserved_rng,
 )
 from lightning_recipe.batch import (
@@ -31,7 +31,6 @@ from lightning_recipe.batch import (
     tensor_leaves,
 )
 from lightning_recipe.callback import RecipeCallback
-from lightning_recipe.checks.loss_at_init import chance_input
 from lightning_recipe.findings import Severity
 
 TAG = "recipe/input_independent"
@@ -127,6 +126,12 @@ class InputIndependentBaseline(RecipeCallback):
         trainer.fit(model, datamodule)  # errors "[input-independent] ..." if inputs carry nothing
     """
 
+    codes = ("input-independent",)
+    what = "compare real and zeroed inputs"
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 30
+
     def __init__(
         self,
         num_batches: int = 2,
@@ -154,16 +159,11 @@ class InputIndependentBaseline(RecipeCallback):
             or not 0 <= min_gap < 1
         ):
             raise ValueError(f"`min_gap` must be a number in [0, 1), got {min_gap!r}")
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
         self.num_batches = num_batches
         self.min_gap = float(min_gap)
         self.warmup = warmup
         self.patience = patience
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self._eval_step = EvalStep(step_fn)
         self._reset()
 
@@ -386,16 +386,7 @@ class InputIndependentBaseline(RecipeCallback):
         return False
 
     def _skip(self, trainer: Any, reason: str, at_end: bool = False) -> None:
-        self.figures["skipped"] = reason
-        if self.has_reported("check-skipped"):  # said already (before the run was resumed)
-            return
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"InputIndependentBaseline did not compare real and zeroed inputs: {reason.rstrip('.')}.",
-            {"reason": reason, "end_of_fit": at_end},
-        )
+        self.skip(trainer, reason, once=True, end_of_fit=at_end)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
@@ -420,24 +411,13 @@ class InputIndependentBaseline(RecipeCallback):
 # ---------------------------------------------------------------------------- helpers
 def _chance_loss(call: LossCall | None) -> Tensor | None:
     """The loss of a know-nothing prediction with the same loss call, or ``None``."""
-    if call is None:
-        return None
-    base = chance_input(call)
-    target = call.target
-    if (
-        base is None
-        and call.name in REGRESSION_LOSSES
-        and isinstance(target, Tensor)
-        and target.is_floating_point()
-        and target.numel() > 0
-    ):
-        base = target.detach().float().mean().to(call.input.dtype).expand_as(call.input.detach())
-    if base is None:
-        return None
     try:
-        out = call.recompute(base).detach().float()
+        ref = know_nothing_loss(call)
     except Exception:
         return None
+    if ref is None:
+        return None
+    out = ref[0].detach().float()
     return (out if out.dim() == 0 else out.mean()).reshape(())
 
 

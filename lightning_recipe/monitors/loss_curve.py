@@ -126,6 +126,12 @@ class LossCurveMonitor(StepMonitor):
         trainer = L.Trainer(callbacks=[LossCurveMonitor()], log_every_n_steps=50)
     """
 
+    codes = ("loss-diverged", "loss-not-decreasing", "lr-decayed-early", "non-finite-loss")
+    what = "read the loss curve"
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 0
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -426,15 +432,13 @@ class LossCurveMonitor(StepMonitor):
         )
 
     def _no_loss(self, trainer: Any) -> None:
-        if self._no_loss_batches and not self.has_reported("check-skipped"):
-            self.report(
+        if self._no_loss_batches:
+            self.skip(
                 trainer,
-                "check-skipped",
-                Severity.INFO,
-                "LossCurveMonitor found no loss to read: training_step returned neither a tensor nor a "
-                "dict with 'loss' (manual optimisation?); return the loss from training_step to get "
-                "the loss-curve checks.",
-                {"batches_without_loss": self._no_loss_batches},
+                "training_step returned neither a tensor nor a dict with 'loss' (manual optimisation?); "
+                "return the loss from training_step to get the loss-curve checks",
+                once=True,
+                batches_without_loss=self._no_loss_batches,
             )
 
     # ------------------------------------------------------------------ learning rate

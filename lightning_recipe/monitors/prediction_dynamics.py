@@ -116,6 +116,9 @@ class PredictionDynamicsMonitor(StepMonitor):
         trainer.fit(model, datamodule)  # Images tab: recipe/prediction_dynamics
     """
 
+    codes = ("prediction-instability",)
+    what = "follow predictions"
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -142,18 +145,13 @@ class PredictionDynamicsMonitor(StepMonitor):
             raise ValueError(f"`max_history` must be >= `window` ({window}), got {max_history!r}")
         check_number("flip_threshold", flip_threshold, 0, 1, low_open=True, high_open=True)
         check_number("late_fraction", late_fraction, 0, 1, low_open=False, high_open=True)
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
         self.num_examples = num_examples
         self.flip_threshold = float(flip_threshold)
         self.patience = patience
         self.window = window
         self.late_fraction = float(late_fraction)
         self.max_history = max_history
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self._eval_step = EvalStep(step_fn)
         self._reset()
 
@@ -407,16 +405,7 @@ class PredictionDynamicsMonitor(StepMonitor):
         self._skip(trainer, reason)
 
     def _skip(self, trainer: Any, reason: str, at_end: bool = False) -> None:
-        self.figures["skipped"] = reason
-        if self.has_reported("check-skipped"):  # said already (before the run was resumed)
-            return
-        self.report(
-            trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"PredictionDynamicsMonitor did not follow predictions: {reason.rstrip('.')}.",
-            {"reason": reason, "end_of_fit": at_end},
-        )
+        self.skip(trainer, reason, once=True, end_of_fit=at_end)
 
     # ------------------------------------------------------------------ image
     def image(self) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _context, stats, tensorboard
 from lightning_recipe._validate import check_number
 from lightning_recipe.callback import RecipeCallback, guarded
 from lightning_recipe.findings import Severity
@@ -111,6 +111,12 @@ class TrainValGapMonitor(RecipeCallback):
 
         trainer = L.Trainer(callbacks=[TrainValGapMonitor(num_classes=10)])
     """
+
+    codes = ("overfitting", "underfitting")
+    what = "compare train and val metrics"
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 10
 
     def __init__(
         self,
@@ -379,16 +385,14 @@ class TrainValGapMonitor(RecipeCallback):
             else [n for pair in (*ACCURACY_GUESSES, *LOSS_GUESSES) for n in pair]
         )
         present = sorted(getattr(trainer, "callback_metrics", {}) or {})
-        self.figures["skipped"] = "no train/val metric pair found"
-        self.report(
+        self.skip(
             trainer,
-            "check-skipped",
-            Severity.INFO,
-            f"TrainValGapMonitor found no pair of train/val metrics in callback_metrics (tried "
+            f"found no pair of train/val metrics in callback_metrics (tried "
             f"{', '.join(sorted(set(tried)))}, each also with '_epoch' and '/dataloader_idx_0'; "
             f"logged: {', '.join(present) or 'none'}); "
-            "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric.",
-            {"tried": sorted(set(tried)), "found": present},
+            "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric",
+            tried=sorted(set(tried)),
+            found=present,
         )
 
     # ------------------------------------------------------------------ layout and resume
@@ -434,7 +438,7 @@ def _candidates(names: Sequence[str]) -> list[str]:
 
 def _measured_classes(trainer: Any) -> int | None:
     """The class count another recipe callback measured (e.g. LossAtInitCheck's figures)."""
-    for cb in tensorboard.recipe_callbacks_of(trainer):
+    for cb in _context.recipe_callbacks_of(trainer):
         c = getattr(cb, "figures", {}).get("num_classes")
         if isinstance(c, int) and not isinstance(c, bool) and c >= 2:
             return c

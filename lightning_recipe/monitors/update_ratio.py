@@ -163,6 +163,11 @@ class UpdateRatioMonitor(StepMonitor):
         trainer = L.Trainer(callbacks=[UpdateRatioMonitor(every_n_steps=50)], log_every_n_steps=50)
     """
 
+    codes = ("params-not-updating", "update-ratio-high", "update-ratio-low")
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 20
+
     def __init__(
         self,
         every_n_steps: int | None = None,
