@@ -246,6 +246,18 @@ def test_one_argument_validation_step_goes_through_the_probe_layer(tmp_path, mon
     assert _probe.call_validation_step(_probe.copy_module(model), batch, 3) is None
 
 
+def test_capture_step_keeps_the_loss_calls_of_a_step_that_returns_no_loss():
+    from lightning_recipe import _probe
+
+    model = _probe.copy_module(Classifier(mlp(hidden=8)))
+    x, y = blobs(n=8)
+    result = _probe.capture_step(model, "validation_step", (x, y), 0)  # returns None, logs val_loss
+    assert result.loss is None and [c.name for c in result.calls] == ["cross_entropy"]
+    assert result.main_call is result.calls[0]
+    fn = _probe.capture_step(model, "validation_step", (x, y), step_fn=lambda m, b: {"acc": 1.0})
+    assert fn.loss is None and fn.calls == []  # step_fn replaces the hook
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_snapshots"):
         CheckpointEnsemble(num_snapshots=1)

@@ -180,6 +180,8 @@ class CheckpointEnsemble(RecipeCallback):
         trainer.validate(ens.ensemble(), datamodule)
     """
 
+    codes = (VERDICT_CODE,)
+
     def __init__(
         self,
         num_snapshots: int = 3,
