@@ -27,6 +27,8 @@ class TrainerState:
     findings_pending: bool = False
     report_written: bool = False
     snapshot_written: bool = False
+    #: the first training batch, fetched once for steps that take ``dataloader_iter``
+    peeked_batch: Any = None
 
 
 def trainer_state(trainer: Any) -> TrainerState:

@@ -531,6 +531,40 @@ def call_step(module: nn.Module, hook: str, batch: Any, batch_idx: int = 0, data
     return step(batch, **kwargs)
 
 
+def takes_dataloader_iter(module: nn.Module, hook: str = "training_step") -> bool:
+    """True when ``module.<hook>`` takes ``dataloader_iter`` (Lightning then hands callbacks no
+    batch: ``on_train_batch_start`` gets ``None``)."""
+    step = getattr(module, hook, None)
+    try:
+        return step is not None and "dataloader_iter" in inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def peek_train_batch(trainer: Any) -> Any:
+    """The first batch of the training data, on the device, read without disturbing the run:
+    for steps that take ``dataloader_iter``, where the callbacks get no batch. A fresh iterator
+    over ``trainer.train_dataloader`` (the RNG restored afterwards, so the run's own shuffling is
+    unchanged) and the strategy's own transfer. Raises :class:`ProbeSkip` when there is none."""
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:
+        raise ProbeSkip("training_step takes dataloader_iter and the training data could not be read")
+    try:
+        with preserved_rng():
+            batch = next(iter(loader))
+    except Exception as exc:
+        raise ProbeSkip(
+            "training_step takes dataloader_iter and reading a first batch failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if isinstance(batch, tuple) and len(batch) == 3 and type(loader).__name__ == "CombinedLoader":
+        batch = batch[0]  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
+    try:
+        return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+    except Exception:
+        return batch
+
+
 def call_training_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
     """``module.training_step`` as Lightning would call it (see :func:`call_step`)."""
     return call_step(module, "training_step", batch, batch_idx)

@@ -183,6 +183,27 @@ class RecipeCallback(Callback):
         self.adapter = BatchAdapter(get_input, get_target)
         self.step_fn = check_callable("step_fn", step_fn, "(model, batch) -> loss")
 
+    def withdraw(self, trainer: Any | None, finding: Finding, reason: str) -> Finding:
+        """Downgrade a warning/error ``finding`` that the run itself refuted (a trend verdict
+        re-judged at the end of fit) to info, saying why; returns the replacement. The warning
+        already issued cannot be unsaid, but the report, ``findings(trainer)`` and TensorBoard
+        show the verdict as withdrawn."""
+        found = self._recipe_findings()
+        replacement = Finding(
+            code=finding.code,
+            severity=Severity.INFO,
+            message=f"{finding.message} Withdrawn at the end of fit: {reason.rstrip('.')}.",
+            source=finding.source,
+            step=finding.step,
+            evidence={**finding.evidence, "withdrawn": reason, "was": finding.severity.value},
+        )
+        for i, f in enumerate(found):
+            if f is finding:
+                found[i] = replacement
+        if trainer is not None:
+            _report.findings_changed(trainer)
+        return replacement
+
     def has_reported(self, code: str) -> bool:
         """True if this callback already made a finding with ``code``."""
         return any(f.code == code for f in self._recipe_findings())

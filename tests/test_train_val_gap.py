@@ -277,3 +277,43 @@ def test_several_validation_dataloaders_use_the_first_ones_metrics(tmp_path):
     assert "val_acc/dataloader_idx_0" in t.callback_metrics
     assert codes(mon) == ["overfitting"]
     assert mon.figures["val_acc_name"] == "val_acc/dataloader_idx_0"
+
+
+class ScriptedLosses(L.LightningModule):
+    """Logs a scripted train/val loss per epoch (a real fit, real callback_metrics)."""
+
+    def __init__(self, val_losses):
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+        self.val_losses = val_losses
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train_loss", 1.0 / (self.current_epoch + 1), on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.val_losses[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("val_losses", "withdrawn"),
+    [
+        ([1.0, 0.8, 0.7, 0.9, 1.0, 1.1, 0.6, 0.5], True),  # a rise at a schedule's peak, then a new best
+        ([1.0, 0.8, 0.7, 0.9, 1.0, 1.1, 1.2, 1.3], False),  # it kept rising: the verdict stands
+    ],
+)
+def test_overfitting_refuted_by_a_new_best_is_withdrawn_at_fit_end(tmp_path, val_losses, withdrawn):
+    x = torch.randn(32, 2)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    mon = TrainValGapMonitor()
+    trainer(tmp_path, [mon], max_epochs=len(val_losses)).fit(ScriptedLosses(val_losses), data, data)
+    (f,) = [f for f in mon.findings if f.code == "overfitting"]
+    if withdrawn:
+        assert f.severity is lr.Severity.INFO and f.evidence["was"] == "warning"
+        assert "Withdrawn at the end of fit: the validation loss reached a new best 0.5" in f.message
+    else:
+        assert f.severity is lr.Severity.WARNING and "withdrawn" not in f.evidence

@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_recipe._probe import ProbeSkip, StepFn
+from lightning_recipe import _context
+from lightning_recipe._probe import ProbeSkip, StepFn, peek_train_batch, takes_dataloader_iter
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
 
@@ -52,9 +53,24 @@ class FirstBatchCheck(RecipeCallback):
             return
         self._seen += 1
         with self.rank_consistent_errors(trainer):
-            self.run_safely(trainer, "on_train_batch_start", self.first_batches, trainer, pl_module, batch)
+            self.run_safely(trainer, "on_train_batch_start", self._on_batch, trainer, pl_module, batch)
         if self._seen >= self.batches_needed:
             self.done = True
+
+    def _on_batch(self, trainer: Any, pl_module: Any, batch: Any) -> None:
+        if batch is None and takes_dataloader_iter(pl_module):
+            # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
+            state = _context.trainer_state(trainer)
+            if state.peeked_batch is None:
+                try:
+                    state.peeked_batch = peek_train_batch(trainer)
+                except ProbeSkip as why:
+                    if not self.done:
+                        self.done = True
+                        self.skip(trainer, str(why))
+                    return
+            batch = state.peeked_batch
+        self.first_batches(trainer, pl_module, batch)
 
     def first_batches(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         """Called on each of the first ``batches_needed`` batches. Default: :meth:`run_check` on

@@ -27,7 +27,7 @@ from lightning_recipe._probe import (
 )
 from lightning_recipe.batch import Getter
 from lightning_recipe.checks.base import FirstBatchCheck
-from lightning_recipe.findings import Severity
+from lightning_recipe.findings import RecipeError, Severity
 
 #: losses whose "knows nothing" prediction we can write down
 _CHANCE_LOSSES = (*CLASS_LOSSES, "binary_cross_entropy_with_logits", "binary_cross_entropy")
@@ -156,7 +156,14 @@ class LossAtInitCheck(FirstBatchCheck):
 
     def _measure(self, model: nn.Module, batch: Any) -> dict[str, Any]:
         with preserved_rng(), torch.no_grad():
-            result = run_step(model, batch, self.step_fn)
+            try:
+                result = run_step(model, batch, self.step_fn)
+            except (ProbeSkip, RecipeError):
+                raise
+            except Exception as exc:
+                raise ProbeSkip(
+                    f"training_step failed on a copy of the model ({type(exc).__name__}: {exc})"
+                ) from exc
         if result.loss is None:
             raise ProbeSkip("training_step returned None on the first batch")
         sample: dict[str, Any] = {"step_loss": float(result.loss.detach().float().mean())}

@@ -351,6 +351,46 @@ class TrainValGapMonitor(RecipeCallback):
             },
         )
 
+    # ------------------------------------------------------------------ end of fit
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.run_safely(trainer, "on_fit_end", self._rejudge, trainer)
+        super().on_fit_end(trainer, pl_module)
+
+    def _rejudge(self, trainer: Any) -> None:
+        """Withdraw an ``overfitting`` verdict the rest of the run refuted: the validation metric
+        reached a new best after it (a transient rise, e.g. at the peak of a warm-up schedule) and
+        the last validation no longer shows the gap."""
+        for f in list(self._recipe_findings()):
+            if f.code != "overfitting" or f.severity is Severity.INFO:
+                continue
+            before = [h for h in self.history if h["step"] <= f.step]
+            after = [h for h in self.history if h["step"] > f.step]
+            if not before or not after:
+                continue
+            last = after[-1]
+            if "val_acc" in f.evidence and "val_acc" in last:
+                best_before = max(h["val_acc"] for h in before)
+                best_after = max(after, key=lambda h: h["val_acc"])
+                if best_after["val_acc"] > best_before and last["train_acc"] - last["val_acc"] <= self.gap:
+                    self.withdraw(
+                        trainer,
+                        f,
+                        f"validation accuracy reached a new best {best_after['val_acc']:.3f} at epoch "
+                        f"{int(best_after['epoch'])} and the last gap is "
+                        f"{last['train_acc'] - last['val_acc']:.3f} (flag above {self.gap:.2f})",
+                    )
+            elif "best_val_loss" in f.evidence and "val_loss" in last:
+                finite = [h for h in after if math.isfinite(h["val_loss"])]
+                best_after = min(finite, key=lambda h: h["val_loss"]) if finite else None
+                if best_after is not None and best_after["val_loss"] < f.evidence["best_val_loss"]:
+                    self.withdraw(
+                        trainer,
+                        f,
+                        f"the validation loss reached a new best {best_after['val_loss']:.4g} at epoch "
+                        f"{int(best_after['epoch'])}, below {f.evidence['best_val_loss']:.4g} before the "
+                        "rise (a transient, e.g. the peak of a warm-up or cyclic schedule)",
+                    )
+
     def _low_threshold(self, trainer: Any) -> float | None:
         if self.low_accuracy is not None:
             return self.low_accuracy
