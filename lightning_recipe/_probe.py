@@ -621,6 +621,20 @@ def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> A
     return call_step(module, "validation_step", batch, batch_idx)
 
 
+def capture_step(
+    module: nn.Module, hook: str, batch: Any, batch_idx: int = 0, step_fn: StepFn | None = None
+) -> StepResult:
+    """Run ``step_fn(module, batch)`` when given, else ``module.<hook>`` (:func:`call_step`), under
+    a :class:`LossCapture`: the loss calls it made and the loss it returned (:func:`find_loss`).
+
+    Unlike :func:`run_step` it accepts any return value: a ``validation_step`` that returns
+    nothing, or only metrics, gives ``loss=None`` and its loss calls still count.
+    """
+    with LossCapture() as capture:
+        out = step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
+    return StepResult(loss=find_loss(out), calls=capture.calls)
+
+
 def has_own_validation_step(module: nn.Module) -> bool:
     own = getattr(type(module), "validation_step", None)
     if own is None:

@@ -245,3 +245,17 @@ def test_bad_arguments_are_named():
         RecipeEarlyStopping("val_loss", on_error="explode")
     with pytest.raises(MisconfigurationException, match="mode"):
         RecipeEarlyStopping("val_loss", mode="best")
+
+
+def test_non_finite_training_loss_is_read_by_the_probe_layer():
+    """``_non_finite_loss`` reads what the step returned with ``_probe.find_loss``."""
+    from types import SimpleNamespace
+
+    from lightning_recipe.control.early_stopping import _non_finite_loss
+
+    nan = torch.tensor(float("nan"))
+    assert _non_finite_loss(None) is None and _non_finite_loss({"acc": nan}) is None
+    assert _non_finite_loss(torch.tensor(1.0)) is None
+    assert _non_finite_loss({"loss": torch.tensor(2.0)}) is None
+    assert all(math.isnan(_non_finite_loss(out)) for out in (nan, {"loss": nan}, SimpleNamespace(loss=nan)))
+    assert _non_finite_loss({"loss": torch.tensor([1.0, float("inf")])}) == math.inf

@@ -216,6 +216,48 @@ def test_a_model_without_a_standard_loss_is_skipped_not_crashed(tmp_path):
     assert "no prediction to average" in ens.findings[0].message
 
 
+class OneArgumentValidationStep(Classifier):
+    """``validation_step(self, batch)``: Lightning accepts a step without ``batch_idx``."""
+
+    def validation_step(self, batch):
+        x, y = self.split(batch)
+        self.log("val_loss", self.loss_fn(self(x), y))
+
+
+def test_one_argument_validation_step_goes_through_the_probe_layer(tmp_path, monkeypatch):
+    from lightning_recipe import _probe
+
+    hooks = []
+    call_step = _probe.call_step
+
+    def spy(module, hook, *args, **kwargs):
+        hooks.append(hook)
+        return call_step(module, hook, *args, **kwargs)
+
+    monkeypatch.setattr(_probe, "call_step", spy)
+    ens = CheckpointEnsemble(num_snapshots=2)
+    t, model, val = fit_noisy(tmp_path, [ens], epochs=2, model=OneArgumentValidationStep(mlp(hidden=64)))
+    # the ensemble ran the one-argument validation_step (not the training_step) through _probe.call_step
+    assert ens._use_training_step is False and set(hooks) == {"validation_step"}
+    assert [f.code for f in ens.findings] == ["ensemble-evaluated"] and len(ens.history) == 2
+    assert ens.history[-1]["single_loss"] == pytest.approx(float(t.callback_metrics["val_loss"]), rel=1e-5)
+    # and the probe layer's own validation-step call takes it too
+    batch = next(iter(val))
+    assert _probe.call_validation_step(_probe.copy_module(model), batch, 3) is None
+
+
+def test_capture_step_keeps_the_loss_calls_of_a_step_that_returns_no_loss():
+    from lightning_recipe import _probe
+
+    model = _probe.copy_module(Classifier(mlp(hidden=8)))
+    x, y = blobs(n=8)
+    result = _probe.capture_step(model, "validation_step", (x, y), 0)  # returns None, logs val_loss
+    assert result.loss is None and [c.name for c in result.calls] == ["cross_entropy"]
+    assert result.main_call is result.calls[0]
+    fn = _probe.capture_step(model, "validation_step", (x, y), step_fn=lambda m, b: {"acc": 1.0})
+    assert fn.loss is None and fn.calls == []  # step_fn replaces the hook
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="num_snapshots"):
         CheckpointEnsemble(num_snapshots=1)

@@ -434,3 +434,15 @@ def test_bad_arguments_are_named():
         LossCurveMonitor(patience=True)
     with pytest.raises(ValueError, match="every_n_steps"):
         LossCurveMonitor(every_n_steps=-5)
+
+
+def test_the_loss_is_read_by_the_probe_layer():
+    """``_loss_of`` reads what the step returned with ``_probe.find_loss``: no loss for ``None``."""
+    from types import SimpleNamespace
+
+    from lightning_recipe.monitors.loss_curve import _loss_of
+
+    t = torch.tensor(0.5)
+    assert _loss_of(None) is None and _loss_of({"acc": t}) is None
+    assert _loss_of(torch.tensor([1, 2])) is None and _loss_of(torch.zeros(0)) is None
+    assert all(_loss_of(out) == t for out in (t, {"loss": t}, SimpleNamespace(loss=t)))

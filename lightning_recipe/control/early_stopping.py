@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStopp
 from torch import Tensor
 
 from lightning_recipe import _context
+from lightning_recipe._probe import find_loss
 from lightning_recipe.callback import RecipeCallback, validate_on_error
 from lightning_recipe.findings import Severity
 
@@ -600,9 +601,10 @@ def _divergence_factor(value: float | str | None, mode: str) -> float | None:
 
 
 def _non_finite_loss(outputs: Any) -> float | None:
-    """The training loss as a float if it is NaN/Inf, else None (one host sync)."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    if not isinstance(loss, Tensor) or loss.numel() == 0:
+    """The training loss (``_probe.find_loss``) as a float if it is NaN/Inf, else None (one host
+    sync)."""
+    loss = find_loss(outputs)
+    if loss is None or loss.numel() == 0:
         return None
     finite = bool(torch.isfinite(loss.detach()).all())
     if finite:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import is_manual_optimization
+from lightning_recipe._probe import find_loss, is_manual_optimization
 from lightning_recipe._validate import check_number
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
@@ -537,13 +536,10 @@ _STAT_KEYS = ("sum", "count", "bad", "first_bad", "first")
 
 
 def _loss_of(outputs: Any) -> Tensor | None:
-    """The loss in what ``training_step`` returned (a tensor or a dict with ``"loss"``), detached."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    if (
-        not isinstance(loss, Tensor)
-        or loss.numel() == 0
-        or not (loss.is_floating_point() or loss.is_complex())
-    ):
+    """The loss in what ``training_step`` returned (``_probe.find_loss``), detached; ``None`` for
+    no loss, an empty or a non-floating one."""
+    loss = find_loss(outputs)
+    if loss is None or loss.numel() == 0 or not (loss.is_floating_point() or loss.is_complex()):
         return None
     return loss.detach()
 

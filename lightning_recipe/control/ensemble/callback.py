@@ -1,32 +1,29 @@
-"""CheckpointEnsemble: the recipe's cheap ensembles from one run, measured on the validation data."""
+"""CheckpointEnsemble: the recipe's cheap ensembles from one run, measured on the validation data.
+
+The callback itself: Lightning's hooks, what runs when, and the state that survives a resume. The
+work is in the sibling modules: ``averaging`` (the EMA of the weights), ``snapshots`` (the kept
+checkpoints), ``predictions`` (averaging predictions, per-batch sums), ``evaluation`` (the
+reduction over the ranks and the verdict), ``batchnorm`` and ``export`` (what you get back).
+"""
 
 from __future__ import annotations
 
-import inspect
-import math
 import os
 import uuid
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import AveragedModel
 
 from lightning_recipe import _context, tensorboard
 from lightning_recipe._probe import (
-    CLASS_LOSSES,
     LossCall,
-    LossCapture,
     ProbeSkip,
     StepFn,
-    StepResult,
-    call_training_step,
-    class_scores,
+    capture_step,
     copy_module,
     is_manual_optimization,
     preserved_rng,
@@ -34,60 +31,31 @@ from lightning_recipe._probe import (
 from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback
+from lightning_recipe.control.ensemble import averaging, batchnorm, export
+from lightning_recipe.control.ensemble import snapshots as store
+from lightning_recipe.control.ensemble.evaluation import (
+    NO_EVALUATION,
+    VERDICT_CODE,
+    Evaluation,
+    choose,
+    end_of_fit,
+    evaluation_record,
+    reduce_over_ranks,
+    split_metrics,
+    subsets_for,
+    val_batch_limit,
+    val_loader,
+    verdict_message,
+    winner,
+)
+from lightning_recipe.control.ensemble.predictions import batch_rows
+from lightning_recipe.control.ensemble.snapshots import Snapshot
 from lightning_recipe.findings import Severity
 
 SELECTIONS = ("last", "top")
 RANK_BY = ("loss", "accuracy")
 STORAGES = ("cpu", "disk")
 EVALUATE = ("validation", "fit_end")
-KINDS = ("single", "snapshot_ensemble", "averaged")
-#: the info code of the verdict
-VERDICT_CODE = "ensemble-evaluated"
-#: evidence["why"] of the end-of-training "never evaluated" skip
-NO_EVALUATION = "no evaluation"
-_BINARY = ("binary_cross_entropy", "binary_cross_entropy_with_logits")
-_LOG_PROB = ("nll_loss", "kl_div")
-_STATS = 4  # loss total, loss count, correct, accuracy count
-
-
-@dataclass
-class _Snapshot:
-    """One kept checkpoint of the run (its weights in CPU memory or in a file)."""
-
-    serial: int
-    epoch: int
-    step: int
-    state: dict[str, Tensor] | None = None
-    path: str | None = None
-    scores: dict[str, float] = field(default_factory=dict)
-
-    def load(self) -> dict[str, Tensor]:
-        if self.state is not None:
-            return self.state
-        if self.path is None or not os.path.exists(self.path):
-            raise FileNotFoundError(f"snapshot file {self.path!r} is missing")
-        return torch.load(self.path, map_location="cpu", weights_only=True)
-
-    def to_state(self) -> dict[str, Any]:
-        return {
-            "serial": self.serial,
-            "epoch": self.epoch,
-            "step": self.step,
-            "state": self.state,
-            "path": self.path,
-            "scores": dict(self.scores),
-        }
-
-    @classmethod
-    def from_state(cls, d: Mapping[str, Any]) -> _Snapshot:
-        return cls(
-            int(d["serial"]),
-            int(d["epoch"]),
-            int(d["step"]),
-            d.get("state"),
-            d.get("path"),
-            dict(d.get("scores") or {}),
-        )
 
 
 class CheckpointEnsemble(RecipeCallback):
@@ -212,6 +180,8 @@ class CheckpointEnsemble(RecipeCallback):
         trainer.validate(ens.ensemble(), datamodule)
     """
 
+    codes = (VERDICT_CODE,)
+
     def __init__(
         self,
         num_snapshots: int = 3,
@@ -292,7 +262,7 @@ class CheckpointEnsemble(RecipeCallback):
         self._last_update_step = 0
         self._bn_fresh = False
         self._has_bn = False
-        self._snapshots: list[_Snapshot] = []
+        self._snapshots: list[Snapshot] = []
         self._serial = 0
         self._stash: list[Any] = []
         self._template_ref: Any = None  # weakref to the trained module (set at fit start)
@@ -300,7 +270,7 @@ class CheckpointEnsemble(RecipeCallback):
         self._use_training_step: bool | None = None
         self._run_id = uuid.uuid4().hex[:8]
         self._final_avg_state: dict[str, Tensor] | None = None
-        self._eval: _Evaluation | None = None
+        self._eval: Evaluation | None = None
         self._disabled = False  # agreed on every rank (through a collective)
         self._missing_on_resume: list[str | None] = []
 
@@ -326,7 +296,7 @@ class CheckpointEnsemble(RecipeCallback):
         self.averaged_path = None
         self._stash = []
         self._disabled = False
-        self._has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in pl_module.modules())
+        self._has_bn = batchnorm.has_batchnorm(pl_module)
         self.run_safely(trainer, "create the averaged model", self._create_average, trainer, pl_module)
         if self._missing_on_resume:
             self.report(
@@ -340,23 +310,15 @@ class CheckpointEnsemble(RecipeCallback):
             self._missing_on_resume = []
 
     def _create_average(self, trainer: Any, pl_module: nn.Module) -> None:
-        device = self.ema_device or _module_device(pl_module)
+        device = self.ema_device or averaging.module_device(pl_module)
         if self._avg is not None:  # a second fit with the same callback: keep averaging
             self._avg.module.to(device)
             return
-        clone = copy_module(pl_module, trainer).to(device)
-        for p in clone.parameters():
-            p.requires_grad_(False)
         use_buffers = not (self._has_bn and self.bn_batches > 0)
-        avg = AveragedModel(
-            nn.Module(), multi_avg_fn=get_ema_multi_avg_fn(self.ema_decay), use_buffers=use_buffers
+        self._avg = averaging.new_average(
+            pl_module, trainer, device, self.ema_decay, use_buffers, self._avg_loaded
         )
-        avg.module = clone  # AveragedModel would deep-copy again; ours is already a safe copy
-        if self._avg_loaded is not None:
-            avg.module.load_state_dict(self._avg_loaded["module"])
-            avg.n_averaged.fill_(int(self._avg_loaded["n_averaged"]))
-            self._avg_loaded = None
-        self._avg = avg
+        self._avg_loaded = None
 
     # ------------------------------------------------------------------ training: stash + EMA
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -376,11 +338,9 @@ class CheckpointEnsemble(RecipeCallback):
         self.run_safely(trainer, "update the averaged weights", self._update_average, pl_module, step)
 
     def _update_average(self, pl_module: nn.Module, step: int) -> None:
-        n = self._n_updates
-        decay = min(self.ema_decay, (1 + n) / (10 + n)) if self.ema_warmup else self.ema_decay
         assert self._avg is not None
-        self._avg.multi_avg_fn = get_ema_multi_avg_fn(decay)
-        self._avg.update_parameters(pl_module)
+        decay = averaging.warmed_up_decay(self.ema_decay, self._n_updates, self.ema_warmup)
+        averaging.update_average(self._avg, pl_module, decay)
         self._n_updates += 1
         self._last_update_step = step
         self._bn_fresh = False
@@ -437,7 +397,7 @@ class CheckpointEnsemble(RecipeCallback):
         super().on_fit_end(trainer, pl_module)
 
     def _evaluate_at_end(self, trainer: Any, pl_module: Any) -> None:
-        loaders = _val_loader(trainer)
+        loaders = val_loader(trainer)
         ev = self._begin(trainer, pl_module)
         if loaders is None:
             ev.ok = False
@@ -456,12 +416,12 @@ class CheckpointEnsemble(RecipeCallback):
                 ev.ok = False
         self._finish(trainer, ev)
 
-    def _iterate(self, trainer: Any, ev: _Evaluation, loader: Any) -> bool:
+    def _iterate(self, trainer: Any, ev: Evaluation, loader: Any) -> bool:
         if not ev.ok:
             return False
         with preserved_rng():
             for i, batch in enumerate(loader):
-                limit = _val_batch_limit(trainer, loader)
+                limit = val_batch_limit(trainer, loader)
                 if limit is not None and i >= limit:
                     break
                 batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
@@ -469,11 +429,11 @@ class CheckpointEnsemble(RecipeCallback):
         return True
 
     # ------------------------------------------------------------------ one evaluation
-    def _begin(self, trainer: Any, pl_module: Any) -> _Evaluation:
+    def _begin(self, trainer: Any, pl_module: Any) -> Evaluation:
         """Plan the rows, then copy the members (may fail locally; the collectives still run)."""
         stored = self._members_for_eval(int(trainer.global_step))
         n_members = len(stored) + 1
-        ev = _Evaluation(stored=stored, subsets=_subsets(self.selection, n_members, self.num_snapshots))
+        ev = Evaluation(stored=stored, subsets=subsets_for(self.selection, n_members, self.num_snapshots))
         ev.ok = self.active and self._avg is not None
         if ev.ok:
             ev.ok = bool(
@@ -501,13 +461,10 @@ class CheckpointEnsemble(RecipeCallback):
 
         return self.run_safely(trainer, what, attempt)
 
-    def _members_for_eval(self, step: int) -> list[_Snapshot]:
-        others = [s for s in self._snapshots if s.step != step]  # the current model is a member anyway
-        if self.selection == "last":
-            return others[-(self.num_snapshots - 1) :]
-        return others
+    def _members_for_eval(self, step: int) -> list[Snapshot]:
+        return store.members_for_eval(self._snapshots, step, self.selection, self.num_snapshots)
 
-    def _load_members(self, trainer: Any, pl_module: Any, ev: _Evaluation) -> bool:
+    def _load_members(self, trainer: Any, pl_module: Any, ev: Evaluation) -> bool:
         current = copy_module(pl_module, trainer).eval()
         models = [current]
         for snap in ev.stored:
@@ -521,7 +478,7 @@ class CheckpointEnsemble(RecipeCallback):
             ev.epoch = newest.epoch
         return True
 
-    def _refresh_bn(self, trainer: Any, ev: _Evaluation) -> None:
+    def _refresh_bn(self, trainer: Any, ev: Evaluation) -> None:
         """Recompute the averaged model's BatchNorm statistics from the stashed training batches."""
         if not (self._has_bn and self.bn_batches > 0):
             return
@@ -529,7 +486,7 @@ class CheckpointEnsemble(RecipeCallback):
         if ok and not self._bn_fresh:
             ok = bool(self.run_safely(trainer, "recompute BatchNorm statistics", self._update_bn))
         target = self._avg.module if ok and self._avg is not None else None
-        _sync_bn(trainer, trainer.lightning_module, target, ok)  # every rank, when world_size > 1
+        batchnorm.sync_bn(trainer, trainer.lightning_module, target, ok)  # every rank, when world_size > 1
         if ev.ok and not self._stash:
             ev.bn_note = (
                 "no training batch was stashed; the averaged model used the live BatchNorm statistics"
@@ -538,51 +495,40 @@ class CheckpointEnsemble(RecipeCallback):
 
     def _update_bn(self) -> bool:
         assert self._avg is not None
-        model = self._avg.module
-        runner = _StepForward(model, self._bn_step)
-        with preserved_rng():
-            update_bn([(b,) for b in self._stash], runner)
-        model.eval()
-        return True
+        return batchnorm.recompute_bn(self._avg.module, self._stash, self._bn_step)
 
     def _bn_step(self, model: nn.Module, batch: Any) -> None:
-        if self.step_fn is not None:
-            self.step_fn(model, batch)
-        elif is_manual_optimization(model):
-            model(self.adapter.input(batch))
-        else:
-            call_training_step(model, batch)
+        batchnorm.forward_batch(model, batch, self.step_fn, self.adapter)
 
     # ------------------------------------------------------------------ per batch
-    def _eval_batch(self, ev: _Evaluation, batch: Any, batch_idx: int) -> bool:
+    def _eval_batch(self, ev: Evaluation, batch: Any, batch_idx: int) -> bool:
         assert self._avg is not None
         self._avg.module.eval()
         calls = [self._run_eval(m, batch, batch_idx) for m in ev.models]
         calls.append(self._run_eval(self._avg.module, batch, batch_idx))
         with torch.no_grad():
-            rows = _batch_rows(calls, ev.subsets)
+            rows = batch_rows(calls, ev.subsets)
         ev.acc = rows if ev.acc is None else ev.acc + rows
         self._loss_name = calls[0].name
         return True
 
     def _run_eval(self, model: nn.Module, batch: Any, batch_idx: int) -> LossCall:
+        """The loss call of ``step_fn``, else of the module's ``validation_step`` if it makes one
+        (decided on the first batch), else of its ``training_step``; in eval mode, no grad."""
         with preserved_rng(), torch.no_grad():
-            if self.step_fn is not None:
-                result = _captured(lambda: self.step_fn(model, batch))
-            else:
-                if self._use_training_step is None:
-                    result = _captured(lambda: _call_validation_step(model, batch, batch_idx))
-                    if result.main_call is not None:
-                        self._use_training_step = False
-                        return result.main_call
-                    if is_manual_optimization(model):
-                        raise ProbeSkip(
-                            "validation_step calls no torch.nn.functional loss and the module uses manual "
-                            "optimisation; pass step_fn=lambda model, batch: loss"
-                        )
-                    self._use_training_step = True
-                step = call_training_step if self._use_training_step else _call_validation_step
-                result = _captured(lambda: step(model, batch, batch_idx))
+            if self.step_fn is None and self._use_training_step is None:
+                result = capture_step(model, "validation_step", batch, batch_idx)
+                if result.main_call is not None:
+                    self._use_training_step = False
+                    return result.main_call
+                if is_manual_optimization(model):
+                    raise ProbeSkip(
+                        "validation_step calls no torch.nn.functional loss and the module uses manual "
+                        "optimisation; pass step_fn=lambda model, batch: loss"
+                    )
+                self._use_training_step = True
+            hook = "training_step" if self._use_training_step else "validation_step"
+            result = capture_step(model, hook, batch, batch_idx, self.step_fn)
         call = result.main_call
         if call is None:
             raise ProbeSkip(
@@ -592,23 +538,11 @@ class CheckpointEnsemble(RecipeCallback):
         return call
 
     # ------------------------------------------------------------------ end of one evaluation
-    def _finish(self, trainer: Any, ev: _Evaluation) -> None:
+    def _finish(self, trainer: Any, ev: Evaluation) -> None:
         """Reduce the sums over every rank (always, on every rank), then summarise."""
-        k = self.num_snapshots
-        max_rows = (k + 1) + 1 + (k + 1)  # members, averaged, candidate ensembles: fixed on every rank
-        n_rows = ev.n_members + 1 + len(ev.subsets)
-        device = _module_device(trainer.lightning_module)
-        local = torch.zeros(max_rows * _STATS + 2, device=device)
-        if ev.ok and ev.acc is not None:
-            local[: n_rows * _STATS] = ev.acc.reshape(-1).to(device)
-            local[-2] = 1.0
-        local[-1] = float(ev.n_members)
-        total = trainer.strategy.reduce(local, reduce_op="sum")
-        values = total.detach().cpu().double()
+        stats, ranks_ok = reduce_over_ranks(trainer, ev, self.num_snapshots)
         ev.models = []
-        world = _context.world_size(trainer)
-        agreed = round(float(values[-2])) == world and round(float(values[-1])) == world * ev.n_members
-        if not agreed:
+        if stats is None:
             self._disabled = True
             if self.active:
                 self.report(
@@ -617,47 +551,32 @@ class CheckpointEnsemble(RecipeCallback):
                     Severity.INFO,
                     "CheckpointEnsemble could not evaluate on every rank (see the other findings, or the "
                     "validation loop had no batch) and turned itself off.",
-                    {"ranks_ok": float(values[-2]), "world_size": world},
+                    {"ranks_ok": ranks_ok, "world_size": _context.world_size(trainer)},
                 )
             self.teardown_diagnostics()
             return
-        stats = values[: n_rows * _STATS].reshape(-1, _STATS)
         self.run_safely(trainer, "summarise the evaluation", self._summarise, trainer, ev, stats)
 
-    def _summarise(self, trainer: Any, ev: _Evaluation, stats: Tensor) -> None:
-        metrics = [_metric(row) for row in stats]
-        n = ev.n_members
-        members, averaged, ensembles = metrics[:n], metrics[n], metrics[n + 1 :]
-        chosen, dropped = _choose(ev.subsets, members, self.rank_by, self.selection)
-        ensemble = ensembles[chosen]
-        single = members[0]
+    def _summarise(self, trainer: Any, ev: Evaluation, stats: Tensor) -> None:
+        members, averaged, ensembles = split_metrics(stats, ev.n_members)
+        chosen, dropped = choose(ev.subsets, members, self.rank_by, self.selection)
         self._update_store(trainer, ev, members, dropped)
         epochs = [s.epoch for s in self._snapshots] if self.selection == "top" else None
         member_epochs = epochs or [s.epoch for s in self._snapshots][-len(ev.subsets[chosen]) :]
-        record = {
-            "step": ev.step,
-            "epoch": ev.epoch,
-            "members": len(ev.subsets[chosen]),
-            "member_epochs": member_epochs,
-        }
-        scalars: dict[str, float] = {}
-        for kind, m in zip(KINDS, (single, ensemble, averaged)):
-            for key in ("loss", "accuracy"):
-                if m[key] is not None:
-                    record[f"{kind}_{key}"] = m[key]
-                    scalars[f"recipe/ensemble/{kind}/{key}"] = m[key]
-        if ev.bn_note:
-            record["note"] = ev.bn_note
+        record, scalars = evaluation_record(
+            ev, len(ev.subsets[chosen]), member_epochs, (members[0], ensembles[chosen], averaged)
+        )
         self.history.append(record)
         tensorboard.log_scalars(trainer, scalars, step=ev.step)
         self.figures.update({k: v for k, v in record.items() if k not in ("step",)})
         self.figures.update(
-            {"evaluations": len(self.history), "evaluated_at_step": ev.step, "winner": _winner(record)}
+            {"evaluations": len(self.history), "evaluated_at_step": ev.step, "winner": winner(record)}
         )
 
-    def _update_store(self, trainer: Any, ev: _Evaluation, members: list[dict], dropped: int | None) -> None:
+    # ------------------------------------------------------------------ snapshots
+    def _update_store(self, trainer: Any, ev: Evaluation, members: list[dict], dropped: int | None) -> None:
         for snap, m in zip(ev.stored, members[1:]):
-            snap.scores = {k: v for k, v in m.items() if v is not None}
+            snap.scores = store.known_scores(m)
         module = trainer.lightning_module
         if self.selection == "last":
             self._add_snapshot(trainer, module, members[0])
@@ -667,7 +586,7 @@ class CheckpointEnsemble(RecipeCallback):
         if dropped is not None:
             gone = ev.stored[dropped - 1]
             self._snapshots = [s for s in self._snapshots if s is not gone]
-            _remove_file(gone)
+            store.remove_file(gone)
         self._add_snapshot(trainer, module, members[0])
 
     def _snapshot_last(self, trainer: Any, pl_module: Any) -> None:
@@ -676,32 +595,19 @@ class CheckpointEnsemble(RecipeCallback):
     def _add_snapshot(self, trainer: Any, module: nn.Module, scores: dict) -> None:
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         if self._snapshots and self._snapshots[-1].step == step and self.selection == "last":
-            self._snapshots[-1].scores = {k: v for k, v in scores.items() if v is not None}
+            self._snapshots[-1].scores = store.known_scores(scores)
             return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
         self._serial += 1
-        snap = _Snapshot(self._serial, epoch, step, scores={k: v for k, v in scores.items() if v is not None})
+        path = None
         if self.storage == "disk":
-            snap.path = self._snapshot_path(trainer, snap.serial)
-            Path(snap.path).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, snap.path)
-        else:
-            snap.state = state
-        self._snapshots.append(snap)
+            path = store.snapshot_path(trainer, self.snapshot_dir, self._run_id, self._serial)
+        self._snapshots.append(store.take_snapshot(module, self._serial, epoch, step, scores, path))
         while len(self._snapshots) > self.num_snapshots:
-            _remove_file(self._snapshots.pop(0))
-
-    def _snapshot_path(self, trainer: Any, serial: int) -> str:
-        root = self.snapshot_dir or os.path.join(
-            os.fspath(getattr(trainer, "default_root_dir", None) or os.getcwd()), "recipe_snapshots"
-        )
-        rank = int(getattr(trainer, "global_rank", 0) or 0)
-        suffix = f".rank{rank}" if _context.world_size(trainer) > 1 else ""
-        return os.path.join(root, self._run_id, f"snapshot-{serial:05d}{suffix}.pt")
+            store.remove_file(self._snapshots.pop(0))
 
     # ------------------------------------------------------------------ final average + verdict
     def _finalize_average(self, trainer: Any) -> None:
-        ev = _Evaluation(stored=[], subsets=[])
+        ev = Evaluation(stored=[], subsets=[])
         ev.ok = self.active and self._avg is not None
         self._refresh_bn(trainer, ev)  # a collective under DDP when there is BatchNorm: every rank
         if ev.ok:
@@ -713,20 +619,11 @@ class CheckpointEnsemble(RecipeCallback):
 
     def _save_average(self, trainer: Any) -> None:
         assert self._avg is not None
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self._avg.module.state_dict().items()}
+        state = store.cpu_state(self._avg.module)
         self._final_avg_state = state
         if self._averaged_path_arg is False or not _context.is_global_zero(trainer):
             return
-        from lightning_recipe.report import log_dir_of
-
-        path = (
-            os.fspath(self._averaged_path_arg)
-            if self._averaged_path_arg not in (None, False)
-            else os.path.join(log_dir_of(trainer), "recipe_averaged.ckpt")
-        )
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(_lightning_checkpoint(trainer, self._avg.module, state), path)
-        self.averaged_path = path
+        self.averaged_path = export.save_averaged(trainer, self._avg.module, state, self._averaged_path_arg)
 
     def _verdict(self, trainer: Any) -> None:
         if not self.history:
@@ -740,7 +637,8 @@ class CheckpointEnsemble(RecipeCallback):
                 )
             return
         last = self.history[-1]
-        self.report(trainer, VERDICT_CODE, Severity.INFO, _verdict_message(last, self), dict(last))
+        message = verdict_message(last, self.averaged_path)
+        self.report(trainer, VERDICT_CODE, Severity.INFO, message, dict(last))
 
     # ------------------------------------------------------------------ results for the user
     def averaged_model(self) -> nn.Module:
@@ -751,7 +649,7 @@ class CheckpointEnsemble(RecipeCallback):
             if self._avg is None:
                 raise RuntimeError("averaged_model(): nothing averaged yet; call it after trainer.fit")
             state = self._avg.module.state_dict()
-        return _user_copy(self._template_module(), state).eval()
+        return export.user_copy(self._template_module(), state).eval()
 
     def ensemble(self) -> nn.Module:
         """Your LightningModule class whose ``forward`` averages the snapshots' predictions
@@ -761,15 +659,7 @@ class CheckpointEnsemble(RecipeCallback):
         ensemble, steps that call a submodule directly use the newest snapshot's weights."""
         if not self._snapshots:
             raise RuntimeError("ensemble(): no snapshot was taken yet; call it after trainer.fit")
-        template = self._template_module()
-        members = [_user_copy(template, s.load()).eval() for s in self._snapshots]
-        shell = _user_copy(template, self._snapshots[-1].load())
-        cls = type(shell)
-        ens_cls = type(f"{cls.__name__}SnapshotEnsemble", (cls,), {"forward": _ensemble_forward})
-        shell.__class__ = ens_cls
-        shell.recipe_members = nn.ModuleList(members)
-        shell.recipe_loss_name = self._loss_name
-        return shell.eval()
+        return export.snapshot_ensemble(self._template_module(), self._snapshots, self._loss_name)
 
     def _template_module(self) -> nn.Module:
         module = self._template_ref() if self._template_ref is not None else None
@@ -797,12 +687,7 @@ class CheckpointEnsemble(RecipeCallback):
         state = super().state_dict()
         avg = None
         if self._avg is not None:
-            avg = {
-                "module": {
-                    k: v.detach().to("cpu", copy=True) for k, v in self._avg.module.state_dict().items()
-                },
-                "n_averaged": int(self._avg.n_averaged),
-            }
+            avg = averaging.average_state(self._avg)
         elif self._avg_loaded is not None:
             avg = self._avg_loaded
         state.update(
@@ -824,393 +709,19 @@ class CheckpointEnsemble(RecipeCallback):
         super().load_state_dict(state_dict)
         # a checkpoint written at the end of training (ModelCheckpoint's save_last does that, after
         # every on_train_end) holds that fit's end-of-training verdict; the resumed fit gives its own
-        self._findings = [f for f in self._findings if not _end_of_fit(f)]
+        self._findings = [f for f in self._findings if not end_of_fit(f)]
         self._avg_loaded = state_dict.get("averaged")
         self._avg = None
         self._n_updates = int(state_dict.get("n_updates", 0))
         self._last_update_step = int(state_dict.get("last_update_step", 0))
-        snaps = [_Snapshot.from_state(d) for d in state_dict.get("snapshots", [])]
-        missing = [s for s in snaps if s.state is None and (s.path is None or not os.path.exists(s.path))]
-        self._snapshots = [s for s in snaps if s not in missing]
-        self._missing_on_resume = [s.path for s in missing]
+        snaps = [Snapshot.from_state(d) for d in state_dict.get("snapshots", [])]
+        self._snapshots = [s for s in snaps if not s.missing]
+        self._missing_on_resume = [s.path for s in snaps if s.missing]
         self._serial = int(state_dict.get("serial", len(snaps)))
         self._run_id = state_dict.get("run_id", self._run_id)
         self.history = list(state_dict.get("history", []))
         self._loss_name = state_dict.get("loss_name")
         self._use_training_step = state_dict.get("use_training_step")
-
-
-def _end_of_fit(finding: Any) -> bool:
-    """The verdict made once at the end of training (superseded when the fit is resumed)."""
-    return finding.code == VERDICT_CODE or (
-        finding.code == "check-skipped" and finding.evidence.get("why") == NO_EVALUATION
-    )
-
-
-# ---------------------------------------------------------------------------- evaluation state
-@dataclass
-class _Evaluation:
-    """The members and running sums of one evaluation (one validation run)."""
-
-    stored: list[_Snapshot]
-    subsets: list[list[int]]
-    models: list[nn.Module] = field(default_factory=list)
-    acc: Tensor | None = None
-    ok: bool = False
-    step: int = 0
-    epoch: int = 0
-    bn_note: str | None = None
-
-    @property
-    def n_members(self) -> int:
-        return len(self.stored) + 1
-
-
-def _subsets(selection: str, n_members: int, k: int) -> list[list[int]]:
-    """Which members (0 = the current model) each candidate ensemble averages."""
-    everyone = list(range(n_members))
-    if selection == "top" and n_members > k:
-        return [[i for i in everyone if i != j] for j in everyone]  # drop one, decided at the end
-    return [everyone]
-
-
-def _choose(
-    subsets: list[list[int]], members: list[dict], rank_by: str, selection: str
-) -> tuple[int, int | None]:
-    """(index of the chosen subset, the member it leaves out or None)."""
-    if len(subsets) == 1:
-        return 0, None
-    if rank_by == "accuracy" and all(m["accuracy"] is not None for m in members):
-        scores = [-m["accuracy"] for m in members]
-    else:
-        scores = [m["loss"] if m["loss"] is not None else math.inf for m in members]
-    worst = max(range(len(members)), key=lambda i: (scores[i], i))
-    return worst, worst
-
-
-def _metric(row: Tensor) -> dict[str, float | None]:
-    loss_total, n, correct, n_acc = (float(v) for v in row)
-    return {
-        "loss": loss_total / n if n > 0 else None,
-        "accuracy": correct / n_acc if n_acc > 0 else None,
-    }
-
-
-def _winner(record: dict[str, Any]) -> str:
-    scores = {k: record.get(f"{k}_loss") for k in KINDS}
-    scores = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
-    return min(scores, key=scores.get) if scores else "unknown"
-
-
-def _verdict_message(r: dict[str, Any], cb: CheckpointEnsemble) -> str:
-    single, ens, avg = (r.get(f"{k}_loss") for k in KINDS)
-    win = _winner(r)
-
-    def rel(v: float | None) -> str:
-        if v is None or single is None or single == 0 or not math.isfinite(v) or not math.isfinite(single):
-            return ""
-        return f" ({(v - single) / abs(single):+.1%} vs single)"
-
-    parts = [
-        f"On the validation data at step {r['step']} (epoch {r['epoch']}), validation loss: single model "
-        f"{_fmt(single)}, snapshot ensemble of {r['members']} (epochs {r.get('member_epochs')}) "
-        f"{_fmt(ens)}{rel(ens)}, averaged weights (EMA) {_fmt(avg)}{rel(avg)}"
-    ]
-    accs = [r.get(f"{k}_accuracy") for k in KINDS]
-    if all(a is not None for a in accs):
-        parts.append(f"; accuracy {accs[0]:.2%} / {accs[1]:.2%} / {accs[2]:.2%}")
-    if win == "averaged":
-        where = f" (saved to {cb.averaged_path})" if cb.averaged_path else ""
-        tail = f": the averaged weights win; use callback.averaged_model(){where}."
-    elif win == "snapshot_ensemble":
-        tail = ": the snapshot ensemble wins; use callback.ensemble() (one forward pass per member)."
-    elif win == "single":
-        tail = (
-            ": the single model wins; the cheap ensembles do not help this run (they usually do on a "
-            "plateau with a noisy, high learning rate)."
-        )
-    else:
-        tail = ": the losses are not finite, so there is nothing to compare."
-    return "".join(parts) + tail
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.4g}"
-
-
-# ---------------------------------------------------------------------------- per-batch maths
-def _class_dim(x: Tensor) -> int:
-    return 1 if x.dim() > 1 else 0
-
-
-def _to_log_space(name: str, x: Tensor) -> Tensor:
-    """The members' predictions in the space where they are averaged, stacked on a new dim 0.
-
-    Classifiers are averaged as probabilities, computed in log space (``logsumexp``) so that a
-    confident member cannot underflow to log(0); regression outputs and scores as they are.
-    """
-    x = x.detach().float()
-    if name == "cross_entropy":
-        return x.log_softmax(dim=_class_dim(x))
-    if name == "binary_cross_entropy_with_logits":
-        return torch.stack([F.logsigmoid(x), F.logsigmoid(-x)])  # log p, log (1 - p)
-    return x  # nll_loss / kl_div inputs are log-probabilities already; the rest is averaged as is
-
-
-def _average(name: str, stacked: Tensor, subset: list[int], like: Tensor) -> Tensor:
-    """The subset's averaged prediction, in the loss input's own space (logits stay logits)."""
-    idx = torch.as_tensor(subset, device=stacked.device)
-    part = stacked.index_select(0, idx)
-    if name in ("cross_entropy", *_LOG_PROB):
-        out = torch.logsumexp(part, dim=0) - math.log(len(subset))  # log of the mean probability
-    elif name == "binary_cross_entropy_with_logits":
-        lse = torch.logsumexp(part, dim=0)  # (2, ...): log sum p, log sum (1 - p)
-        out = lse[0] - lse[1]  # logit of the mean probability
-    else:
-        out = part.mean(dim=0)
-    return out.to(like.dtype) if like.is_floating_point() else out
-
-
-def _loss_total(call: LossCall, out: Tensor, n: int) -> Tensor:
-    reduction = call.kwargs.get("reduction", "mean")
-    out = out.detach().float()
-    if reduction == "sum":
-        return out.sum()
-    return out.mean() * n
-
-
-def _batch_size(x: Tensor) -> int:
-    return int(x.shape[0]) if x.dim() > 0 else 1
-
-
-def _correct(name: str, x: Tensor, call: LossCall) -> tuple[Tensor, Tensor]:
-    """(correct, counted) on the device for a prediction ``x`` in the loss input's space."""
-    zero = torch.zeros((), device=x.device)
-    if name in CLASS_LOSSES:
-        view = class_scores(replace(call, input=x))
-        if view is None or view.target is None:
-            return zero, zero
-        t = view.target
-        valid = (t >= 0) & (t < view.num_classes)
-        hit = (view.scores.argmax(dim=1) == t) & valid
-        return hit.sum().float(), valid.sum().float()
-    if name in _BINARY and isinstance(call.target, Tensor) and call.target.numel() == x.numel():
-        t = call.target.reshape(x.shape).float()
-        valid = (t == 0) | (t == 1)
-        cut = 0.0 if name == "binary_cross_entropy_with_logits" else 0.5
-        hit = ((x > cut).float() == t) & valid
-        return hit.sum().float(), valid.sum().float()
-    return zero, zero
-
-
-def _stats(call: LossCall, x: Tensor, out: Tensor) -> Tensor:
-    n = _batch_size(call.input)
-    total = _loss_total(call, out, n)
-    correct, counted = _correct(call.name, x, call)
-    count = torch.full((), float(n), device=total.device)
-    return torch.stack([total, count, correct.to(total.device), counted.to(total.device)])
-
-
-def _batch_rows(calls: list[LossCall], subsets: list[list[int]]) -> Tensor:
-    """Rows: every member, the averaged model, every candidate ensemble -> [loss*n, n, correct, counted]."""
-    name = calls[0].name
-    if any(c.name != name or c.input.shape != calls[0].input.shape for c in calls):
-        raise ProbeSkip("the ensemble members' loss calls differ in function or shape; cannot average them")
-    rows = [_stats(c, c.input.detach(), c.output) for c in calls]
-    base = calls[0]
-    stacked = torch.stack([_to_log_space(name, c.input) for c in calls[:-1]])  # members, not the average
-    for subset in subsets:
-        mean = _average(name, stacked, subset, base.input)
-        rows.append(_stats(base, mean, base.recompute(mean)))
-    return torch.stack(rows)
-
-
-# ---------------------------------------------------------------------------- running steps
-def _captured(fn: Callable[[], Any]) -> StepResult:
-    with LossCapture() as capture:
-        out = fn()
-    loss = out if isinstance(out, Tensor) else out.get("loss") if isinstance(out, Mapping) else None
-    return StepResult(loss=loss if isinstance(loss, Tensor) else None, calls=capture.calls)
-
-
-def _call_validation_step(module: nn.Module, batch: Any, batch_idx: int) -> Any:
-    step = getattr(module, "validation_step", None)
-    if step is None:
-        raise ProbeSkip("the module has no validation_step; pass step_fn=(model, batch) -> loss")
-    kwargs: dict[str, Any] = {}
-    try:
-        params = inspect.signature(step).parameters
-    except (TypeError, ValueError):
-        params = {}
-    names = list(params)
-    if "dataloader_idx" in params and params["dataloader_idx"].default is inspect.Parameter.empty:
-        kwargs["dataloader_idx"] = 0
-    if len(names) >= 2 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
-        return step(batch, batch_idx, **kwargs)
-    return step(batch, **kwargs)
-
-
-class _StepForward(nn.Module):
-    """Lets ``swa_utils.update_bn`` drive the user's own step: ``forward(batch)`` runs it."""
-
-    def __init__(self, model: nn.Module, run: Callable[[nn.Module, Any], Any]) -> None:
-        super().__init__()
-        self.model = model
-        self._run = run
-
-    def forward(self, batch: Any) -> None:
-        self._run(self.model, batch)
-
-
-def _sync_bn(trainer: Any, shape_model: nn.Module, target: nn.Module | None, ok: bool) -> None:
-    """Average the BatchNorm running statistics of ``target`` over the ranks (pooled variance).
-
-    Every rank calls it; the payload size comes from ``shape_model`` (the trained module, same
-    structure on every rank), so a rank that failed locally sends zeros and is left out."""
-    if _context.world_size(trainer) <= 1:
-        return
-    sizes = [m.num_features for m in shape_model.modules() if _tracks_stats(m)]
-    if not sizes:
-        return
-    device = _module_device(shape_model)
-    payload = torch.zeros(2 * sum(sizes) + 1, device=device)
-    bns = [m for m in target.modules() if _tracks_stats(m)] if ok and target is not None else []
-    if ok and [m.num_features for m in bns] == sizes:
-        parts = []
-        for m in bns:
-            mean, var = m.running_mean.detach().float(), m.running_var.detach().float()
-            parts += [mean, var + mean * mean]
-        payload[:-1] = torch.cat(parts).to(device)
-        payload[-1] = 1.0
-    else:
-        bns = []
-    total = trainer.strategy.reduce(payload, reduce_op="sum")
-    ranks_ok = float(total[-1])
-    if not bns or ranks_ok < 1:
-        return
-    flat = total[:-1] / ranks_ok
-    offset = 0
-    with torch.no_grad():
-        for m in bns:
-            c = m.num_features
-            mean, second = flat[offset : offset + c], flat[offset + c : offset + 2 * c]
-            offset += 2 * c
-            m.running_mean.copy_(mean.to(m.running_mean.device, m.running_mean.dtype))
-            m.running_var.copy_(
-                (second - mean * mean).clamp_min(0).to(m.running_var.device, m.running_var.dtype)
-            )
-
-
-def _tracks_stats(m: nn.Module) -> bool:
-    return (
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and getattr(m, "running_mean", None) is not None
-        and getattr(m, "running_var", None) is not None
-    )
-
-
-# ---------------------------------------------------------------------------- user-facing copies
-def _user_copy(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """A copy of the user's module (its own class, ``log`` working, no trainer) with ``state``."""
-    clone = copy_module(template)
-    for m in clone.modules():
-        m.__dict__.pop("log", None)
-        m.__dict__.pop("log_dict", None)
-    clone.load_state_dict(state)
-    return clone
-
-
-def _ensemble_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    outs = [m(*args, **kwargs) for m in self.recipe_members]
-    first = outs[0]
-    if not isinstance(first, Tensor) or not first.is_floating_point():
-        return _mean_structure(outs)
-    name = getattr(self, "recipe_loss_name", None) or "mse_loss"
-    if name in _LOG_PROB:  # forward may return logits or log-probs: log_softmax reads both alike
-        name = "cross_entropy"
-    stacked = torch.stack([_to_log_space(name, o) for o in outs])
-    return _average(name, stacked, list(range(len(outs))), first)
-
-
-def _mean_structure(outs: list[Any]) -> Any:
-    first = outs[0]
-    if isinstance(first, Tensor):
-        return (
-            torch.stack([o.float() for o in outs]).mean(dim=0).to(first.dtype)
-            if first.is_floating_point()
-            else first
-        )
-    if isinstance(first, Mapping):
-        return {k: _mean_structure([o[k] for o in outs]) for k in first}
-    if isinstance(first, (list, tuple)):
-        items = [_mean_structure([o[i] for o in outs]) for i in range(len(first))]
-        return type(first)(items) if isinstance(first, list) else tuple(items)
-    return first
-
-
-def _lightning_checkpoint(trainer: Any, module: nn.Module, state: dict[str, Tensor]) -> dict[str, Any]:
-    """A weights-only Lightning checkpoint dict, as ``trainer.save_checkpoint(weights_only=True)``
-    builds it, without the collective that call is under DDP."""
-    import sys
-
-    root = type(trainer).__module__.split(".")[0]
-    version = getattr(sys.modules.get(root), "__version__", None)
-    if version is None:
-        import lightning
-
-        version = lightning.__version__
-    ckpt: dict[str, Any] = {
-        "epoch": int(trainer.current_epoch),
-        "global_step": int(trainer.global_step),
-        "pytorch-lightning_version": version,
-        "state_dict": state,
-        "recipe": {"averaged_weights": True},
-    }
-    hparams = getattr(module, "hparams", None)
-    if hparams:
-        name = getattr(module, "_hparams_name", None)
-        if name is not None:
-            ckpt[getattr(module, "CHECKPOINT_HYPER_PARAMS_NAME", "hparams_name")] = name
-        ckpt[getattr(module, "CHECKPOINT_HYPER_PARAMS_KEY", "hyper_parameters")] = dict(hparams)
-    return ckpt
-
-
-# ---------------------------------------------------------------------------- small helpers
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def _remove_file(snap: _Snapshot) -> None:
-    if snap.path and os.path.exists(snap.path):
-        try:
-            os.remove(snap.path)
-        except OSError:
-            pass
-
-
-def _val_loader(trainer: Any) -> Any | None:
-    loaders = getattr(trainer, "val_dataloaders", None)
-    if loaders is None:
-        return None
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    return loaders
-
-
-def _val_batch_limit(trainer: Any, loader: Any) -> int | None:
-    limits = getattr(trainer, "num_val_batches", None)
-    if isinstance(limits, (list, tuple)) and limits:
-        value = limits[0]
-        return int(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-    return None
 
 
 __all__ = ["CheckpointEnsemble"]
