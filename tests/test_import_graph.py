@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "lightning_recipe"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_LINES = 800
@@ -161,17 +159,8 @@ def test_no_import_cycle():
     assert not cycles, f"{len(cycles)} import cycle(s), the first: {' -> '.join(cycles[0])}"
 
 
-#: modules known to be over the limit (being split on another branch)
-KNOWN_LONG = {"lightning_recipe.control.ensemble"}
-
-
-@pytest.mark.xfail(strict=False, reason="control/ensemble.py is split on another branch")
 def test_no_module_over_800_lines():
     long = long_modules()
     for name, n in sorted(long.items()):
         print(f"{name}: {n} lines (limit {MAX_LINES})")
     assert not long, long
-
-
-def test_no_module_over_800_lines_but_the_known_one():
-    assert not set(long_modules()) - KNOWN_LONG, long_modules()

@@ -125,6 +125,7 @@ class LossCurveMonitor(StepMonitor):
         self._batch_step = 0
         self._planned: float = math.inf
         self._no_loss_batches = 0
+        self._loss_batches = 0  # batches whose step returned a loss (a step may skip one: None)
         self._plateau: set[int] = set()  # ids of the optimizers a ReduceLROnPlateau drives
         self._lr_prev: dict[str, float] = {}  # each group's rate at the previous logging step
         self._lr_last: dict[str, float] = {}  # each group's rate at the previous batch
@@ -169,6 +170,7 @@ class LossCurveMonitor(StepMonitor):
     def _collect(self, outputs: Any) -> None:
         loss = _loss_of(outputs)
         if loss is not None:
+            self._loss_batches += 1
             self._pending.append(loss)  # a reference to a detached tensor: no copy, no kernel
             self._pending_steps.append(self._batch_step)
             if len(self._pending) >= MAX_PENDING:
@@ -371,7 +373,9 @@ class LossCurveMonitor(StepMonitor):
         )
 
     def _no_loss(self, trainer: Any) -> None:
-        if self._no_loss_batches:
+        # an interval of skipped batches (the step returned None) is no reason to give up a curve
+        # that other batches feed
+        if self._no_loss_batches and not self._loss_batches:
             self.skip(
                 trainer,
                 "training_step returned neither a tensor nor a dict with 'loss' (manual optimisation?); "
