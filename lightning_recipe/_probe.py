@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe import _context
+from lightning_recipe import _context, _losses
+from lightning_recipe._losses import ModuleLossCall, ModuleLossRecorder
 
 StepFn = Callable[[nn.Module, Any], Any]
 
@@ -112,6 +113,22 @@ class LossCapture(TorchFunctionMode):
         super().__init__()
         self.calls: list[LossCall] = []
         self._squashed: dict[int, tuple[str, Tensor]] = {}
+        #: loss-like module calls and distribution log-likelihoods (``_losses``)
+        self.modules = ModuleLossRecorder()
+
+    def __enter__(self) -> LossCapture:
+        self.modules.__enter__()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self.modules.__exit__(None, None, None)
+            raise
+
+    def result(self, loss: Tensor | None) -> StepResult:
+        """The :class:`StepResult` of a step that returned ``loss``: its functional loss calls
+        and the module / distribution loss calls that may have made ``loss``."""
+        module_calls = [*self.modules.calls, *self.modules.distribution_calls(loss)]
+        return StepResult(loss=loss, calls=self.calls, module_calls=module_calls)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -131,7 +148,10 @@ class LossCapture(TorchFunctionMode):
 
     def __exit__(self, *exc: Any) -> Any:
         self._squashed.clear()
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.modules.__exit__(*exc)
 
 
 @dataclass
@@ -140,21 +160,35 @@ class StepResult:
 
     loss: Tensor | None
     calls: list[LossCall] = field(default_factory=list)
+    #: losses computed by modules without trainable parameters (custom losses, torchmetrics
+    #: metrics used as losses) and negative log-likelihoods of distributions (``_losses``)
+    module_calls: list[ModuleLossCall] = field(default_factory=list)
 
     @property
-    def main_call(self) -> LossCall | None:
-        """The data loss: the loss call whose value equals the step's loss if there is one
-        (no regulariser added), else the first scalar loss call."""
+    def main_call(self) -> LossCall | ModuleLossCall | None:
+        """The data loss: the functional loss call whose value equals the step's loss if there
+        is one (no regulariser added), else a module loss call whose value equals it, else the
+        first scalar functional loss call, else a module loss call on the loss's graph."""
         scalar = [c for c in self.calls if c.output.dim() == 0]
-        if self.loss is not None and self.loss.dim() == 0:
-            lv = float(self.loss.detach())
+        lv = None
+        if self.loss is not None and self.loss.numel() == 1:
+            lv = float(self.loss.detach().reshape(()))
             for c in scalar:
                 cv = float(c.output.detach())
                 if abs(cv - lv) <= 1e-6 * max(1.0, abs(lv)):
                     return c
+        if lv is not None:
+            for m in self.module_calls:
+                mv = float(m.output.detach().reshape(()))
+                if abs(mv - lv) <= 1e-6 * max(1.0, abs(lv)):
+                    return m
         if scalar:
             return scalar[0]
-        return self.calls[0] if self.calls else None
+        if self.calls:
+            return self.calls[0]
+        if self.loss is not None and self.loss.requires_grad:
+            return next((m for m in self.module_calls if m.output.requires_grad), None)
+        return None
 
     @property
     def data_loss(self) -> Tensor | None:
@@ -613,7 +647,7 @@ def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch
     """Run one step (the user's ``training_step`` or ``step_fn``) and capture its loss calls."""
     with LossCapture() as capture:
         out = step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
-    return StepResult(loss=extract_loss(out), calls=capture.calls)
+    return capture.result(extract_loss(out))
 
 
 def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
@@ -632,7 +666,7 @@ def capture_step(
     """
     with LossCapture() as capture:
         out = step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
-    return StepResult(loss=find_loss(out), calls=capture.calls)
+    return capture.result(find_loss(out))
 
 
 def has_own_validation_step(module: nn.Module) -> bool:
@@ -689,9 +723,10 @@ class EvalStep:
             return None
         with LossCapture() as capture:
             out = call_validation_step(module, batch)
-        if not capture.calls:
-            return None
-        return StepResult(loss=extract_loss(out), calls=capture.calls)
+        if capture.calls:
+            return capture.result(extract_loss(out))
+        result = capture.result(find_loss(out))
+        return result if result.module_calls and result.main_call is not None else None
 
 
 def is_manual_optimization(module: nn.Module) -> bool:
@@ -735,7 +770,7 @@ def class_scores(call: LossCall) -> ClassScores | None:
 
 # ---------------------------------------------------------------------------- know-nothing reference
 #: the reference kinds :func:`know_nothing` returns
-CHANCE, MEAN_PREDICTOR = "chance loss", "mean-predictor loss"
+CHANCE, MEAN_PREDICTOR = _losses.CHANCE, _losses.MEAN_PREDICTOR
 
 
 def chance_input(call: LossCall) -> Tensor | None:
@@ -752,11 +787,11 @@ def chance_input(call: LossCall) -> Tensor | None:
     return None
 
 
-def know_nothing(call: LossCall | None) -> tuple[Tensor, str] | None:
+def know_nothing(call: LossCall | ModuleLossCall | None) -> tuple[Tensor, str] | None:
     """The know-nothing prediction for the loss in ``call`` and which reference it is: uniform
     class scores (:data:`CHANCE`) for classification losses, the target mean
     (:data:`MEAN_PREDICTOR`) for regression losses with float targets; ``None`` otherwise."""
-    if call is None:
+    if call is None or not isinstance(call, LossCall):
         return None
     base = chance_input(call)
     if base is not None:
@@ -773,12 +808,18 @@ def know_nothing(call: LossCall | None) -> tuple[Tensor, str] | None:
     return None
 
 
-def know_nothing_loss(call: LossCall | None) -> tuple[Tensor, str] | None:
+def know_nothing_loss(call: LossCall | ModuleLossCall | None) -> tuple[Tensor, str] | None:
     """The loss of :func:`know_nothing`'s prediction through the same loss call (same target,
-    weights, reduction), and which reference it is; ``None`` when there is none."""
-    ref = know_nothing(call)
-    if ref is None or call is None:
+    weights, reduction), and which reference it is; for any other loss (a custom module, a
+    metric, a distribution's likelihood, a functional loss without a known chance level) the
+    user's own loss with the prediction replaced by a constant (``_losses.know_nothing_loss``:
+    the target mean, uniform class scores or the batch-mean prediction, the lowest); ``None``
+    when there is none."""
+    if call is None:
         return None
+    ref = know_nothing(call) if isinstance(call, LossCall) else None
+    if ref is None:
+        return _losses.know_nothing_loss(call)
     with torch.no_grad():
         return call.recompute(ref[0]), ref[1]
 

@@ -1,13 +1,23 @@
 """Finding the input and the target in a batch; zeroing inputs; slicing samples.
 
 Checks need "the input" (to zero it, to take a gradient with respect to it, to look at it) and
-"the target" (to count classes). Batches come in every shape, so :class:`BatchAdapter` guesses
+"the target" (to count classes). Batches come in every shape, so :class:`BatchAdapter` reads
 the common layouts and takes ``get_input`` / ``get_target`` callables for anything else:
 
 * a bare tensor: it is the input, there is no target;
-* a tuple / list (or namedtuple): the first tensor is the input, the second the target;
+* a tuple / list (or namedtuple): the first tensor is the input, the second the target (the
+  first tensor of a nested ``(target, weight)``);
 * a dict (or any mapping): the first of :data:`INPUT_KEYS` / :data:`TARGET_KEYS` present;
-* an object with attributes named like those keys (a dataclass, a ``SimpleNamespace``).
+* an object with attributes named like those keys (a dataclass, a ``SimpleNamespace``, a
+  graph batch whose attributes live in a store, listed by ``keys()``);
+* anything else that holds tensors: the first floating-point tensor that is not the target
+  (the first integer tensor, token ids, when there is no float one).
+
+Every container is walked (nested dicts, lists, tuples, namedtuples, dataclasses, objects
+holding tensors as attributes) and rebuilt with its type intact. A batch that concatenates
+variable-size samples with an assignment vector (graph batches: the nodes of many graphs in
+one tensor, ``batch[i]`` = the graph of node i) counts its samples as graphs, and
+:meth:`BatchAdapter.slice` keeps whole graphs (:class:`GraphLayout`).
 
 When it cannot tell, it raises :class:`BatchLayoutError`, whose message names the
 ``get_input`` / ``get_target`` arguments.
@@ -17,7 +27,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -69,6 +79,126 @@ def _describe(batch: Any) -> str:
     return type(batch).__name__
 
 
+#: how deep containers are walked (a guard against cyclic objects)
+MAX_DEPTH = 8
+
+
+def object_fields(obj: Any) -> list[str] | None:
+    """The attribute names under which an object that is not a container holds tensors (a
+    dataclass's fields; ``keys()`` of a store-backed batch such as torch_geometric's ``Batch``;
+    else its public instance attributes), or ``None`` when it holds none directly or in a
+    container: such an object is opaque and kept as it is."""
+    if isinstance(obj, (Tensor, Mapping, list, tuple, str, bytes, type)) or obj is None:
+        return None
+    if isinstance(obj, torch.nn.Module):
+        return None
+    if is_dataclass(obj):
+        names = [f.name for f in fields(obj)]
+    else:
+        names = []
+        keys = getattr(type(obj), "keys", None)
+        if callable(keys):
+            try:
+                names = [k for k in obj.keys() if isinstance(k, str)]
+            except Exception:
+                names = []
+        if not names:
+            try:
+                names = [k for k in vars(obj) if not k.startswith("_")]
+            except TypeError:
+                return None
+    found = []
+    for name in names:
+        try:
+            value = getattr(obj, name)
+        except Exception:
+            continue
+        if isinstance(value, Tensor) or (
+            isinstance(value, (Mapping, list, tuple)) and _holds_tensor(value)
+        ):
+            found.append(name)
+    return found or None
+
+
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, Tensor):
+        return True
+    if depth > 2:
+        return False
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v, depth + 1) for v in list(value.values())[:64])
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v, depth + 1) for v in list(value)[:64])
+    return False
+
+
+def _set_attrs(obj: Any, changes: dict[str, Any]) -> Any:
+    """A shallow copy of the (non-dataclass) object ``obj`` with attributes replaced, its type
+    intact (``copy.copy``, then ``setattr``, or ``object.__setattr__`` for frozen ones);
+    ``obj`` itself when it cannot be copied."""
+    if is_dataclass(obj):
+        return _replace(obj, changes)
+    try:
+        new = copy.copy(obj)
+    except Exception:
+        return obj
+    for name, value in changes.items():
+        try:
+            setattr(new, name, value)
+        except Exception:
+            try:
+                object.__setattr__(new, name, value)
+            except Exception:
+                return obj
+    return new
+
+
+def leaf_paths(batch: Any) -> list[tuple[tuple[Any, ...], Tensor]]:
+    """``(path, tensor)`` for every tensor of a nested batch, in :func:`map_tensors` order; a
+    path reads back with :func:`get_path`."""
+    out: list[tuple[tuple[Any, ...], Tensor]] = []
+
+    def walk(value: Any, path: tuple[Any, ...], depth: int) -> None:
+        if isinstance(value, Tensor):
+            out.append((path, value))
+            return
+        if depth > MAX_DEPTH:
+            return
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, (*path, k), depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, (*path, i), depth + 1)
+        else:
+            for name in object_fields(value) or ():
+                walk(getattr(value, name), (*path, name), depth + 1)
+
+    walk(batch, (), 0)
+    return out
+
+
+def _is_int(t: Tensor) -> bool:
+    return not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
+
+
+def _structural_input(batch: Any, exclude: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+    """The path of the first floating-point tensor with a batch dimension that is not the target
+    (``exclude``), else of the first such integer tensor (token ids)."""
+    leaves = [
+        (p, t)
+        for p, t in leaf_paths(batch)
+        if t.dim() > 0 and (exclude is None or p[: len(exclude)] != exclude)
+    ]
+    for p, t in leaves:
+        if t.is_floating_point():
+            return p
+    for p, t in leaves:
+        if _is_int(t):
+            return p
+    return None
+
+
 def _key_lookup(batch: Any, keys: Sequence[str]) -> tuple[str, Any] | None:
     if isinstance(batch, Mapping):
         lowered = {str(k).lower(): k for k in batch}
@@ -87,8 +217,9 @@ def _key_lookup(batch: Any, keys: Sequence[str]) -> tuple[str, Any] | None:
             if key in names:
                 return names[key], getattr(batch, names[key])
         return None
-    if hasattr(batch, "__dict__") and not isinstance(batch, Tensor):
-        attrs = {k.lower(): k for k in vars(batch)}
+    names = object_fields(batch)
+    if names:
+        attrs = {k.lower(): k for k in names}
         for key in keys:
             if key in attrs:
                 return attrs[key], getattr(batch, attrs[key])
@@ -117,7 +248,8 @@ class BatchAdapter:
 
     # -------------------------------------------------------------- locate
     def locate_input(self, batch: Any) -> tuple[Any, ...]:
-        """Path to the input inside the batch (``()`` for a bare tensor, ``(0,)``, ``("x",)``)."""
+        """Path to the input inside the batch (``()`` for a bare tensor, ``(0,)``, ``("x",)``,
+        ``(0, "encoder_cont")``)."""
         if isinstance(batch, Tensor):
             return ()
         if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)) or _is_namedtuple(batch):
@@ -128,8 +260,14 @@ class BatchAdapter:
             first = batch[0]
             if isinstance(first, Tensor):
                 return (0,)
-            if isinstance(first, (Mapping, list, tuple)):
-                return (0, *self.locate_input(first))
+            if isinstance(first, (Mapping, list, tuple)) or object_fields(first):
+                try:
+                    return (0, *self.locate_input(first))
+                except BatchLayoutError:
+                    pass
+        path = _structural_input(batch, self.locate_target(batch))
+        if path is not None:
+            return path
         raise BatchLayoutError(
             f"lightning_recipe could not find the model input in a batch of type {_describe(batch)}; "
             f"pass get_input=lambda batch: ... (and get_target=...) to the callback, "
@@ -147,9 +285,10 @@ class BatchAdapter:
             if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)):
                 return None
         if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            if isinstance(batch[0], (Mapping, list, tuple)) and not isinstance(batch[0], Tensor):
-                return (1,) if isinstance(batch[1], Tensor) else None
-            return (1,) if isinstance(batch[1], Tensor) else None
+            if isinstance(batch[1], Tensor):
+                return (1,)
+            if isinstance(batch[1], (list, tuple)) and batch[1] and isinstance(batch[1][0], Tensor):
+                return (1, 0)  # (x, (target, weight)), as forecasting libraries batch
         return None
 
     # -------------------------------------------------------------- read
@@ -188,11 +327,22 @@ class BatchAdapter:
         return value if isinstance(value, Tensor) else None
 
     def batch_size(self, batch: Any) -> int:
-        """Number of samples: the first dimension of the input."""
+        """Number of samples: the first dimension of the input, or for a graph batch (see
+        :meth:`graph`) the number of graphs."""
         x = self.input(batch)
         if x.dim() == 0:
             raise BatchLayoutError("the batch input is a 0-d tensor; it has no batch dimension")
-        return int(x.shape[0])
+        layout = self.graph(batch, x)
+        return layout.num_samples if layout is not None else int(x.shape[0])
+
+    def graph(self, batch: Any, x: Tensor | None = None) -> GraphLayout | None:
+        """The layout of a batch that concatenates variable-size samples (graph batches), or
+        ``None``: see :func:`graph_layout`."""
+        if isinstance(batch, Tensor):
+            return None
+        if x is None:
+            x = self.input(batch)
+        return graph_layout(batch, x)
 
     # -------------------------------------------------------------- transform
     def with_input(self, batch: Any, new_input: Tensor) -> Any:
@@ -223,8 +373,17 @@ class BatchAdapter:
         is the batch size is sliced, everything else is kept as is."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive int, got {k!r}")
+        x = self.input(batch)
+        layout = self.graph(batch, x) if x.dim() > 0 else None
+        if layout is not None:
+            return layout.slice(batch, k)
         n = self.batch_size(batch)
         return slice_batch(batch, n, k)
+
+
+def get_path(batch: Any, path: tuple[Any, ...]) -> Any:
+    """The value at ``path`` (from :func:`leaf_paths` or ``locate_*``) inside ``batch``."""
+    return _get_path(batch, path)
 
 
 def _get_path(batch: Any, path: tuple[Any, ...]) -> Any:
@@ -272,19 +431,22 @@ def _set_path(batch: Any, path: tuple[Any, ...], new: Any) -> Any:
         return type(batch)(items) if isinstance(batch, list) else tuple(items)
     if is_dataclass(batch) and not isinstance(batch, type):
         return _replace(batch, {key: _set_path(getattr(batch, key), rest, new)})
-    import copy
-
-    out = copy.copy(batch)
-    setattr(out, key, _set_path(getattr(batch, key), rest, new))
+    out = _set_attrs(batch, {key: _set_path(getattr(batch, key), rest, new)})
+    if out is batch:
+        raise BatchLayoutError(f"a batch of type {type(batch).__name__} could not be copied to replace {key!r}")
     return out
 
 
-def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
-    """Apply ``fn`` to every tensor in a nested batch, keeping the containers' types."""
+def map_tensors(batch: Any, fn: Callable[[Tensor], Any], _depth: int = 0) -> Any:
+    """Apply ``fn`` to every tensor in a nested batch, keeping the containers' types (objects
+    holding tensors as attributes are shallow-copied with the attributes replaced)."""
     if isinstance(batch, Tensor):
         return fn(batch)
+    if _depth > MAX_DEPTH:
+        return batch
+    d = _depth + 1
     if isinstance(batch, Mapping):
-        out = {k: map_tensors(v, fn) for k, v in batch.items()}
+        out = {k: map_tensors(v, fn, d) for k, v in batch.items()}
         if type(batch) is dict:
             return out
         try:
@@ -292,13 +454,16 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
         except TypeError:
             return out
     if _is_namedtuple(batch):
-        return type(batch)(*(map_tensors(v, fn) for v in batch))
+        return type(batch)(*(map_tensors(v, fn, d) for v in batch))
     if isinstance(batch, (list, tuple)):
-        items = [map_tensors(v, fn) for v in batch]
+        items = [map_tensors(v, fn, d) for v in batch]
         return items if isinstance(batch, list) else tuple(items)
     if is_dataclass(batch) and not isinstance(batch, type):
-        return _replace(batch, {f.name: map_tensors(getattr(batch, f.name), fn) for f in fields(batch)})
-    return batch
+        return _replace(batch, {f.name: map_tensors(getattr(batch, f.name), fn, d) for f in fields(batch)})
+    names = object_fields(batch)
+    if not names:
+        return batch
+    return _set_attrs(batch, {n: map_tensors(getattr(batch, n), fn, d) for n in names})
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
@@ -358,9 +523,113 @@ def slice_batch(batch: Any, n: int, k: int) -> Any:
             return items if isinstance(value, list) else tuple(items)
         if is_dataclass(value) and not isinstance(value, type):
             return _replace(value, {f.name: cut(getattr(value, f.name)) for f in fields(value)})
+        names = object_fields(value)
+        if names:
+            return _set_attrs(value, {name: cut(getattr(value, name)) for name in names})
         return value
 
     return cut(batch)
+
+
+#: names an assignment vector goes by when the batch has no edge index to confirm it
+ASSIGNMENT_NAMES = ("batch", "batch_idx", "batch_index", "graph_index", "segment_ids", "node_graph")
+
+
+@dataclass
+class GraphLayout:
+    """A batch that concatenates variable-size samples: ``assignment[i]`` is the sample (graph)
+    of row ``i`` of the node-level tensors (sorted, as torch_geometric and chemistry libraries
+    collate), edge indices ``(2, E)`` point at rows. ``num_samples`` graphs of ``num_nodes``
+    nodes in all."""
+
+    assignment: Tensor
+    assignment_path: tuple[Any, ...]
+    num_nodes: int
+    num_samples: int
+    edge_paths: list[tuple[Any, ...]]
+
+    def slice(self, batch: Any, k: int) -> Any:
+        """The first ``k`` graphs: node-level tensors cut to their nodes, edge indices (and
+        edge-level tensors) to the edges between them, graph-level tensors to ``k`` rows, a
+        ``ptr`` of ``num_samples + 1`` offsets to ``k + 1``, an int attribute counting the graphs
+        (``num_graphs``) set to ``k``."""
+        if k >= self.num_samples:
+            return batch
+        keep_nodes = int((self.assignment < k).sum())
+        replace: dict[int, Tensor] = {}
+        edge_masks: dict[int, Tensor] = {}
+        leaves = leaf_paths(batch)
+        for path, t in leaves:
+            if path in self.edge_paths:
+                mask = (t < keep_nodes).all(dim=0)
+                edge_masks[int(t.shape[1])] = mask
+                replace[id(t)] = t[:, mask]
+        for path, t in leaves:
+            if id(t) in replace or t.dim() == 0:
+                continue
+            rows = int(t.shape[0])
+            if rows == self.num_nodes:
+                replace[id(t)] = t[:keep_nodes]
+            elif rows in edge_masks and rows not in (self.num_samples, self.num_samples + 1):
+                replace[id(t)] = t[edge_masks[rows]]
+            elif rows == self.num_samples:
+                replace[id(t)] = t[:k]
+            elif rows == self.num_samples + 1 and t.dim() == 1 and _is_int(t):
+                replace[id(t)] = t[: k + 1]
+        out = map_tensors(batch, lambda t: replace.get(id(t), t))
+        _recount(out, self.num_samples, k)
+        return out
+
+
+def _recount(obj: Any, n: int, k: int) -> None:
+    """Set int attributes that count the graphs (``num_graphs``, ``_num_graphs``) from n to k."""
+    try:
+        attrs = vars(obj)
+    except TypeError:
+        return
+    for name, value in list(attrs.items()):
+        if isinstance(value, int) and not isinstance(value, bool) and value == n and "graph" in name.lower():
+            try:
+                object.__setattr__(obj, name, k)
+            except Exception:
+                pass
+
+
+def graph_layout(batch: Any, x: Tensor) -> GraphLayout | None:
+    """The :class:`GraphLayout` of ``batch`` whose input ``x`` has one row per node, or ``None``.
+
+    The assignment vector is a 1-d integer tensor (not ``x``, not the batch's target) with one
+    entry per row of ``x``, sorted, starting at 0, taking every value up to its largest, with
+    fewer values than rows; it counts when an edge index (a ``(2, E)`` integer tensor whose
+    entries are rows of ``x``) confirms the node layout, or when it is named like one
+    (:data:`ASSIGNMENT_NAMES`)."""
+    if x.dim() == 0:
+        return None
+    n = int(x.shape[0])
+    leaves = leaf_paths(batch)
+    candidates = [
+        (p, t)
+        for p, t in leaves
+        if t is not x and t.dim() == 1 and _is_int(t) and int(t.shape[0]) == n and n > 1
+    ]
+    if not candidates:
+        return None
+    edges = [
+        p
+        for p, t in leaves
+        if t.dim() == 2 and _is_int(t) and t.shape[0] == 2 and t.numel() > 0 and int(t.max()) < n and int(t.min()) >= 0
+    ]
+    for path, a in candidates:
+        named = bool(path) and str(path[-1]).lower() in ASSIGNMENT_NAMES
+        if not edges and not named:
+            continue
+        if int(a[0]) != 0 or bool((a[1:] < a[:-1]).any()):
+            continue
+        g = int(a[-1]) + 1
+        if g >= n or int(torch.unique(a).numel()) != g:
+            continue
+        return GraphLayout(a, path, n, g, edges)
+    return None
 
 
 def to_dtype(batch: Any, dtype: torch.dtype) -> Any:

@@ -1,0 +1,458 @@
+"""Seeing what reaches the loss when the loss is not a ``torch.nn.functional`` loss.
+
+:class:`~lightning_recipe._probe.LossCapture` records ``torch.nn.functional`` losses (and the
+``nn.*Loss`` modules that call them). Third-party models compute their loss in other ways:
+
+* a custom ``nn.Module`` loss, or a torchmetrics ``Metric`` used as a loss (forecasting
+  libraries call ``self.loss(prediction, (target, weight))``): :class:`ModuleLossRecorder`
+  records every call of a module without trainable parameters that gets a floating-point tensor
+  first and returns a one-element floating-point tensor;
+* the negative log-likelihood of a predicted ``torch.distributions`` object:
+  :class:`ModuleLossRecorder` also records ``Distribution.log_prob`` calls (the outermost one).
+
+Both are kept as :class:`ModuleLossCall`, which reads like ``_probe.LossCall`` (``name``,
+``input`` = the prediction, ``target``, ``output``, ``recompute``), so the checks use them the
+same way. :func:`know_nothing_candidates` gives the loss-agnostic know-nothing references: the
+user's own loss with the prediction replaced by a constant (the target mean, uniform class
+scores, or the batch-mean prediction: the output layer reduced to its bias).
+
+This module depends on nothing else in the package (``_probe`` imports it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: the reference kinds (the first two are also ``_probe.CHANCE`` / ``_probe.MEAN_PREDICTOR``)
+CHANCE, MEAN_PREDICTOR = "chance loss", "mean-predictor loss"
+CONSTANT = "constant-prediction loss"
+
+#: at most this many classes are tried one by one for the label-free loss
+MAX_LABELS = 64
+
+
+def _first_tensor(value: Any, ok: Callable[[Tensor], bool]) -> Tensor | None:
+    if isinstance(value, Tensor):
+        return value if ok(value) else None
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            hit = _first_tensor(v, ok)
+            if hit is not None:
+                return hit
+    return None
+
+
+def _replace_tensor(value: Any, old: Tensor, new: Tensor) -> Any:
+    """``value`` with the tensor ``old`` replaced by ``new`` (lists, tuples and dicts rebuilt)."""
+    if value is old:
+        return new
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_replace_tensor(v, old, new) for v in value)
+    if isinstance(value, list):
+        return [_replace_tensor(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_tensor(v, old, new) for k, v in value.items()}
+    return value
+
+
+def _distribution_mean(dist: Any) -> Tensor | None:
+    try:
+        mean = dist.mean
+    except Exception:
+        mean = None
+    if isinstance(mean, Tensor) and mean.is_floating_point() and bool(torch.isfinite(mean).all()):
+        return mean
+    for name in getattr(dist, "arg_constraints", {}):
+        value = dist.__dict__.get(name)
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
+    return None
+
+
+@dataclass
+class ModuleLossCall:
+    """A loss computed by a module (or a distribution's ``log_prob``), read like ``LossCall``.
+
+    ``input`` is the prediction (for a distribution its mean), ``target`` the first tensor
+    passed after it (``(target, weight)`` tuples are looked into), ``output`` the loss value.
+    For a distribution the loss is ``sign * reduce(log_prob(target))`` as matched with the
+    step's loss (``-mean`` for the usual negative log-likelihood)."""
+
+    name: str
+    input: Tensor
+    target: Any
+    kwargs: dict[str, Any]
+    output: Tensor
+    args: tuple = ()
+    squashed_by: str | None = None
+    fn: Any = None
+    #: "module" or "distribution"
+    kind: str = "module"
+    distribution: Any = None
+    reduce: str = "mean"
+    sign: float = -1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def function(self) -> Any:
+        return self.fn
+
+    def recompute(self, new_input: Any, new_target: Tensor | None = None) -> Tensor:
+        """The same loss (same module, same other arguments) on another prediction (a tensor,
+        or for a distribution loss a distribution or a tensor replacing its mean); with
+        ``new_target`` the target tensor replaced too."""
+        if self.kind == "distribution":
+            dist = new_input if not isinstance(new_input, Tensor) else self._with_mean(new_input)
+            value = self.args[1] if new_target is None else new_target
+            lp = dist.log_prob(value)
+            out = lp.mean() if self.reduce == "mean" else lp.sum()
+            return self.sign * out
+        args = list(self.args)
+        args[0] = new_input
+        kwargs = dict(self.kwargs)
+        if new_target is not None and isinstance(self.target, Tensor):
+            args = [_replace_tensor(a, self.target, new_target) for a in args]
+            kwargs = {k: _replace_tensor(v, self.target, new_target) for k, v in kwargs.items()}
+        return self.fn(*args, **kwargs)
+
+    def _with_mean(self, mean: Tensor) -> Any:
+        dist = self.distribution
+        params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+        for name, value in params.items():
+            if value is self.input:
+                params[name] = mean
+                return type(dist)(**params)
+        raise ValueError(f"the mean of {type(dist).__name__} is not one of its parameters")
+
+
+class ModuleLossRecorder:
+    """While entered, records loss-like module calls and ``Distribution.log_prob`` calls.
+
+    A call counts as a loss call when the module has no trainable parameter, its first argument
+    is a floating-point tensor with more than one element and it returns a one-element
+    floating-point tensor. Only the outermost such call is kept (a loss module calling another
+    one inside is one loss). ``log_prob`` is wrapped on the distribution classes loaded at
+    ``__enter__`` and restored on ``__exit__``."""
+
+    def __init__(self) -> None:
+        self.calls: list[ModuleLossCall] = []
+        self.log_probs: list[tuple[Any, Tensor, Tensor]] = []
+        self._handles: list[Any] = []
+        self._patched: list[tuple[type, Any]] = []
+        self._depth = 0
+        self._lp_depth = 0
+        self._no_params: dict[int, bool] = {}
+
+    # ------------------------------------------------------------------ modules
+    def _pre(self, module: nn.Module, args: tuple) -> None:
+        self._depth += 1
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], out: Any) -> None:
+        self._depth -= 1
+        if self._depth != 0 or not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != 1:
+            return
+        if args:
+            pred = args[0]
+        else:
+            pred = next(iter(kwargs.values()), None)
+            args = tuple(kwargs.values())
+            kwargs = {}
+        if not isinstance(pred, Tensor) or not pred.is_floating_point() or pred.numel() < 2:
+            return
+        key = id(module)
+        free = self._no_params.get(key)
+        if free is None:
+            free = not any(p.requires_grad for p in module.parameters())
+            self._no_params[key] = free
+        if not free:
+            return
+        target = _first_tensor(list(args[1:]) + list(kwargs.values()), lambda t: t is not pred)
+        self.calls.append(
+            ModuleLossCall(type(module).__name__, pred, target, dict(kwargs), out, tuple(args), fn=module)
+        )
+
+    # ------------------------------------------------------------------ distributions
+    def _wrap(self, original: Any) -> Any:
+        recorder = self
+
+        def log_prob(dist: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+            recorder._lp_depth += 1
+            try:
+                out = original(dist, value, *args, **kwargs)
+            finally:
+                recorder._lp_depth -= 1
+            if recorder._lp_depth == 0 and isinstance(out, Tensor) and isinstance(value, Tensor):
+                recorder.log_probs.append((dist, value, out))
+            return out
+
+        return log_prob
+
+    def _patch_distributions(self) -> None:
+        from torch.distributions import Distribution
+
+        seen: set[type] = set()
+        todo = [Distribution]
+        while todo:
+            cls = todo.pop()
+            if cls in seen:
+                continue
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+            original = cls.__dict__.get("log_prob")
+            if original is not None and callable(original):
+                self._patched.append((cls, original))
+                type.__setattr__(cls, "log_prob", self._wrap(original))
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> ModuleLossRecorder:
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles = [
+            register_module_forward_pre_hook(self._pre),
+            register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
+        ]
+        self._patch_distributions()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for cls, original in reversed(self._patched):
+            type.__setattr__(cls, "log_prob", original)
+        self._patched = []
+        self._no_params.clear()
+
+    def distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
+        """The recorded ``log_prob`` calls whose ``-mean`` / ``-sum`` (or ``+``) is ``loss``
+        (the step's loss), as loss calls; without a loss, the ``-mean`` of each."""
+        out: list[ModuleLossCall] = []
+        target = None if loss is None or loss.numel() != 1 else float(loss.detach().float().reshape(()))
+        for dist, value, lp in self.log_probs:
+            mean = _distribution_mean(dist)
+            if mean is None:
+                continue
+            match = ("mean", -1.0)
+            if target is not None:
+                match = None
+                for reduce in ("mean", "sum"):
+                    v = float((lp.mean() if reduce == "mean" else lp.sum()).detach().float())
+                    for sign in (-1.0, 1.0):
+                        if abs(sign * v - target) <= 1e-5 * max(1.0, abs(target)):
+                            match = (reduce, sign)
+                            break
+                    if match:
+                        break
+                if match is None:
+                    continue
+            value_out = match[1] * (lp.mean() if match[0] == "mean" else lp.sum())
+            out.append(
+                ModuleLossCall(
+                    f"{type(dist).__name__}.log_prob",
+                    mean,
+                    value,
+                    {},
+                    value_out,
+                    (dist, value),
+                    fn=None,
+                    kind="distribution",
+                    distribution=dist,
+                    reduce=match[0],
+                    sign=match[1],
+                )
+            )
+        return out
+
+
+# ---------------------------------------------------------------------------- know-nothing references
+def _rows(x: Tensor, dim: int) -> Tensor:
+    return x.movedim(dim, -1).reshape(-1, x.shape[dim])
+
+
+def _class_dim(x: Tensor, target: Tensor) -> int | None:
+    """The class dimension of scores ``x`` for integer ``target``: the dimension missing from
+    the target's shape (dim 1, or the last one), with more classes than the largest label."""
+    if x.dim() < 1 or target.numel() == 0:
+        return None
+    top = int(target.max())
+    for dim in ((1, x.dim() - 1) if x.dim() > 1 else (0,)):
+        c = x.shape[dim]
+        if c < 2 or c <= top:
+            continue
+        rest = tuple(s for i, s in enumerate(x.shape) if i != dim)
+        if x.dim() == 1 or math.prod(rest) == target.numel():
+            return dim
+    return None
+
+
+def uniform_scores(x: Tensor, dim: int) -> Tensor:
+    """Uniform class scores in the format of ``x``: probabilities (rows in [0, 1] summing to
+    1), log-probabilities (rows logsumexp to 0) or logits (zeros)."""
+    c = x.shape[dim]
+    rows = _rows(x.detach().float(), dim)
+    sums = rows.sum(dim=1)
+    if bool(((rows >= 0) & (rows <= 1)).all()) and bool(((sums - 1).abs() < 1e-3).all()):
+        return torch.full_like(x, 1.0 / c)
+    if bool((torch.logsumexp(rows, dim=1).abs() < 1e-3).all()):
+        return torch.full_like(x, -math.log(c))
+    return torch.zeros_like(x)
+
+
+def _mean_target(x: Tensor, target: Tensor) -> Tensor | None:
+    """``x``-shaped constant: the target mean, when the target lines up with the prediction
+    (same shape, broadcastable, or one trailing dimension fewer: quantiles, distribution
+    parameters)."""
+    if not target.is_floating_point() or target.numel() == 0:
+        return None
+    shapes = [tuple(target.shape), (*target.shape, 1)]
+    ok = False
+    for shape in shapes:
+        try:
+            ok = tuple(torch.broadcast_shapes(tuple(x.shape), shape)) == tuple(x.shape)
+        except RuntimeError:
+            continue
+        if ok:
+            break
+    if not ok or target.numel() * 16 < x.numel() // max(1, x.shape[-1]):
+        return None
+    finite = target.detach()[torch.isfinite(target.detach())]
+    if finite.numel() == 0:
+        return None
+    return torch.full_like(x, float(finite.float().mean()))
+
+
+def know_nothing_candidates(call: Any) -> list[tuple[Any, str]]:
+    """Know-nothing predictions for any loss call, each with its kind: uniform class scores
+    (:data:`CHANCE`) for integer class targets, the target mean (:data:`MEAN_PREDICTOR`) for a
+    float target that lines up with the prediction, and the batch-mean prediction
+    (:data:`CONSTANT`: what a model that ignores its input and outputs its average, i.e. its
+    output layer reduced to the bias, would predict). For a distribution loss: a distribution of
+    the same family fitted to the target (mean and spread), and the batch-mean parameters."""
+    x = call.input.detach()
+    target = call.target if isinstance(call.target, Tensor) else None
+    out: list[tuple[Any, str]] = []
+    if getattr(call, "kind", "") == "distribution":
+        return _distribution_candidates(call)
+    if target is not None and not target.is_floating_point() and target.dtype is not torch.bool:
+        dim = _class_dim(x, target)
+        if dim is not None:
+            out.append((uniform_scores(x, dim), CHANCE))
+    elif target is not None:
+        mean = _mean_target(x, target)
+        if mean is not None:
+            out.append((mean, MEAN_PREDICTOR))
+    if x.dim() >= 1 and x.shape[0] > 1:
+        out.append((x.mean(dim=0, keepdim=True).expand_as(x), CONSTANT))
+    return out
+
+
+def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
+    dist, value = call.distribution, call.args[1]
+    params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+    out: list[tuple[Any, str]] = []
+    if not params or not all(isinstance(v, Tensor) for v in params.values()):
+        return out
+    v = value.detach().float()
+    if {"loc", "scale"} <= set(params) and v.numel() > 1:
+        fitted = dict(params)
+        fitted["loc"] = torch.full_like(params["loc"], float(v.mean()))
+        fitted["scale"] = torch.full_like(params["scale"], max(float(v.std()), 1e-6))
+        try:
+            out.append((type(dist)(**fitted), MEAN_PREDICTOR))
+        except Exception:
+            pass
+    averaged = {
+        n: (t.detach().mean(dim=0, keepdim=True).expand_as(t) if t.dim() >= 1 and t.shape[0] > 1 else t)
+        for n, t in params.items()
+    }
+    try:
+        out.append((type(dist)(**averaged), CONSTANT))
+    except Exception:
+        pass
+    return out
+
+
+def know_nothing_loss(call: Any) -> tuple[Tensor, str] | None:
+    """The lowest finite loss among :func:`know_nothing_candidates` through the same loss call,
+    and its kind; ``None`` when there is none."""
+    best: tuple[Tensor, str] | None = None
+    with torch.no_grad():
+        for pred, kind in know_nothing_candidates(call):
+            try:
+                loss = call.recompute(pred)
+            except Exception:
+                continue
+            if not isinstance(loss, Tensor) or not loss.is_floating_point():
+                continue
+            value = loss.detach().float()
+            value = value if value.dim() == 0 else value.mean()
+            if not bool(torch.isfinite(value)):
+                continue
+            if best is None or float(value) < float(best[0]):
+                best = (value, kind)
+    return best
+
+
+def label_free_ratio(call: Any, chance_pred: Tensor) -> float | None:
+    """For an integer-class loss: the loss averaged over every possible label, as a ratio to that
+    of the uniform prediction ``chance_pred`` (1 when the predictions are as uninformed as
+    uniform, whatever labels the batch holds); ``None`` when it cannot be computed."""
+    target = call.target
+    if not isinstance(target, Tensor) or target.is_floating_point():
+        return None
+    dim = _class_dim(call.input.detach(), target)
+    if dim is None:
+        return None
+    c = call.input.shape[dim]
+    if c > MAX_LABELS:
+        return None
+    pred, base = 0.0, 0.0
+    with torch.no_grad():
+        for label in range(c):
+            t = torch.full_like(target, label)
+            try:
+                pred += float(call.recompute(call.input.detach(), t).float().mean())
+                base += float(call.recompute(chance_pred, t).float().mean())
+            except Exception:
+                return None
+    if not (math.isfinite(pred) and math.isfinite(base)) or base <= 0:
+        return None
+    return pred / base
+
+
+def ideal_prediction(call: Any) -> Any | None:
+    """The best possible prediction for hard targets, in the loss's format, or ``None``: the
+    target itself (broadcast over a trailing dimension: quantiles) for a float target that lines
+    up with the prediction; confident one-hot scores (logits, log-probabilities or
+    probabilities, as the prediction looks) for integer class targets."""
+    if getattr(call, "kind", "") == "distribution":
+        return None
+    x = call.input.detach()
+    target = call.target if isinstance(call.target, Tensor) else None
+    if target is None:
+        return None
+    if target.is_floating_point():
+        if _mean_target(x, target) is None:
+            return None
+        t = target.detach().to(x.dtype)
+        return (t if t.dim() == x.dim() else t.unsqueeze(-1)).expand_as(x).clone()
+    dim = _class_dim(x, target)
+    if dim is None:
+        return None
+    c = x.shape[dim]
+    onehot = torch.nn.functional.one_hot(target.long().clamp(0, c - 1), c).to(x.dtype)
+    onehot = onehot.reshape(*[s for i, s in enumerate(x.shape) if i != dim], c).movedim(-1, dim)
+    uniform = uniform_scores(x, dim)
+    if float(uniform.flatten()[0]) == 1.0 / c:
+        return onehot.clamp(1e-6, 1 - 1e-6)
+    if float(uniform.flatten()[0]) < 0:
+        return torch.where(onehot > 0, torch.zeros_like(onehot), torch.full_like(onehot, -30.0))
+    return onehot * 30.0
