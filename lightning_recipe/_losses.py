@@ -456,3 +456,42 @@ def ideal_prediction(call: Any) -> Any | None:
     if float(uniform.flatten()[0]) < 0:
         return torch.where(onehot > 0, torch.zeros_like(onehot), torch.full_like(onehot, -30.0))
     return onehot * 30.0
+
+
+def prediction_view(call: Any) -> tuple[str, Tensor, Tensor] | None:
+    """Per-example predictions of any loss call, for following them over training:
+    ``("classification", probabilities (N, C), integer targets (N,))`` for integer class targets
+    (the scores read as probabilities, log-probabilities or logits, as they look), or
+    ``("regression", predictions (N,), targets (N,))`` for a float target that lines up with
+    the prediction (a trailing dimension of quantiles or samples averaged; a distribution's
+    mean). ``None`` when neither fits."""
+    x = call.input.detach()
+    target = call.target if isinstance(call.target, Tensor) else None
+    if target is None:
+        return None
+    if not target.is_floating_point() and target.dtype is not torch.bool:
+        dim = _class_dim(x, target)
+        if dim is None:
+            return None
+        rows = _rows(x.float(), dim)
+        uniform = uniform_scores(x, dim)
+        first = float(uniform.flatten()[0]) if uniform.numel() else 0.0
+        c = x.shape[dim]
+        if first == 1.0 / c:
+            probs = rows
+        elif first < 0:
+            probs = rows.exp()
+        else:
+            probs = rows.softmax(dim=1)
+        return "classification", probs, target.detach().reshape(-1).long()
+    if _mean_target(x, target) is None:
+        return None
+    t = target.detach().float()
+    pred = x.float()
+    if t.dim() == pred.dim() - 1 and pred.shape[:-1] == t.shape:
+        pred = pred.mean(dim=-1)
+    try:
+        pred, t = torch.broadcast_tensors(pred, t)
+    except RuntimeError:
+        return None
+    return "regression", pred.reshape(-1), t.reshape(-1)

@@ -491,6 +491,18 @@ def _localize_sync_batchnorm(model: nn.Module) -> None:
             m.__class__ = _LocalBatchNorm
 
 
+def _detach_non_leaf_state(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Put detached copies of the tensors that modules keep as plain attributes and that are not
+    graph leaves (a torchmetrics ``Metric`` used as a loss keeps its accumulated state with the
+    step's graph) into the deepcopy ``memo``: ``deepcopy`` refuses non-leaf tensors."""
+    for m in module.modules():
+        for value in vars(m).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                if isinstance(t, Tensor) and t.grad_fn is not None and id(t) not in memo:
+                    memo[id(t)] = t.detach().clone()
+
+
 def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     """A deep copy of a (Lightning)Module that is safe to run the user's steps on.
 
@@ -509,6 +521,7 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
             memo[id(value)] = value
     if trainer is not None:
         memo[id(trainer)] = trainer
+    _detach_non_leaf_state(module, memo)
     try:
         with preserved_rng():
             clone = copy.deepcopy(module, memo)

@@ -304,6 +304,8 @@ class _Run:
         self.left_out: list[tuple[str, tuple[int, ...]]] = []
         self.evaluations = 0
         self.call_index: int | None = None
+        #: the position of the loss among the module / distribution loss calls, when it is one
+        self.module_index: int | None = None
         self.loss_name = "training_step"
         self.f0 = 0.0
         self._order: dict[str, int] = {}
@@ -318,6 +320,8 @@ class _Run:
         if self.call_index is not None and self.call_index < len(result.calls):
             out = result.calls[self.call_index].output
             return out if out.dim() == 0 else out.mean()
+        if self.module_index is not None and self.module_index < len(result.module_calls):
+            return result.module_calls[self.module_index].output.reshape(())
         return result.data_loss
 
     def f(self, batch: Any) -> float:
@@ -359,7 +363,8 @@ class _Run:
         self.evaluations += 1
         main = result.main_call
         if main is not None:
-            self.call_index = next(i for i, c in enumerate(result.calls) if c is main)
+            self.call_index = next((i for i, c in enumerate(result.calls) if c is main), None)
+            self.module_index = next((i for i, c in enumerate(result.module_calls) if c is main), None)
             self.loss_name = main.name
         loss = result.data_loss
         if loss is None:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import tensorboard
+from lightning_recipe import _losses, tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
     EvalStep,
@@ -428,7 +428,7 @@ def read_predictions(call: LossCall, max_rows: int) -> tuple[str, Tensor] | None
         return _regression(call, max_rows)
     view = class_scores(call)
     if view is None:
-        return None
+        return _any_loss(call, max_rows)
     scores = view.scores.float()
     target = view.target
     if target is None and isinstance(call.target, Tensor) and call.target.shape == call.input.shape:
@@ -445,6 +445,30 @@ def read_predictions(call: LossCall, max_rows: int) -> tuple[str, Tensor] | None
     pred = probs.argmax(dim=1)
     p_true = probs.gather(1, target[:, None]).squeeze(1)
     return "classification", torch.stack([p_true, (pred != target).float(), pred.float()])
+
+
+def _any_loss(call: Any, max_rows: int) -> tuple[str, Tensor] | None:
+    """Per-example predictions of any other loss (a custom module, a metric, a distribution's
+    likelihood) read by ``_losses.prediction_view``."""
+    view = _losses.prediction_view(call)
+    if view is None:
+        return None
+    kind, pred, target = view
+    if kind == "regression":
+        scale = target.std() if target.numel() > 1 else target.abs().mean()
+        scale = torch.where(torch.isfinite(scale) & (scale > 1e-8), scale, torch.ones_like(scale))
+        rows = _rows(pred.numel(), max_rows, pred.device)
+        error = (pred[rows] - target[rows]).abs() / scale
+        return "regression", torch.nan_to_num(error, nan=1e6, posinf=1e6).unsqueeze(0)
+    keep = (target >= 0) & (target < pred.shape[1])
+    probs, target = pred[keep], target[keep]
+    if target.numel() == 0:
+        return None
+    rows = _rows(target.numel(), max_rows, probs.device)
+    probs, target = probs[rows], target[rows]
+    guess = probs.argmax(dim=1)
+    p_true = probs.gather(1, target[:, None]).squeeze(1)
+    return "classification", torch.stack([p_true, (guess != target).float(), guess.float()])
 
 
 def _binary(call: LossCall, max_rows: int) -> tuple[str, Tensor] | None:

@@ -37,16 +37,16 @@ class ForwardProbe:
         """One step of a copy of ``module`` on ``batch``; a BatchNorm's input is matched with the
         layer that produced it by tensor identity, the loss input with its layer by storage."""
         clone = copy_module(module, trainer)
-        names = {m: n for n, m in clone.named_modules()}
+        names = {id(m): n for n, m in clone.named_modules()}
         produced: dict[int, tuple[str, nn.Module, Tensor]] = {}  # id(output) -> producer
         by_storage: dict[int, tuple[str, nn.Module]] = {}
         probe = cls()
 
         def after(m: nn.Module, args: Any, out: Any) -> None:
             if isinstance(out, Tensor):
-                produced.setdefault(id(out), (names[m], m, out))
+                produced.setdefault(id(out), (names[id(m)], m, out))
                 if any(True for _ in m.parameters(recurse=False)):
-                    by_storage.setdefault(_storage_ptr(out), (names[m], m))
+                    by_storage.setdefault(_storage_ptr(out), (names[id(m)], m))
 
         def before(m: nn.Module, args: Any) -> None:
             x = args[0] if args else None
@@ -55,7 +55,7 @@ class ForwardProbe:
                 name, src = hit[0], hit[1]
                 # a frozen (pretrained) layer is not the user's to change
                 if isinstance(src, LAYERS_WITH_BIAS) and src.bias is not None and src.bias.requires_grad:
-                    pair = (name, names[m])
+                    pair = (name, names[id(m)])
                     if pair not in probe.bias_before_norm:
                         probe.bias_before_norm.append(pair)
 

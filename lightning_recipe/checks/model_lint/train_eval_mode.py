@@ -60,7 +60,7 @@ def _eval_in_training(module: nn.Module) -> list[str]:
     for m in module.modules():
         for child in m.children():
             parent.setdefault(child, m)
-    names = {m: n for n, m in module.named_modules()}
+    names = {id(m): n for n, m in module.named_modules()}
     found = []
     for m in module.modules():
         if m.training or not mode_matters(m):
@@ -71,7 +71,7 @@ def _eval_in_training(module: nn.Module) -> list[str]:
         if root is m:
             continue  # put in eval on its own, on purpose (frozen BN statistics)
         if any(p.requires_grad for p in root.parameters()):
-            found.append(names[m] or "(root)")
+            found.append(names[id(m)] or "(root)")
     return found
 
 
