@@ -299,12 +299,16 @@ class GraphConv(nn.Module):
 class GraphNet(L.LightningModule):
     """Two graph convolutions, a mean pool per graph (the assignment vector) and a linear head."""
 
-    def __init__(self, lr: float = 1e-2, hidden: int = 32, classes: int = 3, mix_graphs: bool = False) -> None:
+    def __init__(
+        self, lr: float = 1e-2, hidden: int = 32, classes: int = 3, mix_graphs: bool = False, head_scale: float = 1.0
+    ) -> None:
         super().__init__()
         self.lr, self.mix_graphs = lr, mix_graphs
         self.conv1 = GraphConv(6, hidden)
         self.conv2 = GraphConv(hidden, hidden)
         self.head = nn.Linear(hidden, classes)
+        with torch.no_grad():
+            self.head.weight.mul_(head_scale)
         self.criterion = LabelSmoothedNLL()
 
     def forward(self, data: GraphBatch) -> Tensor:

@@ -102,7 +102,7 @@ class BatchIndependenceCheck(FirstBatchCheck):
         x = self.adapter.input(batch)
         if x.dim() == 0:
             raise ProbeSkip("the batch input is a 0-d tensor, it has no batch dimension")
-        n = int(x.shape[0])
+        n = self.adapter.batch_size(batch)  # graphs, for a batch of concatenated graphs
         if n < 2:
             raise ProbeSkip(f"the first batch has {n} sample; at least 2 are needed to see mixing")
         if not (x.is_floating_point() or _is_integer(x)):
@@ -116,7 +116,7 @@ class BatchIndependenceCheck(FirstBatchCheck):
 
     # ------------------------------------------------------------------ measuring
     def _chart(self, trainer: Any | None, module: nn.Module, batch: Any, x: Tensor) -> _Chart:
-        n = int(x.shape[0])
+        n = self.adapter.batch_size(batch)
         k = _probe_batch_size(n, self.max_batch, tuple(x.shape[1:]))
         sizes = [k] if k == n else [k, n]
         for attempt, size in enumerate(sizes):
@@ -139,6 +139,13 @@ class BatchIndependenceCheck(FirstBatchCheck):
 
     def _chart_on(self, model: nn.Module, batch: Any, k: int) -> _Chart:
         x = self.adapter.input(batch)
+        layout = self.adapter.graph(batch, x)
+        groups = layout.assignment if layout is not None else None
+        if groups is not None and not x.is_floating_point():
+            raise ProbeSkip(
+                f"the batch concatenates {k} graphs and their node input is {x.dtype}, not float, so "
+                "there is no per-graph input to take a gradient at"
+            )
         if x.is_floating_point():
             leaf = x.detach().clone().requires_grad_(True)
             batch = self.adapter.with_input(batch, leaf)
@@ -169,9 +176,13 @@ class BatchIndependenceCheck(FirstBatchCheck):
                 "(a batch such as (sample_weight, x, y)), pass get_input=lambda batch: ..."
             )
         assert leaf is not None
-        return _Chart(k, at, f"{source} {tuple(out.shape)}", *self._probe(out, leaf, k))
+        if groups is not None:
+            at += f" (nodes of {k} graphs, by the assignment vector)"
+        return _Chart(k, at, f"{source} {tuple(out.shape)}", *self._probe(out, leaf, k, groups))
 
-    def _probe(self, out: Tensor, leaf: Tensor, k: int) -> tuple[list[int], list[list[float]], list[int]]:
+    def _probe(
+        self, out: Tensor, leaf: Tensor, k: int, groups: Tensor | None = None
+    ) -> tuple[list[int], list[list[float]], list[int]]:
         gen = torch.Generator().manual_seed(0)
         weights = torch.randn(tuple(out.shape[1:]), generator=gen, dtype=torch.float64)
         weights = weights.to(device=out.device, dtype=out.dtype)
@@ -187,7 +198,12 @@ class BatchIndependenceCheck(FirstBatchCheck):
             if grad is None:
                 dead.append(i)
                 continue
-            mags = grad.detach().reshape(k, -1).abs().amax(dim=1).double()
+            if groups is None:
+                mags = grad.detach().reshape(k, -1).abs().amax(dim=1).double()
+            else:  # rows are nodes: the largest gradient over each graph's nodes
+                per_row = grad.detach().reshape(grad.shape[0], -1).abs().amax(dim=1).double()
+                mags = torch.zeros(k, dtype=per_row.dtype, device=per_row.device)
+                mags = mags.scatter_reduce(0, groups.to(per_row.device), per_row, "amax")
             top = float(mags.max())
             if top == 0.0 or not torch.isfinite(mags).all():
                 dead.append(i)

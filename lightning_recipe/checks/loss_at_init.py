@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_recipe import _losses
 from lightning_recipe._probe import (
+    CHANCE,
     CLASS_LOSSES,
     REGRESSION_LOSSES,
     ClassScores,
@@ -17,6 +19,7 @@ from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
     chance_input,
+    know_nothing_loss,
     class_scores,
     copy_module,
     is_manual_optimization,
@@ -179,6 +182,8 @@ class LossAtInitCheck(FirstBatchCheck):
             self._judge_classification(trainer, loss, samples)
         elif kind == "regression":
             self._judge_regression(trainer, loss, samples)
+        elif kind == "reference":
+            self._judge_reference(trainer, loss, samples)
         else:
             self.figures["note"] = f"no chance loss is defined for {first.get('loss_fn')}"
 
@@ -282,6 +287,54 @@ class LossAtInitCheck(FirstBatchCheck):
                 evidence,
             )
 
+    def _judge_reference(self, trainer: Any | None, loss: float, samples: list[dict[str, Any]]) -> None:
+        """Any other loss against the user's own loss of a constant prediction: a warning only for
+        integer class targets whose uniform prediction is the reference and whose label-free loss
+        is too far above it (as for cross-entropy); info otherwise."""
+        s = samples[0]
+        ref = _mean(x["reference"] for x in samples)
+        kind = s["reference_kind"]
+        ratio = loss / ref if ref > 0 else float("nan")
+        label_free = None
+        if all("label_free_ratio" in x for x in samples):
+            label_free = _mean(x["label_free_ratio"] for x in samples)
+        self.figures.update({"reference": ref, "reference_kind": kind, "ratio_to_reference": ratio})
+        what = {
+            CHANCE: "a uniform prediction over the classes",
+            _losses.MEAN_PREDICTOR: "always predicting the target mean",
+            _losses.CONSTANT: "the batch-mean prediction for every sample (the output layer reduced to its bias)",
+        }.get(kind, kind)
+        evidence = {
+            "loss": loss,
+            "reference": ref,
+            "reference_kind": kind,
+            "ratio": ratio,
+            "loss_fn": s["loss_fn"],
+            "label_free_ratio": label_free,
+            "tolerance": self.tolerance,
+        }
+        if kind == CHANCE and label_free is not None and label_free - 1 > self.tolerance and ratio > 1 + self.tolerance:
+            self.report(
+                trainer,
+                "loss-at-init",
+                Severity.WARNING,
+                f"The loss at init is {loss:.4g}, {ratio:.2f}x the loss of {what} through your own "
+                f"{s['loss_fn']} ({ref:.4g}), and {label_free:.2f}x averaged over every possible label: "
+                "the untouched model is confidently wrong; scale down the final layer's init (or start "
+                "its bias at the class priors) and check the input scale.",
+                evidence,
+            )
+            return
+        if math.isfinite(ratio):
+            verdict = "far above it: start the final layer small" if ratio > 1 + self.tolerance else "a sensible init"
+            msg = (
+                f"The loss at init is {loss:.4g}; {what} would give {ref:.4g} through your own "
+                f"{s['loss_fn']} ({kind}, ratio {ratio:.2f}: {verdict})."
+            )
+        else:
+            msg = f"The loss at init is {loss:.4g}; {what} would give {ref:.4g} through your own {s['loss_fn']} ({kind})."
+        self.report(trainer, "loss-at-init", Severity.INFO, msg, evidence)
+
     def _judge_regression(self, trainer: Any | None, loss: float, samples: list[dict[str, Any]]) -> None:
         base = _mean(x["mean_loss"] for x in samples)
         mean = samples[0]["target_mean"]
@@ -383,8 +436,28 @@ def _judge_call(call: LossCall) -> dict[str, Any]:
             out["target_mean"] = float(mean)
             out["mean_loss"] = _scalar(call.recompute(mean.expand_as(call.input.detach())))
         else:
-            out["kind"] = "other"
+            _judge_any(call, out)
     return out
+
+
+def _judge_any(call: Any, out: dict[str, Any]) -> None:
+    """Any other loss (a custom module, a metric, a distribution's likelihood): the user's own loss
+    with the prediction replaced by a constant (``_losses``) is the reference; for integer class
+    targets also the label-free ratio (the loss averaged over every possible label)."""
+    ref = know_nothing_loss(call)
+    if ref is None:
+        out["kind"] = "other"
+        return
+    out["kind"] = "reference"
+    out["reference"], out["reference_kind"] = _scalar(ref[0]), ref[1]
+    if ref[1] == CHANCE:
+        dim = _losses._class_dim(call.input.detach(), call.target)
+        if dim is not None:
+            out["num_classes"] = int(call.input.shape[dim])
+            ratio = _losses.label_free_ratio(call, _losses.uniform_scores(call.input.detach(), dim))
+            if ratio is not None:
+                out["label_free_ratio"] = ratio
+                out["targets"] = int(call.target.numel())
 
 
 def _label_free(call: LossCall, view: ClassScores | None) -> tuple[float, int] | None:

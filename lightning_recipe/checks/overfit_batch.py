@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe import _context, tensorboard
+from lightning_recipe import _context, _losses, tensorboard
 from lightning_recipe._probe import (
     CHANCE,
     CLASS_LOSSES,
+    LOSS_FUNCTIONS,
     REGRESSION_LOSSES,
     LossCall,
     ProbeSkip,
@@ -457,6 +458,8 @@ def _scale(call: LossCall | None, loss: Tensor) -> _Scale:
     """Floor and reference of the loss in ``call`` (the first-loss reference otherwise)."""
     if call is None:
         return _Scale(judged=False)
+    if not isinstance(call, LossCall) or call.name not in LOSS_FUNCTIONS:
+        return _any_scale(call)
     scale = _Scale(loss_fn=call.name, judged=call.name in _ZERO_FLOOR)
     scale.probabilities = looks_like_probabilities(call) is not None
     with torch.no_grad():
@@ -466,6 +469,30 @@ def _scale(call: LossCall | None, loss: Tensor) -> _Scale:
         ref = know_nothing_loss(call)
         if ref is not None and (ref[1] == CHANCE or _scalar(ref[0]) > 0):
             scale.reference, scale.reference_kind = _scalar(ref[0]), ref[1]
+    return scale
+
+
+def _any_scale(call: Any) -> _Scale:
+    """Any other loss (a custom module, a metric, a distribution's likelihood): the floor is the
+    user's own loss of the ideal prediction (the target itself, or confident one-hot scores;
+    ``_losses.ideal_prediction``), the reference its loss of a constant prediction; judged only
+    when both exist and the floor is below the reference (a likelihood has no floor)."""
+    scale = _Scale(loss_fn=call.name, judged=False)
+    with torch.no_grad():
+        ref = know_nothing_loss(call)
+        if ref is not None:
+            scale.reference, scale.reference_kind = _scalar(ref[0]), ref[1]
+        ideal = _losses.ideal_prediction(call)
+        if ideal is None or ref is None:
+            return scale
+        try:
+            floor = _scalar(call.recompute(ideal))
+        except Exception:
+            return scale
+    if math.isfinite(floor) and floor < scale.reference:
+        scale.floor = floor
+        scale.floor_kind = "the loss of a perfect prediction" if abs(floor) > 1e-6 else ""
+        scale.judged = True
     return scale
 
 
