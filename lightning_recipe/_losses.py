@@ -380,9 +380,10 @@ def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
     return out
 
 
-def know_nothing_loss(call: Any) -> tuple[Tensor, str] | None:
+def know_nothing_loss(call: Any, prefer: str | None = None) -> tuple[Tensor, str] | None:
     """The lowest finite loss among :func:`know_nothing_candidates` through the same loss call,
-    and its kind; ``None`` when there is none."""
+    and its kind (the candidate of kind ``prefer`` when there is one); ``None`` when there is
+    none."""
     best: tuple[Tensor, str] | None = None
     with torch.no_grad():
         for pred, kind in know_nothing_candidates(call):
@@ -396,6 +397,8 @@ def know_nothing_loss(call: Any) -> tuple[Tensor, str] | None:
             value = value if value.dim() == 0 else value.mean()
             if not bool(torch.isfinite(value)):
                 continue
+            if kind == prefer:
+                return value, kind
             if best is None or float(value) < float(best[0]):
                 best = (value, kind)
     return best

@@ -19,7 +19,6 @@ from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
     chance_input,
-    know_nothing_loss,
     class_scores,
     copy_module,
     is_manual_optimization,
@@ -444,7 +443,7 @@ def _judge_any(call: Any, out: dict[str, Any]) -> None:
     """Any other loss (a custom module, a metric, a distribution's likelihood): the user's own loss
     with the prediction replaced by a constant (``_losses``) is the reference; for integer class
     targets also the label-free ratio (the loss averaged over every possible label)."""
-    ref = know_nothing_loss(call)
+    ref = _losses.know_nothing_loss(call, prefer=CHANCE)
     if ref is None:
         out["kind"] = "other"
         return

@@ -1,0 +1,194 @@
+"""One reading of input, target, prediction and loss for third-party patterns (see
+``reader_models``): batches through any container, graph batches counted by graph, losses that
+are custom modules, torchmetrics metrics, distribution likelihoods or computed inside
+``forward``, and a know-nothing reference for any loss."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+import lightning_recipe as lr
+from hard_models import fit_suite
+from lightning_recipe import _losses
+from lightning_recipe._probe import CHANCE, MEAN_PREDICTOR, know_nothing_loss, run_step
+from lightning_recipe.batch import BatchAdapter, leaf_paths
+from reader_models import (
+    Forecaster,
+    GaussianNLL,
+    GraphBatch,
+    GraphNet,
+    HFStyle,
+    forecast_loaders,
+    graph_loaders,
+    regression_loaders,
+    token_loaders,
+)
+
+CHECK_FIGURES = {
+    "DataInspectionCheck": "input_dtype",
+    "LossAtInitCheck": "loss",
+    "BatchIndependenceCheck": "max_leak",
+    "GradientCheck": "max_relative_error",
+    "OverfitBatchCheck": "best_loss",
+}
+
+PATTERNS = {
+    "forecasting": (Forecaster, forecast_loaders),
+    "graph": (GraphNet, graph_loaders),
+    "hf": (HFStyle, token_loaders),
+    "distribution": (GaussianNLL, regression_loaders),
+}
+
+
+def first(loaders):
+    return next(iter(loaders()[1]))
+
+
+# ---------------------------------------------------------------------------- batches
+def test_forecasting_batch_is_read_without_key_names():
+    batch = first(forecast_loaders)
+    a = BatchAdapter()
+    assert a.locate_input(batch) == (0, "encoder_cont")
+    assert a.locate_target(batch) == (1, 0)
+    assert a.target(batch) is batch[1][0]
+    assert a.batch_size(batch) == 16
+    cut = a.slice(batch, 3)
+    assert type(cut) is tuple and type(cut[0]) is dict and cut[1][1] is None
+    assert all(v.shape[0] == 3 for v in cut[0].values())
+    zero = a.zero_inputs(batch)
+    assert float(zero[0]["encoder_cont"].abs().sum()) == 0
+    assert zero[0]["encoder_cat"] is batch[0]["encoder_cat"]  # integer codes are not touched
+
+
+def test_graph_batch_counts_and_slices_whole_graphs():
+    batch = first(graph_loaders)
+    a = BatchAdapter()
+    assert a.input(batch) is batch.x and a.target(batch) is batch.y
+    assert a.batch_size(batch) == batch.num_graphs == 16
+    layout = a.graph(batch)
+    assert layout is not None and layout.num_nodes == batch.x.shape[0]
+    cut = a.slice(batch, 3)
+    assert isinstance(cut, GraphBatch) and cut.num_graphs == 3
+    nodes = int((batch.batch < 3).sum())
+    assert cut.x.shape[0] == nodes and torch.equal(cut.batch, batch.batch[:nodes])
+    assert int(cut.edge_index.max()) < nodes
+    assert cut.edge_index.shape[1] == int((batch.edge_index < nodes).all(0).sum())
+    assert batch.x.shape[0] > nodes  # the original is untouched
+    leaf = batch.x.clone()
+    assert a.with_input(batch, leaf).x is leaf and batch.x is not leaf
+
+
+def test_a_sorted_label_vector_is_not_an_assignment_vector():
+    x, y = torch.randn(8, 3), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    assert BatchAdapter().graph((x, y)) is None
+    assert BatchAdapter().graph({"x": x, "group": y}) is None  # no edge index, not named like one
+    assert BatchAdapter().batch_size({"x": x, "batch": y}) == 3  # named like one
+
+
+def test_objects_holding_tensors_are_walked_and_rebuilt():
+    class Holder:
+        def __init__(self, a, b):
+            self.features, self.label, self.note = a, b, "x"
+
+    x, y = torch.randn(4, 2), torch.arange(4)
+    h = Holder(x, y)
+    assert [p for p, _ in leaf_paths(h)] == [("features",), ("label",)]
+    out = lr.batch.map_tensors(h, lambda t: t * 0)
+    assert type(out) is Holder and out.note == "x" and float(out.features.abs().sum()) == 0
+    assert h.features is x
+    assert BatchAdapter().input({"pixels": x, "digit": y}) is x  # no known key: the float tensor
+
+
+# ---------------------------------------------------------------------------- losses
+def test_a_torchmetrics_metric_used_as_a_loss_is_the_main_call():
+    model = Forecaster()
+    batch = next(iter(forecast_loaders()[0]))
+    result = run_step(model, batch)
+    call = result.main_call
+    assert call is not None and call.name == "QuantileLoss" and call.kind == "module"
+    assert call.input.shape == (16, 4, 3) and call.target is batch[1][0]
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach(), rtol=1e-5)
+    ref = know_nothing_loss(call)
+    assert ref is not None and ref[1] in (MEAN_PREDICTOR, _losses.CONSTANT)
+
+
+def test_a_custom_classification_loss_gets_a_chance_reference_and_label_free_ratio():
+    torch.manual_seed(0)
+    model = GraphNet()
+    batch = first(graph_loaders)
+    with torch.no_grad():
+        call = run_step(model, batch).main_call
+    assert call.name == "LabelSmoothedNLL"
+    ref = _losses.know_nothing_loss(call, prefer=CHANCE)
+    assert ref[1] == CHANCE and abs(float(ref[0]) - torch.log(torch.tensor(3.0))) < 1e-4
+    assert float(know_nothing_loss(call)[0]) <= float(ref[0])  # the lowest reference otherwise
+    ratio = _losses.label_free_ratio(call, _losses.uniform_scores(call.input, 1))
+    assert 0.99 < ratio < 1.1
+
+
+def test_a_distribution_likelihood_is_a_loss_call():
+    model = GaussianNLL()
+    batch = first(regression_loaders)
+    result = run_step(model, batch)
+    call = result.main_call
+    assert call.name == "Normal.log_prob" and call.kind == "distribution"
+    assert call.reduce == "mean" and call.sign == -1.0
+    assert torch.allclose(call.output, result.loss)
+    ref = know_nothing_loss(call)
+    y = batch[1]
+    expected = 0.5 * torch.log(2 * torch.pi * y.var()) + 0.5  # N(mean, std) of the targets
+    assert ref[1] == MEAN_PREDICTOR and abs(float(ref[0]) - float(expected)) < 0.05
+
+
+def test_loss_computed_inside_forward_hf_style():
+    batch = first(token_loaders)
+    result = run_step(HFStyle(), batch)
+    assert result.main_call.name == "cross_entropy"
+    assert result.main_call.target is not None
+
+
+def test_a_plain_model_is_read_as_before():
+    from models import Classifier, blobs, mlp
+
+    x, y = blobs()
+    result = run_step(Classifier(mlp()), (x[:16], y[:16]))
+    assert result.main_call.name == "cross_entropy" and result.module_calls == []
+
+
+# ---------------------------------------------------------------------------- the full suite
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, pattern):
+    L.seed_everything(0, verbose=False)
+    make, loaders = PATTERNS[pattern]
+    run = fit_suite(tmp_path, make(), *loaders())
+    assert run.internal_errors() == []
+    assert run.loud() == []
+    skipped = {f.source for f in run.findings if f.code == "check-skipped"}
+    assert skipped <= {"FirstLayerFilterMonitor"}, [f.message for f in run.findings if f.code == "check-skipped"]
+    for check, figure in CHECK_FIGURES.items():
+        assert figure in run.by_name(check).figures, (check, run.by_name(check).figures)
+    assert "gap" in run.by_name("InputIndependentBaseline").figures
+    if pattern != "hf":
+        loss_at_init = run.by_name("LossAtInitCheck").figures
+        assert "reference" in loss_at_init or "mean_predictor_loss" in loss_at_init
+
+
+@pytest.mark.parametrize(
+    "pattern, kwargs, code",
+    [
+        ("graph", {"mix_graphs": True}, "batch-mixing"),
+        ("graph", {"head_scale": 30.0}, "loss-at-init"),
+        ("forecasting", {"detach": True}, "params-not-updating"),
+        ("distribution", {"lr": 1e-7}, "update-ratio-low"),
+        ("hf", {"softmax_twice": True}, "softmax-before-loss"),
+    ],
+)
+def test_planted_bugs_are_still_caught(tmp_path, pattern, kwargs, code):
+    L.seed_everything(0, verbose=False)
+    make, loaders = PATTERNS[pattern]
+    run = fit_suite(tmp_path, make(**kwargs), *loaders())
+    assert run.internal_errors() == []
+    assert code in {c for _, c in run.codes("warning", "error")}, run.loud()
