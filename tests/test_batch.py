@@ -45,9 +45,14 @@ def test_bare_tensor_has_no_target():
     assert a.input(X) is X and a.target(X) is None
 
 
-def test_dict_without_known_keys_names_the_arguments():
+def test_dict_without_known_keys_is_read_by_structure():
+    assert BatchAdapter().input({"pixels": X, "digit": Y}) is X  # the float tensor
+    assert BatchAdapter().input({"digit": Y, "ids": X.long()}) is Y  # no float: the first integer one
+
+
+def test_batch_without_tensors_names_the_arguments():
     with pytest.raises(BatchLayoutError, match="get_input"):
-        BatchAdapter().input({"pixels": X, "digit": Y})
+        BatchAdapter().input({"text": ["a", "b"], "n": 2})
 
 
 def test_getters_override_the_guess_and_are_validated():

@@ -16,7 +16,6 @@ from lightning_recipe import _context, _losses, tensorboard
 from lightning_recipe._probe import (
     CHANCE,
     CLASS_LOSSES,
-    LOSS_FUNCTIONS,
     REGRESSION_LOSSES,
     LossCall,
     ProbeSkip,
@@ -458,7 +457,7 @@ def _scale(call: LossCall | None, loss: Tensor) -> _Scale:
     """Floor and reference of the loss in ``call`` (the first-loss reference otherwise)."""
     if call is None:
         return _Scale(judged=False)
-    if not isinstance(call, LossCall) or call.name not in LOSS_FUNCTIONS:
+    if not isinstance(call, LossCall):
         return _any_scale(call)
     scale = _Scale(loss_fn=call.name, judged=call.name in _ZERO_FLOOR)
     scale.probabilities = looks_like_probabilities(call) is not None
