@@ -64,10 +64,6 @@ def _anchors(markdown: str) -> set[str]:
     return out
 
 
-# TODO: lead pastes the short docstrings after the package split
-_NOT_YET_SHORT = ("CheckpointEnsemble",)
-
-
 def test_callback_docstrings_are_short_and_link_their_thresholds():
     import inspect
     import re
@@ -76,8 +72,6 @@ def test_callback_docstrings_are_short_and_link_their_thresholds():
 
     anchors = _anchors((ROOT / "docs" / "thresholds.md").read_text())
     for _, cls in SUITE:
-        if cls.__name__ in _NOT_YET_SHORT:
-            continue
         doc = inspect.getdoc(cls) or ""
         lines = doc.splitlines()
         assert len(lines) <= 45, f"{cls.__name__}: {len(lines)} docstring lines (at most 45)"

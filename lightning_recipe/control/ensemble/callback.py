@@ -61,111 +61,36 @@ EVALUATE = ("validation", "fit_end")
 class CheckpointEnsemble(RecipeCallback):
     """Two cheap ensembles from a single run, evaluated against the model you are training.
 
-    cs231n (Model Ensembles) lists two ways to get ensemble gains without training several
-    models: "different checkpoints of a single model" (cheap, less diverse) and a "running
-    average of parameters during training", which "almost always" gives a better validation
-    result. This callback does both and *measures* them instead of assuming it:
+    cs231n (Model Ensembles): "different checkpoints of a single model" and a "running average of
+    parameters during training" give ensemble gains without training several models; this callback
+    measures both instead of assuming them: ``num_snapshots`` weight snapshots whose predictions it
+    averages, and an EMA of the weights (``torch.optim.swa_utils``, BatchNorm statistics recomputed
+    from the first ``bn_batches`` training batches). It evaluates the current model, the snapshot
+    ensemble and the averaged weights on the whole validation set with your own
+    ``validation_step`` and loss, logs ``recipe/ensemble/<which>/loss`` and ``.../accuracy``, and
+    hands back :meth:`ensemble`, :meth:`averaged_model` and the averaged checkpoint. Unlike
+    Lightning's ``WeightAveraging`` it never touches your model, optimizer or RNG.
 
-    * **Snapshots**: after each validation run it keeps a snapshot of the weights -- the last
-      ``num_snapshots`` validation runs (``selection="last"``) or the ``num_snapshots`` best by
-      this callback's own measured validation loss/accuracy (``selection="top"``, ``rank_by``).
-      The snapshot ensemble averages the members' *predictions*: probabilities for classifiers
-      (softmax for ``cross_entropy``, exp for ``nll_loss``, sigmoid for
-      ``binary_cross_entropy_with_logits``; averaged in log space so a confident member cannot
-      underflow), outputs for regression. The current model is always a member, so the ensemble
-      evaluated at a validation run is exactly the one :meth:`ensemble` returns after it.
-      ``"top"`` picks its members on the validation data it is scored on, so its number is
-      optimistic.
-    * **Averaged weights**: an exponential (Polyak) average of the parameters after every
-      optimizer step, kept with ``torch.optim.swa_utils.AveragedModel`` and
-      ``get_ema_multi_avg_fn`` (decay ``ema_decay``, warmed up as
-      ``min(ema_decay, (1 + n) / (10 + n))`` after ``n`` updates, TensorFlow's
-      ``ExponentialMovingAverage(num_updates=...)`` rule, so a short run is not dominated by the
-      initial weights). BatchNorm statistics do not average: before each evaluation they are
-      recomputed for the averaged weights like ``swa_utils.update_bn`` (it is called on a wrapper
-      that runs your own ``training_step``), from the first ``bn_batches`` *training* batches of
-      the fit, stashed as the trainer handed them over. Why training batches, not the validation
-      loop: statistics taken from the very inputs being scored leak the evaluation data into the
-      model (test-time adaptation) and flatter the averaged model; the stash costs
-      ``bn_batches`` batches of device memory and nothing per step, and never touches your
-      dataloader. Under DDP the recomputed statistics are averaged over the ranks (one
-      all-reduce). ``bn_batches=0`` averages the BN buffers instead, like Lightning's
-      ``WeightAveraging`` default.
-    * **Evaluation** (``evaluate="validation"``, default): it rides along the validation loop the
-      trainer runs anyway. At validation start it copies the current model and every ensemble
-      member (``_probe.copy_module``: ``log`` silenced, loggers hidden); in
-      ``on_validation_batch_end`` each copy and the averaged model run your ``validation_step``
-      (your ``training_step`` if the validation step calls no loss function; ``step_fn`` if
-      given) on the same batch in eval mode, under ``no_grad`` and with every RNG restored; the
-      loss your step computes is captured and recomputed on the averaged predictions with your own
-      loss call (same weights, ``ignore_index``, label smoothing...). Sums and counts stay on the
-      device; at epoch end one ``trainer.strategy.reduce(..., "sum")`` (every rank, always) makes
-      them cover the whole validation set. The copies are freed at the end of the validation run.
-      ``evaluate="fit_end"`` only snapshots during training and makes one pass over the
-      validation dataloader at the end of training (inside ``preserved_rng()``).
-    * **Logged**: ``recipe/ensemble/{single,snapshot_ensemble,averaged}/{loss,accuracy}`` at every
-      evaluation, with "single vs ensemble vs averaged" charts in the Recipe custom-scalars
-      layout; the key figures (``figures``) and, at the end of training, an ``ensemble-evaluated``
-      info finding with the measured numbers and which one wins by how much.
-    * **Handed to you**: :meth:`ensemble` (an instance of your LightningModule class whose
-      ``forward`` averages the snapshots' predictions, usable with ``trainer.validate``),
-      :meth:`averaged_model` (your class with the averaged weights and recomputed BN statistics),
-      and the averaged weights as a normal Lightning checkpoint at ``averaged_path`` (default
-      ``<log_dir>/recipe_averaged.ckpt``), loadable with ``YourModule.load_from_checkpoint``.
+    Reports ``ensemble-evaluated`` (info, at the end of training): the measured numbers and which
+    one wins by how much.
 
-    How it differs from Lightning's ``WeightAveraging`` / ``EMAWeightAveraging``: those *replace*
-    your model's weights by the average (during validation and at the end of training). This
-    callback never touches your model, optimizer or RNG -- the run is bit-identical with and
-    without it -- it evaluates the model, the snapshot ensemble and the averaged weights side by
-    side and hands you each.
-
-    Cost (measured on this machine's CPU): one EMA update per optimizer step, a fused ``lerp``
-    over the parameters on the model's device -- 0.44 ms against a 12.8 ms training step for the
-    digits CNN (3.5%), 4.6 ms against 230 ms for a wide MLP (2.0%). Per evaluation: one deep copy
-    per member, the BN recompute (``bn_batches`` forward passes) and ``num_snapshots + 1`` extra
-    forward passes per validation batch (``num_snapshots + 2`` with ``selection="top"``): with
-    the defaults the digits demo's validation runs took 2.0 s instead of 0.35 s over 8 epochs
-    (the whole fit +20-35%, as its validation set is a fifth of the data). ``evaluate="fit_end"``
-    pays that once.
-
-    What it measured: on a noisy plateau (MLP, SGD at a high constant learning rate, the late
-    epochs bouncing; ``tests/test_ensemble.py``) single 0.590, snapshot ensemble 0.569 (-3.5%),
-    averaged weights 0.569 (-3.6%); on the digits demo after 8 epochs (still improving fast)
-    single 0.0307, ensemble of the last 3 epochs 0.0355 (+15%), averaged 0.0300 (-2.4%).
-
-    Memory (bounded): the averaged model (one copy of the parameters and buffers, on the
-    model's device, ``ema_device`` to move it); ``num_snapshots`` snapshots in CPU RAM
-    (``storage="cpu"``) or as files under ``snapshot_dir`` (``storage="disk"``, default
-    ``<default_root_dir>/recipe_snapshots``); ``bn_batches`` training batches; during a
-    validation run only, ``num_snapshots`` (+1 with ``"top"``) model copies on the device. Under
-    DDP each rank keeps its own (weights are identical on every rank, so the snapshots are too).
-
-    Checkpoints (resume): the averaged weights always travel in the callback state (+1 model);
-    with ``storage="cpu"`` the snapshots do too (+``num_snapshots`` models), with ``"disk"`` only
-    their paths (files dropped from the ensemble are deleted, so a resume from an older
-    checkpoint may find some missing: they are left out with an info line). The end-of-training
-    verdict (``ensemble-evaluated``) of a checkpoint written after training ended is dropped on
-    resume: the resumed fit gives its own.
-
-    What is rank-local: nothing that is reported; the sums are reduced over all ranks, so the
-    numbers describe the full validation set; snapshots and the averaged weights are identical
-    on every rank (BN statistics averaged across ranks). Only rank zero logs and writes files
-    (and tells the others ``averaged_path``). The copies run outside the trainer's precision context, so
-    under mixed precision they evaluate in the weights' own dtype.
+    Thresholds: see docs/thresholds.md#checkpoint-ensemble.
 
     Args:
         num_snapshots: ensemble size K (>= 2).
         selection: ``"last"`` (the last K validation runs) or ``"top"`` (the best K by ``rank_by``,
-            measured by this callback; needs ``evaluate="validation"``).
+            measured on the data it is scored on, so optimistic; needs ``evaluate="validation"``).
         rank_by: ``"loss"`` or ``"accuracy"`` for ``selection="top"``.
-        storage: ``"cpu"`` or ``"disk"`` for the snapshots; ``snapshot_dir`` for the files.
-        ema_decay: EMA decay per update, in (0, 1); ``ema_warmup``: apply the warm-up rule above.
+        storage: ``"cpu"`` or ``"disk"`` for the snapshots; ``snapshot_dir`` for the files
+            (default ``<default_root_dir>/recipe_snapshots``).
+        ema_decay: EMA decay per update, in (0, 1); ``ema_warmup``: use ``min(ema_decay,
+            (1 + n) / (10 + n))`` after ``n`` updates.
         ema_every_n_steps: update the average every this many optimizer steps.
         ema_device: where the averaged model lives (default: the model's device).
         bn_batches: training batches stashed to recompute BatchNorm statistics (0: average buffers).
-        evaluate: ``"validation"`` or ``"fit_end"``.
-        averaged_path: where to save the averaged checkpoint; ``None`` for the default, ``False``
-            to not save it.
+        evaluate: ``"validation"`` (every validation run) or ``"fit_end"`` (one pass at the end).
+        averaged_path: where to save the averaged checkpoint; ``None`` for the default
+            (``<log_dir>/recipe_averaged.ckpt``), ``False`` to not save it.
         get_input, get_target: batch readers (used to forward stashed batches of manual-
             optimization models); step_fn: ``(model, batch) -> loss`` used instead of your steps.
         on_error: ``"warn"`` or ``"raise"``.
@@ -181,6 +106,9 @@ class CheckpointEnsemble(RecipeCallback):
     """
 
     codes = (VERDICT_CODE,)
+
+    #: place of this callback's charts in the Recipe section (lower first)
+    chart_rank = 60
 
     def __init__(
         self,
