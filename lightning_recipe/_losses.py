@@ -283,7 +283,7 @@ def _class_dim(x: Tensor, target: Tensor) -> int | None:
     if x.dim() < 1 or target.numel() == 0:
         return None
     top = int(target.max())
-    for dim in ((1, x.dim() - 1) if x.dim() > 1 else (0,)):
+    for dim in (1, x.dim() - 1) if x.dim() > 1 else (0,):
         c = x.shape[dim]
         if c < 2 or c <= top:
             continue

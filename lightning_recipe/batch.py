@@ -99,7 +99,7 @@ def object_fields(obj: Any) -> list[str] | None:
         keys = getattr(type(obj), "keys", None)
         if callable(keys):
             try:
-                names = [k for k in obj.keys() if isinstance(k, str)]
+                names = [k for k in obj.keys() if isinstance(k, str)]  # noqa: SIM118 - not a dict
             except Exception:
                 names = []
         if not names:
@@ -113,9 +113,7 @@ def object_fields(obj: Any) -> list[str] | None:
             value = getattr(obj, name)
         except Exception:
             continue
-        if isinstance(value, Tensor) or (
-            isinstance(value, (Mapping, list, tuple)) and _holds_tensor(value)
-        ):
+        if isinstance(value, Tensor) or (isinstance(value, (Mapping, list, tuple)) and _holds_tensor(value)):
             found.append(name)
     return found or None
 
@@ -433,7 +431,9 @@ def _set_path(batch: Any, path: tuple[Any, ...], new: Any) -> Any:
         return _replace(batch, {key: _set_path(getattr(batch, key), rest, new)})
     out = _set_attrs(batch, {key: _set_path(getattr(batch, key), rest, new)})
     if out is batch:
-        raise BatchLayoutError(f"a batch of type {type(batch).__name__} could not be copied to replace {key!r}")
+        raise BatchLayoutError(
+            f"a batch of type {type(batch).__name__} could not be copied to replace {key!r}"
+        )
     return out
 
 
@@ -564,7 +564,7 @@ class GraphLayout:
                 mask = (t < keep_nodes).all(dim=0)
                 edge_masks[int(t.shape[1])] = mask
                 replace[id(t)] = t[:, mask]
-        for path, t in leaves:
+        for _, t in leaves:
             if id(t) in replace or t.dim() == 0:
                 continue
             rows = int(t.shape[0])
@@ -617,7 +617,12 @@ def graph_layout(batch: Any, x: Tensor) -> GraphLayout | None:
     edges = [
         p
         for p, t in leaves
-        if t.dim() == 2 and _is_int(t) and t.shape[0] == 2 and t.numel() > 0 and int(t.max()) < n and int(t.min()) >= 0
+        if t.dim() == 2
+        and _is_int(t)
+        and t.shape[0] == 2
+        and t.numel() > 0
+        and int(t.max()) < n
+        and int(t.min()) >= 0
     ]
     for path, a in candidates:
         named = bool(path) and str(path[-1]).lower() in ASSIGNMENT_NAMES

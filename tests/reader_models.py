@@ -300,7 +300,12 @@ class GraphNet(L.LightningModule):
     """Two graph convolutions, a mean pool per graph (the assignment vector) and a linear head."""
 
     def __init__(
-        self, lr: float = 1e-2, hidden: int = 32, classes: int = 3, mix_graphs: bool = False, head_scale: float = 1.0
+        self,
+        lr: float = 1e-2,
+        hidden: int = 32,
+        classes: int = 3,
+        mix_graphs: bool = False,
+        head_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.lr, self.mix_graphs = lr, mix_graphs

@@ -8,12 +8,6 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-
-import lightning_recipe as lr
-from hard_models import fit_suite
-from lightning_recipe import _losses
-from lightning_recipe._probe import CHANCE, MEAN_PREDICTOR, know_nothing_loss, run_step
-from lightning_recipe.batch import BatchAdapter, leaf_paths
 from reader_models import (
     Forecaster,
     GaussianNLL,
@@ -25,6 +19,12 @@ from reader_models import (
     regression_loaders,
     token_loaders,
 )
+
+import lightning_recipe as lr
+from hard_models import fit_suite
+from lightning_recipe import _losses
+from lightning_recipe._probe import CHANCE, MEAN_PREDICTOR, know_nothing_loss, run_step
+from lightning_recipe.batch import BatchAdapter, leaf_paths
 
 CHECK_FIGURES = {
     "DataInspectionCheck": "input_dtype",
@@ -167,7 +167,9 @@ def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, patte
     assert run.internal_errors() == []
     assert run.loud() == []
     skipped = {f.source for f in run.findings if f.code == "check-skipped"}
-    assert skipped <= {"FirstLayerFilterMonitor"}, [f.message for f in run.findings if f.code == "check-skipped"]
+    assert skipped <= {"FirstLayerFilterMonitor"}, [
+        f.message for f in run.findings if f.code == "check-skipped"
+    ]
     for check, figure in CHECK_FIGURES.items():
         assert figure in run.by_name(check).figures, (check, run.by_name(check).figures)
     assert "gap" in run.by_name("InputIndependentBaseline").figures

@@ -301,7 +301,8 @@ class LossAtInitCheck(FirstBatchCheck):
         what = {
             CHANCE: "a uniform prediction over the classes",
             _losses.MEAN_PREDICTOR: "always predicting the target mean",
-            _losses.CONSTANT: "the batch-mean prediction for every sample (the output layer reduced to its bias)",
+            _losses.CONSTANT: "the batch-mean prediction for every sample (the output layer reduced to "
+            "its bias)",
         }.get(kind, kind)
         evidence = {
             "loss": loss,
@@ -312,7 +313,12 @@ class LossAtInitCheck(FirstBatchCheck):
             "label_free_ratio": label_free,
             "tolerance": self.tolerance,
         }
-        if kind == CHANCE and label_free is not None and label_free - 1 > self.tolerance and ratio > 1 + self.tolerance:
+        if (
+            kind == CHANCE
+            and label_free is not None
+            and label_free - 1 > self.tolerance
+            and ratio > 1 + self.tolerance
+        ):
             self.report(
                 trainer,
                 "loss-at-init",
@@ -325,13 +331,20 @@ class LossAtInitCheck(FirstBatchCheck):
             )
             return
         if math.isfinite(ratio):
-            verdict = "far above it: start the final layer small" if ratio > 1 + self.tolerance else "a sensible init"
+            verdict = (
+                "far above it: start the final layer small"
+                if ratio > 1 + self.tolerance
+                else "a sensible init"
+            )
             msg = (
                 f"The loss at init is {loss:.4g}; {what} would give {ref:.4g} through your own "
                 f"{s['loss_fn']} ({kind}, ratio {ratio:.2f}: {verdict})."
             )
         else:
-            msg = f"The loss at init is {loss:.4g}; {what} would give {ref:.4g} through your own {s['loss_fn']} ({kind})."
+            msg = (
+                f"The loss at init is {loss:.4g}; {what} would give {ref:.4g} through your own "
+                f"{s['loss_fn']} ({kind})."
+            )
         self.report(trainer, "loss-at-init", Severity.INFO, msg, evidence)
 
     def _judge_regression(self, trainer: Any | None, loss: float, samples: list[dict[str, Any]]) -> None:
