@@ -133,23 +133,83 @@ class ModuleLossCall:
         raise ValueError(f"the mean of {type(dist).__name__} is not one of its parameters")
 
 
+#: the recorders entered now (the innermost last); ``log_prob`` wrappers record into the last
+_ACTIVE: list[ModuleLossRecorder] = []
+#: marks a ``log_prob`` this module wrapped
+_WRAPPED = "_lightning_recipe_log_prob"
+
+
+def _wrap_log_prob(original: Any) -> Any:
+    def log_prob(dist: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _ACTIVE:
+            return original(dist, value, *args, **kwargs)
+        recorder = _ACTIVE[-1]
+        recorder._lp_depth += 1
+        try:
+            out = original(dist, value, *args, **kwargs)
+        finally:
+            recorder._lp_depth -= 1
+        if recorder._lp_depth == 0 and isinstance(out, Tensor) and isinstance(value, Tensor):
+            recorder.log_probs.append((dist, value, out))
+        return out
+
+    setattr(log_prob, _WRAPPED, original)
+    log_prob.__doc__ = original.__doc__
+    log_prob.__name__ = getattr(original, "__name__", "log_prob")
+    log_prob.__qualname__ = getattr(original, "__qualname__", "log_prob")
+    return log_prob
+
+
+def _wrap_distributions() -> None:
+    """Wrap ``log_prob`` of every loaded ``torch.distributions`` class once (classes defined
+    later are wrapped at the next probe). Outside a probe the wrapper only calls the original:
+    wrapping and unwrapping at every probe step would cost more (each class attribute change
+    invalidates Python's method caches)."""
+    from torch.distributions import Distribution
+
+    seen: set[type] = set()
+    todo: list[type] = [Distribution]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        todo.extend(cls.__subclasses__())
+        original = cls.__dict__.get("log_prob")
+        if original is not None and callable(original) and not hasattr(original, _WRAPPED):
+            type.__setattr__(cls, "log_prob", _wrap_log_prob(original))
+
+
+def loss_module_candidates(model: nn.Module | None) -> list[nn.Module]:
+    """The submodules of ``model`` that may compute a loss: no trainable parameter, and a class
+    that is not one of torch's own (``nn.*Loss`` modules are seen through the functional losses
+    they call; activations, pooling and dropout are not losses). Empty for a plain model."""
+    if model is None:
+        return []
+    return [
+        m
+        for m in model.modules()
+        if not type(m).__module__.startswith("torch.") and not any(p.requires_grad for p in m.parameters())
+    ]
+
+
 class ModuleLossRecorder:
     """While entered, records loss-like module calls and ``Distribution.log_prob`` calls.
 
-    A call counts as a loss call when the module has no trainable parameter, its first argument
-    is a floating-point tensor with more than one element and it returns a one-element
-    floating-point tensor. Only the outermost such call is kept (a loss module calling another
-    one inside is one loss). ``log_prob`` is wrapped on the distribution classes loaded at
-    ``__enter__`` and restored on ``__exit__``."""
+    The modules watched are :func:`loss_module_candidates` of ``model`` (custom losses and
+    torchmetrics metrics kept as attributes; none on a plain model, which then pays nothing). A
+    call counts as a loss call when its first argument is a floating-point tensor with more than
+    one element and it returns a one-element floating-point tensor. Only the outermost such call
+    is kept (a loss module calling another one inside is one loss). ``log_prob`` calls are
+    recorded through :func:`_wrap_distributions`."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.model = model
         self.calls: list[ModuleLossCall] = []
         self.log_probs: list[tuple[Any, Tensor, Tensor]] = []
         self._handles: list[Any] = []
-        self._patched: list[tuple[type, Any]] = []
         self._depth = 0
         self._lp_depth = 0
-        self._no_params: dict[int, bool] = {}
 
     # ------------------------------------------------------------------ modules
     def _pre(self, module: nn.Module, args: tuple) -> None:
@@ -167,69 +227,26 @@ class ModuleLossRecorder:
             kwargs = {}
         if not isinstance(pred, Tensor) or not pred.is_floating_point() or pred.numel() < 2:
             return
-        key = id(module)
-        free = self._no_params.get(key)
-        if free is None:
-            free = not any(p.requires_grad for p in module.parameters())
-            self._no_params[key] = free
-        if not free:
-            return
         target = _first_tensor(list(args[1:]) + list(kwargs.values()), lambda t: t is not pred)
         self.calls.append(
             ModuleLossCall(type(module).__name__, pred, target, dict(kwargs), out, tuple(args), fn=module)
         )
 
-    # ------------------------------------------------------------------ distributions
-    def _wrap(self, original: Any) -> Any:
-        recorder = self
-
-        def log_prob(dist: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
-            recorder._lp_depth += 1
-            try:
-                out = original(dist, value, *args, **kwargs)
-            finally:
-                recorder._lp_depth -= 1
-            if recorder._lp_depth == 0 and isinstance(out, Tensor) and isinstance(value, Tensor):
-                recorder.log_probs.append((dist, value, out))
-            return out
-
-        return log_prob
-
-    def _patch_distributions(self) -> None:
-        from torch.distributions import Distribution
-
-        seen: set[type] = set()
-        todo = [Distribution]
-        while todo:
-            cls = todo.pop()
-            if cls in seen:
-                continue
-            seen.add(cls)
-            todo.extend(cls.__subclasses__())
-            original = cls.__dict__.get("log_prob")
-            if original is not None and callable(original):
-                self._patched.append((cls, original))
-                type.__setattr__(cls, "log_prob", self._wrap(original))
-
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ModuleLossRecorder:
-        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-        self._handles = [
-            register_module_forward_pre_hook(self._pre),
-            register_module_forward_hook(self._post, with_kwargs=True, always_call=True),
-        ]
-        self._patch_distributions()
+        for m in loss_module_candidates(self.model):
+            self._handles.append(m.register_forward_pre_hook(self._pre))
+            self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
+        _wrap_distributions()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for cls, original in reversed(self._patched):
-            type.__setattr__(cls, "log_prob", original)
-        self._patched = []
-        self._no_params.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
 
     def distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
         """The recorded ``log_prob`` calls whose ``-mean`` / ``-sum`` (or ``+``) is ``loss``

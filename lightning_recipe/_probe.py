@@ -109,12 +109,12 @@ class LossCapture(TorchFunctionMode):
     whether a loss input is the output of a sigmoid / softmax (by tensor storage; the outputs
     are kept alive while capturing so a freed address cannot be mistaken for one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         self.calls: list[LossCall] = []
         self._squashed: dict[int, tuple[str, Tensor]] = {}
-        #: loss-like module calls and distribution log-likelihoods (``_losses``)
-        self.modules = ModuleLossRecorder()
+        #: loss-like calls of ``model``'s loss modules and distribution log-likelihoods (``_losses``)
+        self.modules = ModuleLossRecorder(model)
 
     def __enter__(self) -> LossCapture:
         self.modules.__enter__()
@@ -658,7 +658,7 @@ def extract_loss(output: Any) -> Tensor | None:
 
 def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch_idx: int = 0) -> StepResult:
     """Run one step (the user's ``training_step`` or ``step_fn``) and capture its loss calls."""
-    with LossCapture() as capture:
+    with LossCapture(module) as capture:
         out = step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
     return capture.result(extract_loss(out))
 
@@ -677,7 +677,7 @@ def capture_step(
     Unlike :func:`run_step` it accepts any return value: a ``validation_step`` that returns
     nothing, or only metrics, gives ``loss=None`` and its loss calls still count.
     """
-    with LossCapture() as capture:
+    with LossCapture(module) as capture:
         out = step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
     return capture.result(find_loss(out))
 
@@ -734,7 +734,7 @@ class EvalStep:
     def _validation(module: nn.Module, batch: Any) -> StepResult | None:
         if not has_own_validation_step(module):
             return None
-        with LossCapture() as capture:
+        with LossCapture(module) as capture:
             out = call_validation_step(module, batch)
         if capture.calls:
             return capture.result(extract_loss(out))

@@ -176,6 +176,17 @@ def leaf_paths(batch: Any) -> list[tuple[tuple[Any, ...], Tensor]]:
     return out
 
 
+def _skip_metadata(batch: Sequence[Any]) -> int:
+    """Index of the first element of a tuple batch that holds a floating-point tensor when the
+    elements before it hold none (``(meta, x, y)``: ids and paths first), else 0."""
+    if not batch or isinstance(batch[0], Tensor) or len(batch) < 3:
+        return 0
+    for i, item in enumerate(batch[:-1]):
+        if any(t.is_floating_point() for _, t in leaf_paths(item)):
+            return i
+    return 0
+
+
 def _is_int(t: Tensor) -> bool:
     return not t.is_floating_point() and not t.is_complex() and t.dtype is not torch.bool
 
@@ -255,14 +266,17 @@ class BatchAdapter:
             if hit is not None:
                 return (hit[0],)
         if isinstance(batch, (list, tuple)) and batch:
-            first = batch[0]
+            start = _skip_metadata(batch)
+            first = batch[start]
             if isinstance(first, Tensor):
-                return (0,)
+                return (start,)
             if isinstance(first, (Mapping, list, tuple)) or object_fields(first):
                 try:
-                    return (0, *self.locate_input(first))
+                    path = (start, *self.locate_input(first))
                 except BatchLayoutError:
-                    pass
+                    path = None
+                if path is not None and _get_path(batch, path).is_floating_point():
+                    return path
         path = _structural_input(batch, self.locate_target(batch))
         if path is not None:
             return path
@@ -283,10 +297,13 @@ class BatchAdapter:
             if isinstance(batch, Mapping) or not isinstance(batch, (list, tuple)):
                 return None
         if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            if isinstance(batch[1], Tensor):
-                return (1,)
-            if isinstance(batch[1], (list, tuple)) and batch[1] and isinstance(batch[1][0], Tensor):
-                return (1, 0)  # (x, (target, weight)), as forecasting libraries batch
+            i = _skip_metadata(batch) + 1
+            if i >= len(batch):
+                return None
+            if isinstance(batch[i], Tensor):
+                return (i,)
+            if isinstance(batch[i], (list, tuple)) and batch[i] and isinstance(batch[i][0], Tensor):
+                return (i, 0)  # (x, (target, weight)), as forecasting libraries batch
         return None
 
     # -------------------------------------------------------------- read

@@ -358,14 +358,8 @@ def test_dict_batches_with_unusual_keys_without_getters(tmp_path):
     L.seed_everything(0, verbose=False)
     train, val = mlp_data(dict_keys=("feats_in", "answer"))
     run = fit_suite(tmp_path, Classifier(mlp(), x_key="feats_in", y_key="answer"), train, val)
-    readers = NEEDS_INPUT | {"PredictionDynamicsMonitor", "InputIndependentBaseline"}
-    assert_healthy(
-        run,
-        skipped=readers | {"FirstLayerFilterMonitor"},
-        missing={"input_independent", "prediction_dynamics", "data"},
-    )
-    for source in readers:
-        assert "get_input" in run.skips(source)[0]
+    # no key names the input: the float tensor is read as the input, so every reader measures
+    assert_healthy(run, skipped={"FirstLayerFilterMonitor"})
 
 
 def test_tuple_with_a_metadata_dict_first(tmp_path):
@@ -381,12 +375,8 @@ def test_tuple_with_a_metadata_dict_first(tmp_path):
 
     train, val = split_loaders(ListDataset(len(x) - 64, item(64)), ListDataset(64, item(0)))
     run = fit_suite(tmp_path, MetaTuple(mlp()), train, val)
-    readers = NEEDS_INPUT | {"PredictionDynamicsMonitor", "InputIndependentBaseline"}
-    assert_healthy(
-        run,
-        skipped=readers | {"FirstLayerFilterMonitor"},
-        missing={"input_independent", "prediction_dynamics", "data"},
-    )
+    # the metadata dict holds no float tensor: (meta, x, y) is read as (x, y)
+    assert_healthy(run, skipped={"FirstLayerFilterMonitor"})
 
 
 def test_custom_dataclass_batch(tmp_path):
@@ -398,8 +388,7 @@ def test_custom_dataclass_batch(tmp_path):
         collate=collate_samples,
     )
     run = fit_suite(tmp_path, DataclassBatch(cnn()), train, val)
-    readers = NEEDS_INPUT | {"PredictionDynamicsMonitor", "InputIndependentBaseline"}
-    assert_healthy(run, skipped=readers, missing={"input_independent", "prediction_dynamics", "data"})
+    assert_healthy(run, skipped=set())
 
 
 # ---------------------------------------------------------------------------- 9. sequences
