@@ -96,12 +96,12 @@ def object_fields(obj: Any) -> list[str] | None:
         names = [f.name for f in fields(obj)]
     else:
         names = []
-        keys = getattr(type(obj), "keys", None)
-        if callable(keys):
-            try:
-                names = [k for k in obj.keys() if isinstance(k, str)]  # noqa: SIM118 - not a dict
-            except Exception:
-                names = []
+        try:  # a method (torch_geometric >= 2.4) or a property (older releases)
+            keys = obj.keys() if callable(getattr(type(obj), "keys", None)) else getattr(obj, "keys", None)
+            if isinstance(keys, (list, tuple)) or hasattr(keys, "__iter__"):
+                names = [k for k in keys if isinstance(k, str)]
+        except Exception:
+            names = []
         if not names:
             try:
                 names = [k for k in vars(obj) if not k.startswith("_")]
@@ -216,9 +216,10 @@ def _key_lookup(batch: Any, keys: Sequence[str]) -> tuple[str, Any] | None:
                 return lowered[key], batch[lowered[key]]
         return None
     if _is_namedtuple(batch):
+        named = {f.lower(): f for f in batch._fields}
         for key in keys:
-            if key in batch._fields:
-                return key, getattr(batch, key)
+            if key in named:
+                return named[key], getattr(batch, named[key])
         return None
     if is_dataclass(batch) and not isinstance(batch, type):
         names = {f.name.lower(): f.name for f in fields(batch)}

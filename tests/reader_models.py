@@ -20,8 +20,8 @@ suite: how the batch is laid out, how the loss is called, what the step returns.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import InitVar, dataclass, field
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -336,6 +336,46 @@ class GraphNet(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
+# ---------------------------------------------------------------------------- chemistry
+@dataclass(frozen=True)
+class MolGraphBatch:
+    """chemprop's ``BatchMolGraph``: a frozen dataclass built from an ``InitVar`` (the graphs),
+    holding atom features V, bond features E, the edge index, the reverse-edge index and the
+    assignment vector."""
+
+    mgs: InitVar[list]
+    V: Tensor = field(init=False)
+    E: Tensor = field(init=False)
+    edge_index: Tensor = field(init=False)
+    rev_edge_index: Tensor = field(init=False)
+    batch: Tensor = field(init=False)
+
+    def __post_init__(self, mgs: list) -> None:
+        vs, es, ei, rev, assign, off, eoff = [], [], [], [], [], 0, 0
+        for i, n in enumerate(mgs):
+            vs.append(torch.randn(n, 4))
+            src = torch.arange(n)
+            e = torch.stack([torch.cat([src, (src + 1) % n]), torch.cat([(src + 1) % n, src])])
+            es.append(torch.randn(e.shape[1], 2))
+            ei.append(e + off)
+            rev.append(torch.cat([torch.arange(n, 2 * n), torch.arange(n)]) + eoff)
+            assign.append(torch.full((n,), i))
+            off, eoff = off + n, eoff + e.shape[1]
+        for name, parts in (("V", vs), ("E", es), ("rev_edge_index", rev), ("batch", assign)):
+            object.__setattr__(self, name, torch.cat(parts))
+        object.__setattr__(self, "edge_index", torch.cat(ei, dim=1))
+
+
+class TrainingBatch(NamedTuple):
+    """chemprop's ``TrainingBatch``."""
+
+    bmg: MolGraphBatch
+    V_d: Tensor | None
+    X_d: Tensor
+    Y: Tensor
+    w: Tensor
+
+
 # ---------------------------------------------------------------------------- HF style
 @dataclass
 class SequenceClassifierOutput:
@@ -474,7 +514,9 @@ __all__ = [
     "GraphBatch",
     "GraphNet",
     "HFStyle",
+    "MolGraphBatch",
     "QuantileLoss",
+    "TrainingBatch",
     "collate_graphs",
     "forecast_loaders",
     "graph_loaders",

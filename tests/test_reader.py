@@ -14,6 +14,8 @@ from reader_models import (
     GraphBatch,
     GraphNet,
     HFStyle,
+    MolGraphBatch,
+    TrainingBatch,
     forecast_loaders,
     graph_loaders,
     regression_loaders,
@@ -194,3 +196,35 @@ def test_planted_bugs_are_still_caught(tmp_path, pattern, kwargs, code):
     run = fit_suite(tmp_path, make(**kwargs), *loaders())
     assert run.internal_errors() == []
     assert code in {c for _, c in run.codes("warning", "error")}, run.loud()
+
+
+# ---------------------------------------------------------------------------- more containers
+def test_chemistry_style_namedtuple_of_an_initvar_dataclass_graph():
+    """chemprop's layout: a namedtuple (bmg, V_d, X_d, Y, w) whose first field is a frozen
+    dataclass with an ``InitVar`` holding atom features V, bond features E, an edge index, the
+    reverse-edge index and the assignment vector."""
+    sizes = [3, 5, 4, 6]
+    batch = TrainingBatch(MolGraphBatch(sizes), None, torch.randn(4, 2), torch.randn(4, 1), torch.ones(4, 1))
+    a = BatchAdapter()
+    assert a.input(batch) is batch.bmg.V and a.target(batch) is batch.Y
+    assert a.batch_size(batch) == 4
+    cut = a.slice(batch, 2)
+    assert type(cut) is TrainingBatch and type(cut.bmg) is MolGraphBatch
+    assert cut.bmg.V.shape[0] == 8 and cut.bmg.E.shape[0] == 16 and cut.bmg.edge_index.shape == (2, 16)
+    assert cut.bmg.rev_edge_index.shape == (16,) and int(cut.bmg.rev_edge_index.max()) < 16
+    assert cut.Y.shape == (2, 1) and cut.X_d.shape == (2, 2) and cut.V_d is None
+    zero = a.zero_inputs(batch)
+    assert float(zero.bmg.V.abs().sum()) == 0 and zero.bmg.edge_index is batch.bmg.edge_index
+
+
+def test_userdict_batches_keep_their_type():
+    from collections import UserDict
+
+    class Encoding(UserDict):
+        def to(self, device):
+            return Encoding({k: v.to(device) for k, v in self.items()})
+
+    batch = Encoding({"input_ids": torch.randint(0, 9, (4, 5)), "labels": torch.arange(4)})
+    a = BatchAdapter()
+    assert a.input(batch) is batch["input_ids"] and a.target(batch) is batch["labels"]
+    assert type(a.slice(batch, 2)) is Encoding and a.slice(batch, 2)["input_ids"].shape == (2, 5)
