@@ -77,6 +77,10 @@ def _distribution_mean(dist: Any) -> Tensor | None:
     return None
 
 
+def _is_prediction(t: Tensor) -> bool:
+    return t.is_floating_point() and t.numel() > 1
+
+
 @dataclass
 class ModuleLossCall:
     """A loss computed by a module (or a distribution's ``log_prob``), read like ``LossCall``.
@@ -109,6 +113,10 @@ class ModuleLossCall:
         """The same loss (same module, same other arguments) on another prediction (a tensor,
         or for a distribution loss a distribution or a tensor replacing its mean); with
         ``new_target`` the target tensor replaced too."""
+        if self.kind == "step":
+            if new_target is not None:
+                raise ValueError("the target of a whole step cannot be replaced")
+            return self.fn(new_input)
         if self.kind == "distribution":
             dist = new_input if not isinstance(new_input, Tensor) else self._with_mean(new_input)
             value = self.args[1] if new_target is None else new_target
@@ -205,6 +213,8 @@ class ModuleLossRecorder:
 
     def __init__(self, model: nn.Module | None = None) -> None:
         self.model = model
+        #: the first floating-point tensor (more than one element) ``model``'s forward returned
+        self.forward_output: Tensor | None = None
         self.calls: list[ModuleLossCall] = []
         self.log_probs: list[tuple[Any, Tensor, Tensor]] = []
         self._handles: list[Any] = []
@@ -233,7 +243,13 @@ class ModuleLossRecorder:
         )
 
     # ------------------------------------------------------------------ context
+    def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self.forward_output is None:
+            self.forward_output = _first_tensor(out, _is_prediction)
+
     def __enter__(self) -> ModuleLossRecorder:
+        if self.model is not None:
+            self._handles.append(self.model.register_forward_hook(self._on_forward))
         for m in loss_module_candidates(self.model):
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
@@ -515,3 +531,30 @@ def prediction_view(call: Any) -> tuple[str, Tensor, Tensor] | None:
     except RuntimeError:
         return None
     return "regression", pred.reshape(-1), t.reshape(-1)
+
+
+def step_call(
+    name: str, model: nn.Module, output: Tensor, loss: Tensor, target: Any, rerun: Callable[[], Any]
+) -> ModuleLossCall:
+    """A loss call for a step whose loss no loss call explains (a plain Python loss function, a
+    loss method of a submodule): the prediction is ``model``'s forward output, the target the
+    batch's own (``target``, read by layout, may be ``None``), and ``recompute(p)`` reruns the
+    whole step (``rerun() -> loss``) with the forward output replaced by ``p``."""
+
+    def fn(new_input: Tensor) -> Tensor:
+        def swap(module: nn.Module, args: Any, out: Any) -> Any:
+            if isinstance(out, Tensor):
+                return new_input
+            old = _first_tensor(out, _is_prediction)
+            return out if old is None else _replace_tensor(out, old, new_input)
+
+        handle = model.register_forward_hook(swap)
+        try:
+            value = rerun()
+        finally:
+            handle.remove()
+        if not isinstance(value, Tensor):
+            raise ValueError("the step returned no loss when rerun")
+        return value
+
+    return ModuleLossCall(name, output, target, {}, loss.reshape(()), (output,), fn=fn, kind="step")

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_recipe import _context, _losses
 from lightning_recipe._losses import ModuleLossCall, ModuleLossRecorder
+from lightning_recipe.batch import BatchAdapter
 
 StepFn = Callable[[nn.Module, Any], Any]
 
@@ -657,10 +658,44 @@ def extract_loss(output: Any) -> Tensor | None:
 
 
 def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch_idx: int = 0) -> StepResult:
-    """Run one step (the user's ``training_step`` or ``step_fn``) and capture its loss calls."""
+    """Run one step (the user's ``training_step`` or ``step_fn``) and capture its loss calls.
+
+    When no loss call explains the loss (a plain Python loss function), the step itself becomes
+    the loss call (``_losses.step_call``): the model's forward output is the prediction, and
+    ``recompute`` reruns the step with it replaced (never on a model whose loss call was seen)."""
+
+    def step() -> Any:
+        return step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
+
     with LossCapture(module) as capture:
-        out = step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
-    return capture.result(extract_loss(out))
+        out = step()
+    result = capture.result(extract_loss(out))
+    _add_step_call(
+        result, capture, module, batch, "step_fn" if step_fn is not None else "training_step", step
+    )
+    return result
+
+
+def _add_step_call(
+    result: StepResult,
+    capture: LossCapture,
+    module: nn.Module,
+    batch: Any,
+    name: str,
+    step: Callable[[], Any],
+) -> None:
+    """Without a loss call that explains the step's loss, make the step itself the loss call
+    (``_losses.step_call``); its target is the batch's own, read by layout (the last fallback)."""
+    output = capture.modules.forward_output
+    if result.loss is None or result.loss.numel() != 1 or output is None or result.main_call is not None:
+        return
+    try:
+        target = BatchAdapter().target(batch)
+    except Exception:
+        target = None
+    result.module_calls.append(
+        _losses.step_call(name, module, output, result.loss, target, lambda: find_loss(step()))
+    )
 
 
 def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
@@ -677,9 +712,15 @@ def capture_step(
     Unlike :func:`run_step` it accepts any return value: a ``validation_step`` that returns
     nothing, or only metrics, gives ``loss=None`` and its loss calls still count.
     """
+
+    def step() -> Any:
+        return step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
+
     with LossCapture(module) as capture:
-        out = step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
-    return capture.result(find_loss(out))
+        out = step()
+    result = capture.result(find_loss(out))
+    _add_step_call(result, capture, module, batch, "step_fn" if step_fn is not None else hook, step)
+    return result
 
 
 def has_own_validation_step(module: nn.Module) -> bool:

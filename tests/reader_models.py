@@ -523,3 +523,36 @@ __all__ = [
     "regression_loaders",
     "token_loaders",
 ]
+
+
+# ---------------------------------------------------------------------------- a plain loss function
+def pinball(pred: Tensor, y: Tensor, q: float = 0.5) -> Tensor:
+    """A loss written as a plain Python function (no module, no torch.nn.functional loss)."""
+    err = y - pred
+    return torch.max(q * err, (q - 1) * err).mean()
+
+
+class FunctionLoss(L.LightningModule):
+    """A regressor whose loss is a plain function of ``self(x)`` and ``y``."""
+
+    def __init__(self, lr: float = 3e-3, hidden: int = 32, detach: bool = False) -> None:
+        super().__init__()
+        self.lr, self.detach = lr, detach
+        self.net = nn.Sequential(nn.Linear(5, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.net(x)
+        return out.detach() + 0 * out if self.detach else out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = pinball(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", pinball(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

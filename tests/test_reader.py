@@ -10,6 +10,7 @@ import pytest
 import torch
 from reader_models import (
     Forecaster,
+    FunctionLoss,
     GaussianNLL,
     GraphBatch,
     GraphNet,
@@ -37,6 +38,7 @@ CHECK_FIGURES = {
 }
 
 PATTERNS = {
+    "function": (FunctionLoss, regression_loaders),
     "forecasting": (Forecaster, forecast_loaders),
     "graph": (GraphNet, graph_loaders),
     "hf": (HFStyle, token_loaders),
@@ -152,6 +154,18 @@ def test_loss_computed_inside_forward_hf_style():
     assert result.main_call.target is not None
 
 
+def test_a_plain_loss_function_makes_the_step_the_loss_call():
+    model = FunctionLoss()
+    batch = first(regression_loaders)
+    result = run_step(model, batch)
+    call = result.main_call
+    assert call.kind == "step" and call.name == "training_step" and call.target is batch[1]
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach())
+        ref = know_nothing_loss(call)
+    assert ref[1] == MEAN_PREDICTOR
+
+
 def test_a_plain_model_is_read_as_before():
     from models import Classifier, blobs, mlp
 
@@ -184,6 +198,7 @@ def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, patte
     "pattern, kwargs, code",
     [
         ("graph", {"mix_graphs": True}, "batch-mixing"),
+        ("function", {"detach": True}, "params-not-updating"),
         ("graph", {"head_scale": 30.0}, "loss-at-init"),
         ("forecasting", {"detach": True}, "params-not-updating"),
         ("distribution", {"lr": 1e-7}, "update-ratio-low"),
