@@ -365,6 +365,12 @@ class MolGraphBatch:
             object.__setattr__(self, name, torch.cat(parts))
         object.__setattr__(self, "edge_index", torch.cat(ei, dim=1))
 
+    def to(self, device: Any, **kwargs: Any) -> MolGraphBatch:
+        """Moves the tensors in place, as chemprop's ``BatchMolGraph.to`` does."""
+        for name in ("V", "E", "edge_index", "rev_edge_index", "batch"):
+            object.__setattr__(self, name, getattr(self, name).to(device, **kwargs))
+        return self
+
 
 class TrainingBatch(NamedTuple):
     """chemprop's ``TrainingBatch``."""
@@ -553,6 +559,96 @@ class FunctionLoss(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
         self.log("val_loss", pinball(self(x), y))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+# ---------------------------------------------------------------------------- chemistry model
+class MoleculeData(Dataset):
+    """Ring molecules of 3..8 atoms; the property is the mean of the first atom feature plus a
+    ring-size term."""
+
+    def __init__(self, n: int = 96, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.sizes = torch.randint(3, 9, (n,), generator=g)
+        self.seeds = torch.randint(0, 2**31 - 1, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        return int(self.sizes[i]), int(self.seeds[i])
+
+
+def collate_molecules(items: list[tuple[int, int]]) -> TrainingBatch:
+    state = torch.get_rng_state()
+    torch.manual_seed(sum(s for _, s in items) % (2**31))
+    bmg = MolGraphBatch([n for n, _ in items])
+    torch.set_rng_state(state)
+    sizes = torch.tensor([n for n, _ in items], dtype=torch.float32)
+    pooled = torch.zeros(len(items)).index_add_(0, bmg.batch, bmg.V[:, 0]) / sizes
+    y = (pooled + 0.2 * (sizes - 5.5)).unsqueeze(1)
+    return TrainingBatch(bmg, None, torch.randn(len(items), 2) * 0.1, y, torch.ones(len(items), 1))
+
+
+def molecule_loaders(batch_size: int = 16) -> tuple[DataLoader, DataLoader]:
+    return (
+        DataLoader(MoleculeData(96, 0), batch_size=batch_size, shuffle=True, collate_fn=collate_molecules),
+        DataLoader(MoleculeData(32, 1), batch_size=batch_size, collate_fn=collate_molecules),
+    )
+
+
+class WeightedMSE(nn.Module):
+    """chemprop's criterion signature: ``(preds, targets, mask, weights, lt_mask, gt_mask)``."""
+
+    def forward(self, preds: Tensor, targets: Tensor, mask: Tensor, weights: Tensor, *masks: Any) -> Tensor:
+        err = (preds - targets) ** 2 * weights
+        return (err * mask).sum() / mask.sum()
+
+
+class MPNN(L.LightningModule):
+    """Bond message passing (messages along the edges, their sum per atom), a mean aggregation
+    per molecule and a feed-forward head, trained on ``TrainingBatch`` (chemprop's pattern)."""
+
+    def __init__(self, lr: float = 3e-3, hidden: int = 32, lr_scale: float = 1.0) -> None:
+        super().__init__()
+        self.lr = lr * lr_scale
+        self.W_i = nn.Linear(4 + 2, hidden)
+        self.W_h = nn.Linear(hidden, hidden)
+        self.W_o = nn.Linear(4 + hidden, hidden)
+        self.ffn = nn.Sequential(nn.Linear(hidden + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.criterion = WeightedMSE()
+
+    def forward(self, bmg: MolGraphBatch, X_d: Tensor) -> Tensor:
+        src, dst = bmg.edge_index
+        h0 = torch.relu(self.W_i(torch.cat([bmg.V[src], bmg.E], dim=1)))
+        h = h0
+        for _ in range(2):
+            m = torch.zeros(bmg.V.shape[0], h.shape[1], dtype=h.dtype).index_add_(0, dst, h)
+            h = torch.relu(h0 + self.W_h(m[src] - h[bmg.rev_edge_index]))
+        m = torch.zeros(bmg.V.shape[0], h.shape[1], dtype=h.dtype).index_add_(0, dst, h)
+        atoms = torch.relu(self.W_o(torch.cat([bmg.V, m], dim=1)))
+        n = int(bmg.batch.max()) + 1
+        count = torch.zeros(n, dtype=atoms.dtype).index_add_(
+            0, bmg.batch, torch.ones_like(bmg.batch, dtype=atoms.dtype)
+        )
+        mol = (
+            torch.zeros(n, atoms.shape[1], dtype=atoms.dtype).index_add_(0, bmg.batch, atoms) / count[:, None]
+        )
+        return self.ffn(torch.cat([mol, X_d], dim=1))
+
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> Tensor:
+        bmg, _, X_d, targets, weights = batch
+        mask = targets.isfinite()
+        loss = self.criterion(self(bmg, X_d), targets, mask, weights, None, None)
+        self.log("train_loss", loss, batch_size=len(targets))
+        return loss
+
+    def validation_step(self, batch: TrainingBatch, batch_idx: int) -> None:
+        bmg, _, X_d, targets, weights = batch
+        loss = self.criterion(self(bmg, X_d), targets, targets.isfinite(), weights)
+        self.log("val_loss", loss, batch_size=len(targets))
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

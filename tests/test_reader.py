@@ -9,6 +9,7 @@ import lightning as L
 import pytest
 import torch
 from reader_models import (
+    MPNN,
     Forecaster,
     FunctionLoss,
     GaussianNLL,
@@ -19,6 +20,7 @@ from reader_models import (
     TrainingBatch,
     forecast_loaders,
     graph_loaders,
+    molecule_loaders,
     regression_loaders,
     token_loaders,
 )
@@ -38,6 +40,7 @@ CHECK_FIGURES = {
 }
 
 PATTERNS = {
+    "chemistry": (MPNN, molecule_loaders),
     "function": (FunctionLoss, regression_loaders),
     "forecasting": (Forecaster, forecast_loaders),
     "graph": (GraphNet, graph_loaders),
@@ -199,6 +202,7 @@ def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, patte
     [
         ("graph", {"mix_graphs": True}, "batch-mixing"),
         ("function", {"detach": True}, "params-not-updating"),
+        ("chemistry", {"lr_scale": 1e-4}, "update-ratio-low"),
         ("graph", {"head_scale": 30.0}, "loss-at-init"),
         ("forecasting", {"detach": True}, "params-not-updating"),
         ("distribution", {"lr": 1e-7}, "update-ratio-low"),
