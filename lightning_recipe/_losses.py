@@ -194,11 +194,18 @@ def loss_module_candidates(model: nn.Module | None) -> list[nn.Module]:
     they call; activations, pooling and dropout are not losses). Empty for a plain model."""
     if model is None:
         return []
-    return [
-        m
-        for m in model.modules()
-        if not type(m).__module__.startswith("torch.") and not any(p.requires_grad for p in m.parameters())
-    ]
+    trainable: dict[int, bool] = {}
+
+    def has_trainable(m: nn.Module) -> bool:  # one bottom-up pass, shared submodules once
+        known = trainable.get(id(m))
+        if known is None:
+            known = any(p.requires_grad for p in m.parameters(recurse=False))
+            known = any([has_trainable(c) for c in m.children()]) or known
+            trainable[id(m)] = known
+        return known
+
+    has_trainable(model)
+    return [m for m in model.modules() if not type(m).__module__.startswith("torch.") and not trainable[id(m)]]
 
 
 class ModuleLossRecorder:
