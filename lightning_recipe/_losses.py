@@ -205,7 +205,9 @@ def loss_module_candidates(model: nn.Module | None) -> list[nn.Module]:
         return known
 
     has_trainable(model)
-    return [m for m in model.modules() if not type(m).__module__.startswith("torch.") and not trainable[id(m)]]
+    return [
+        m for m in model.modules() if not type(m).__module__.startswith("torch.") and not trainable[id(m)]
+    ]
 
 
 class ModuleLossRecorder:
