@@ -358,7 +358,8 @@ class BatchAdapter:
             return None
         if x is None:
             x = self.input(batch)
-        return graph_layout(batch, x)
+        target = self.target(batch)
+        return graph_layout(batch, x, exclude=(target,) if target is not None else ())
 
     # -------------------------------------------------------------- transform
     def with_input(self, batch: Any, new_input: Tensor) -> Any:
@@ -613,7 +614,7 @@ def _recount(obj: Any, n: int, k: int) -> None:
                 pass
 
 
-def graph_layout(batch: Any, x: Tensor) -> GraphLayout | None:
+def graph_layout(batch: Any, x: Tensor, exclude: tuple[Tensor, ...] = ()) -> GraphLayout | None:
     """The :class:`GraphLayout` of ``batch`` whose input ``x`` has one row per node, or ``None``.
 
     The assignment vector is a 1-d integer tensor (not ``x``, not the batch's target) with one
@@ -628,7 +629,12 @@ def graph_layout(batch: Any, x: Tensor) -> GraphLayout | None:
     candidates = [
         (p, t)
         for p, t in leaves
-        if t is not x and t.dim() == 1 and _is_int(t) and int(t.shape[0]) == n and n > 1
+        if t is not x
+        and all(t is not e for e in exclude)
+        and t.dim() == 1
+        and _is_int(t)
+        and int(t.shape[0]) == n
+        and n > 1
     ]
     if not candidates:
         return None

@@ -316,16 +316,21 @@ class GraphNet(L.LightningModule):
             self.head.weight.mul_(head_scale)
         self.criterion = LabelSmoothedNLL()
 
+    node_level = False
+
     def forward(self, data: GraphBatch) -> Tensor:
         h = torch.relu(self.conv1(data.x, data.edge_index))
         h = torch.relu(self.conv2(h, data.edge_index))
         if self.mix_graphs:  # bug: normalises over every node of the batch
             h = h - h.mean(dim=0, keepdim=True)
+        if self.node_level:  # one prediction per node (node classification)
+            return self.head(h)
         pooled = scatter_mean(h, data.batch, data.num_graphs)
         return self.head(pooled)
 
     def training_step(self, batch: GraphBatch, batch_idx: int) -> Tensor:
-        loss = self.criterion(self(batch), batch.y)
+        target = batch.y[batch.batch] if self.node_level else batch.y
+        loss = self.criterion(self(batch), target)
         self.log("train_loss", loss, batch_size=batch.num_graphs)
         return loss
 

@@ -87,6 +87,25 @@ def test_graph_batch_counts_and_slices_whole_graphs():
     assert a.with_input(batch, leaf).x is leaf and batch.x is not leaf
 
 
+@pytest.mark.parametrize("node_level", [False, True])
+@pytest.mark.parametrize("mix", [False, True])
+def test_batch_mixing_is_charted_per_graph(node_level, mix):
+    """Graph-level and node-level outputs: the gradient of graph i's output(s) is measured on the
+    nodes of every other graph (by the assignment vector); healthy message passing stays inside
+    a graph (leak 0), a normalisation over every node of the batch leaks."""
+    torch.manual_seed(0)
+    model = GraphNet(mix_graphs=mix)
+    model.node_level = node_level
+    check = lr.BatchIndependenceCheck()
+    check.check(None, model, first(graph_loaders))
+    assert check.figures["batch_size"] == 7 and "graphs" in check.figures["gradient_at"]
+    assert check.figures["output"].startswith("the forward output")
+    if mix:
+        assert [f.code for f in check.findings] == ["batch-mixing"] and check.figures["max_leak"] > 0.01
+    else:
+        assert check.findings == [] and check.figures["max_leak"] == 0.0
+
+
 def test_a_sorted_label_vector_is_not_an_assignment_vector():
     x, y = torch.randn(8, 3), torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
     assert BatchAdapter().graph((x, y)) is None

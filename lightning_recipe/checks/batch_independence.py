@@ -155,7 +155,7 @@ class BatchIndependenceCheck(FirstBatchCheck):
             leaf = None
             embed = _EmbeddingLeaf(x, k)
             at = ""
-        outputs = _OutputProbe(k)
+        outputs = _OutputProbe(k, nodes=int(groups.shape[0]) if groups is not None else None)
         attach = embed.attached(model) if embed is not None else _nothing()
         with attach, outputs.attached(model), torch.enable_grad():
             result = run_step(model, batch, self.step_fn)
@@ -192,9 +192,11 @@ class BatchIndependenceCheck(FirstBatchCheck):
         dead: list[int] = []
         for n_done, i in enumerate(probes):
             last = n_done == len(probes) - 1
-            (grad,) = torch.autograd.grad(
-                (out[i] * weights).sum(), leaf, retain_graph=not last, allow_unused=True
-            )
+            if groups is not None and out.shape[0] != k:  # node-level output: graph i's nodes
+                picked = (out * weights)[groups.to(out.device) == i].sum()
+            else:
+                picked = (out[i] * weights).sum()
+            (grad,) = torch.autograd.grad(picked, leaf, retain_graph=not last, allow_unused=True)
             if grad is None:
                 dead.append(i)
                 continue
@@ -362,8 +364,10 @@ class _OutputProbe:
     output of the last submodule that ran, both with ``k`` rows and depending on the input
     (see :meth:`qualifies`)."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, nodes: int | None = None) -> None:
         self.k = k
+        #: for a graph batch, the number of nodes: a node-level output (one row per node) counts
+        self.nodes = nodes
         self.top: Tensor | None = None
         self.last: Tensor | None = None
 
@@ -371,9 +375,10 @@ class _OutputProbe:
         """``k`` rows, depends on the input, and no other dimension of size ``k``: a
         (batch, batch) tensor is a sample-by-sample matrix (in-batch similarities of a
         contrastive model), where every row depends on every sample by design."""
+        rows = (self.k,) if self.nodes is None else (self.k, self.nodes)
         return (
             t.dim() >= 1
-            and t.shape[0] == self.k
+            and t.shape[0] in rows
             and self.k not in t.shape[1:]
             and t.requires_grad
             and (t.is_floating_point() or t.is_complex())
