@@ -16,7 +16,7 @@ same way. :func:`know_nothing_candidates` gives the loss-agnostic know-nothing r
 user's own loss with the prediction replaced by a constant (the target mean, uniform class
 scores, or the batch-mean prediction: the output layer reduced to its bias).
 
-This module depends on nothing else in the package (``_probe`` imports it).
+It depends only on ``batch`` in the package (``_probe`` imports it).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lightning_recipe.batch import BatchAdapter
 
 #: the reference kinds (the first two are also ``_probe.CHANCE`` / ``_probe.MEAN_PREDICTOR``)
 CHANCE, MEAN_PREDICTOR = "chance loss", "mean-predictor loss"
@@ -567,3 +569,38 @@ def step_call(
         return value
 
     return ModuleLossCall(name, output, target, {}, loss.reshape(()), (output,), fn=fn, kind="step")
+
+
+def unexplained_step(
+    recorder: ModuleLossRecorder,
+    result: Any,
+    model: nn.Module,
+    batch: Any,
+    name: str,
+    find_loss: Callable[[Any], Tensor | None],
+    step: Callable[[], Any],
+) -> list[ModuleLossCall]:
+    """``[step_call(...)]`` when no loss call explains the step's loss (``result.main_call`` is
+    ``None``) and the model's forward output was seen, else ``[]``; the target is the batch's
+    own, read by its layout (the last fallback)."""
+    output = recorder.forward_output
+    loss = result.loss
+    if loss is None or loss.numel() != 1 or output is None or result.main_call is not None:
+        return []
+    try:
+        target = BatchAdapter().target(batch)
+    except Exception:
+        target = None
+    return [step_call(name, model, output, loss, target, lambda: find_loss(step()))]
+
+
+def detach_non_leaf_state(module: nn.Module, memo: dict[int, Any]) -> None:
+    """Put detached copies of the tensors that modules keep as plain attributes and that are not
+    graph leaves (a torchmetrics ``Metric`` used as a loss keeps its accumulated state with the
+    step's graph) into the deepcopy ``memo``: ``deepcopy`` refuses non-leaf tensors."""
+    for m in module.modules():
+        for value in vars(m).values():
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            for t in items:
+                if isinstance(t, Tensor) and t.grad_fn is not None and id(t) not in memo:
+                    memo[id(t)] = t.detach().clone()

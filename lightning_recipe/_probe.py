@@ -26,7 +26,6 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_recipe import _context, _losses
 from lightning_recipe._losses import ModuleLossCall, ModuleLossRecorder
-from lightning_recipe.batch import BatchAdapter
 
 StepFn = Callable[[nn.Module, Any], Any]
 
@@ -492,18 +491,6 @@ def _localize_sync_batchnorm(model: nn.Module) -> None:
             m.__class__ = _LocalBatchNorm
 
 
-def _detach_non_leaf_state(module: nn.Module, memo: dict[int, Any]) -> None:
-    """Put detached copies of the tensors that modules keep as plain attributes and that are not
-    graph leaves (a torchmetrics ``Metric`` used as a loss keeps its accumulated state with the
-    step's graph) into the deepcopy ``memo``: ``deepcopy`` refuses non-leaf tensors."""
-    for m in module.modules():
-        for value in vars(m).values():
-            items = value if isinstance(value, (list, tuple)) else (value,)
-            for t in items:
-                if isinstance(t, Tensor) and t.grad_fn is not None and id(t) not in memo:
-                    memo[id(t)] = t.detach().clone()
-
-
 def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     """A deep copy of a (Lightning)Module that is safe to run the user's steps on.
 
@@ -522,7 +509,7 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
             memo[id(value)] = value
     if trainer is not None:
         memo[id(trainer)] = trainer
-    _detach_non_leaf_state(module, memo)
+    _losses.detach_non_leaf_state(module, memo)
     try:
         with preserved_rng():
             clone = copy.deepcopy(module, memo)
@@ -670,32 +657,11 @@ def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch
     with LossCapture(module) as capture:
         out = step()
     result = capture.result(extract_loss(out))
-    _add_step_call(
-        result, capture, module, batch, "step_fn" if step_fn is not None else "training_step", step
+    name = "step_fn" if step_fn is not None else "training_step"
+    result.module_calls += _losses.unexplained_step(
+        capture.modules, result, module, batch, name, find_loss, step
     )
     return result
-
-
-def _add_step_call(
-    result: StepResult,
-    capture: LossCapture,
-    module: nn.Module,
-    batch: Any,
-    name: str,
-    step: Callable[[], Any],
-) -> None:
-    """Without a loss call that explains the step's loss, make the step itself the loss call
-    (``_losses.step_call``); its target is the batch's own, read by layout (the last fallback)."""
-    output = capture.modules.forward_output
-    if result.loss is None or result.loss.numel() != 1 or output is None or result.main_call is not None:
-        return
-    try:
-        target = BatchAdapter().target(batch)
-    except Exception:
-        target = None
-    result.module_calls.append(
-        _losses.step_call(name, module, output, result.loss, target, lambda: find_loss(step()))
-    )
 
 
 def call_validation_step(module: nn.Module, batch: Any, batch_idx: int = 0) -> Any:
@@ -719,7 +685,10 @@ def capture_step(
     with LossCapture(module) as capture:
         out = step()
     result = capture.result(find_loss(out))
-    _add_step_call(result, capture, module, batch, "step_fn" if step_fn is not None else hook, step)
+    name = "step_fn" if step_fn is not None else hook
+    result.module_calls += _losses.unexplained_step(
+        capture.modules, result, module, batch, name, find_loss, step
+    )
     return result
 
 

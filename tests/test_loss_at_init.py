@@ -155,13 +155,20 @@ def test_binary_with_logits_and_sigmoid_before_loss(tmp_path):
     assert "softmax-before-loss" in codes(check)
 
 
-def test_custom_loss_is_skipped_with_info(tmp_path):
+def test_custom_loss_is_judged_against_its_own_chance_loss(tmp_path):
+    """A hand-written loss (no torch.nn.functional loss): the step is the loss call, and the
+    reference is the user's own loss of uniform class scores (ln C), with the message saying so."""
+
     class Custom(Classifier):
         def loss_fn(self, out, y):
             return -(out.log_softmax(-1).gather(1, y[:, None])).mean()
 
-    check = fit_check(tmp_path, Custom(mlp()), *blobs())
-    assert codes(check) == ["check-skipped"] and "no standard loss" in check.findings[0].message
+    x, y = blobs()
+    check = fit_check(tmp_path, Custom(mlp()), x, y)
+    assert codes(check) == ["loss-at-init"] and check.findings[0].severity is lr.Severity.INFO
+    assert check.figures["reference_kind"] == "chance loss"
+    assert check.figures["reference"] == pytest.approx(math.log(int(y.max()) + 1), rel=1e-5)
+    assert "uniform prediction" in check.findings[0].message
 
 
 def test_manual_optimisation_needs_step_fn(tmp_path):
