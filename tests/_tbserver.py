@@ -51,7 +51,29 @@ class TensorBoardServer:
             return resp.read()
 
 
+def recipe_entry_point_installed() -> bool:
+    """True when the installed package registers the Recipe tab (``tensorboard_plugins``)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "recipe" for ep in entry_points(group="tensorboard_plugins"))
+
+
+#: ``tensorboard`` with the Recipe tab added explicitly, for a checkout whose package is installed
+#: without the ``tensorboard_plugins`` entry point (an old install); the rest as the command line
+_LAUNCHER = """
+import sys
+from tensorboard import default, program
+from lightning_recipe_tensorboard.plugin import RecipePlugin
+plugins = [p for p in default.get_plugins() if p is not RecipePlugin]  # static + dynamic
+tb = program.TensorBoard(plugins=[*plugins, RecipePlugin])
+tb.configure(argv=["tensorboard", *sys.argv[1:]])
+sys.exit(tb.main())
+"""
+
+
 def _tensorboard_cmd() -> list[str]:
+    if not recipe_entry_point_installed():
+        return [sys.executable, "-c", _LAUNCHER]
     exe = Path(sys.executable).with_name("tensorboard")
     if exe.exists():
         return [str(exe)]
@@ -250,19 +272,21 @@ class BrowserPage:
         res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return res.get("result", {}).get("value")
 
-    #: JavaScript returning the visible text of the page, shadow roots included
+    #: JavaScript returning the text of the page, shadow roots and same-origin iframes (the
+    #: dynamic plugins' tabs, such as Recipe) included
     DEEP_TEXT = """
     (() => { const out = [];
       const walk = (n) => { if (!n) return;
         if (n.nodeType === 1 && (n.tagName === 'STYLE' || n.tagName === 'SCRIPT')) return;
         if (n.nodeType === 3) { const t = n.textContent.trim(); if (t) out.push(t); }
         if (n.shadowRoot) walk(n.shadowRoot);
+        if (n.tagName === 'IFRAME') { try { walk(n.contentDocument && n.contentDocument.body); } catch (e) {} }
         for (const c of n.childNodes || []) walk(c); };
       walk(document.body); return out.join('\\n'); })()
     """
 
     def text(self) -> str:
-        """All text in the page, including inside shadow DOM."""
+        """All text in the page, including inside shadow DOM and iframes."""
         return self.evaluate(self.DEEP_TEXT) or ""
 
     def wait_for_text(self, needle: str, timeout: float = 30.0) -> str:
