@@ -748,7 +748,6 @@ def to_text(checklist: Checklist, width: int | None = None) -> str:
     rest = [r for r in rows if r.status not in ("error", "warning")]
     stage_w = max(len(s.key) for s in STAGES)
     title_w = min(34, max([len(r.title) for r in rows] or [10]))
-    lead = 5 + 2 + stage_w + 2 + title_w + 2
     lines: list[str] = []
     for r in urgent + rest:
         head = f"{STATUS_LABEL[r.status]:<5}  {r.stage:<{stage_w}}  {r.title[:title_w]:<{title_w}}  "

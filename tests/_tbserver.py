@@ -280,7 +280,8 @@ class BrowserPage:
         if (n.nodeType === 1 && (n.tagName === 'STYLE' || n.tagName === 'SCRIPT')) return;
         if (n.nodeType === 3) { const t = n.textContent.trim(); if (t) out.push(t); }
         if (n.shadowRoot) walk(n.shadowRoot);
-        if (n.tagName === 'IFRAME') { try { walk(n.contentDocument && n.contentDocument.body); } catch (e) {} }
+        if (n.tagName === 'IFRAME') {
+          try { walk(n.contentDocument && n.contentDocument.body); } catch (e) {} }
         for (const c of n.childNodes || []) walk(c); };
       walk(document.body); return out.join('\\n'); })()
     """
