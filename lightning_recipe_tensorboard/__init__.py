@@ -6,9 +6,9 @@ TensorBoard finds :class:`~lightning_recipe_tensorboard.plugin.RecipePlugin` thr
     tensorboard --logdir runs/        # then open the "Recipe" tab
 
 This is a package of its own, next to ``lightning_recipe``, so that TensorBoard starts as fast as
-without it: importing it loads no torch and no Lightning. The checklist itself
-(:mod:`lightning_recipe.checklist`) is imported on the first request, or in the background as
-soon as the log directory holds a ``recipe_report.json``.
+without it and answers at once: it loads no torch and no Lightning. The checklist itself
+(:mod:`lightning_recipe.checklist`, which needs only the standard library and
+:mod:`lightning_recipe.findings`) is loaded from the package's folder on the first request.
 """
 
 PLUGIN_NAME = "recipe"

@@ -16,8 +16,10 @@ inactive (listed, not broken) for any other.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +33,7 @@ from werkzeug import wrappers
 
 from lightning_recipe_tensorboard import PLUGIN_NAME
 
-REPORT_FILE = "recipe_report.json"  # lightning_recipe.report.REPORT_FILE, without importing torch
+REPORT_FILE = "recipe_report.json"  # lightning_recipe.report.REPORT_FILE (that module imports torch)
 STATIC = Path(__file__).parent / "static"
 #: points per sparkline
 SERIES_POINTS = 60
@@ -40,9 +42,57 @@ RESCAN_SECONDS = 10.0
 _STATIC_TYPES = {".js": "application/javascript", ".css": "text/css"}
 
 
+_LOAD_LOCK = threading.Lock()
+_LOADED: list[Any] = []
+
+
 def _checklist() -> Any:
-    """``lightning_recipe.checklist``, imported on first use (it imports torch with the package)."""
-    return importlib.import_module("lightning_recipe.checklist")
+    """``lightning_recipe.checklist``, loaded on first use.
+
+    Importing it the usual way runs ``lightning_recipe/__init__.py``, which imports torch and
+    Lightning: seconds, and hundreds of MB, in a process that only reads JSON. So the two files
+    it needs (``checklist.py`` and ``findings.py``, which import nothing but the standard
+    library) are loaded from the installed package's folder on their own, under private names.
+    Where that cannot be done (the package is already imported, or not a plain folder), it is the
+    usual import.
+    """
+    with _LOAD_LOCK:
+        if not _LOADED:
+            _LOADED.append(_load_checklist())
+        return _LOADED[0]
+
+
+def _load_checklist() -> Any:
+    if "lightning_recipe" in sys.modules:
+        return importlib.import_module("lightning_recipe.checklist")
+    try:
+        spec = importlib.util.find_spec("lightning_recipe")  # finds the folder, runs nothing
+        folder = Path(next(iter(spec.submodule_search_locations or ())))  # type: ignore[union-attr]
+        findings = _load_file(f"{__package__}._findings", folder / "findings.py")
+        # checklist.py says `from lightning_recipe.findings import CATALOG`: for the time it is
+        # loaded, that name is the module just loaded (a module in sys.modules is not imported
+        # again, and its package is not imported at all)
+        sys.modules["lightning_recipe.findings"] = findings
+        try:
+            return _load_file(f"{__package__}._checklist", folder / "checklist.py")
+        finally:
+            sys.modules.pop("lightning_recipe.findings", None)
+    except Exception:
+        return importlib.import_module("lightning_recipe.checklist")
+
+
+def _load_file(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is made
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def find_reports(logdir: str | os.PathLike) -> dict[str, Path]:
@@ -73,9 +123,6 @@ class RecipePlugin(base_plugin.TBPlugin):
         self._active = False
         self._scanned_at = float("-inf")
         self._cache: dict[Path, tuple[float, dict[str, Any]]] = {}
-        self._warmed = False
-        if self.is_active():
-            self._warm_up()
 
     # ------------------------------------------------------------------ TBPlugin
     def get_plugin_apps(self) -> dict[str, Any]:
@@ -92,8 +139,6 @@ class RecipePlugin(base_plugin.TBPlugin):
         if now - self._scanned_at >= RESCAN_SECONDS:
             self._scanned_at = now
             self._active = _has_report(self._logdir)
-            if self._active:
-                self._warm_up()
         return self._active
 
     def data_plugin_names(self) -> tuple[str, ...]:
@@ -196,20 +241,6 @@ class RecipePlugin(base_plugin.TBPlugin):
                 points = data.get(entry["run"], {}).get(tag, []) if tag else []
                 if points:
                     diag["sparkline"] = {"tag": tag, "points": [[p.step, p.value] for p in points]}
-
-    def _warm_up(self) -> None:
-        """Import the checklist (and with it torch) in the background, before the tab asks."""
-        if self._warmed:
-            return
-        self._warmed = True
-        threading.Thread(target=_quietly_import, name="recipe-plugin-warm-up", daemon=True).start()
-
-
-def _quietly_import() -> None:
-    try:
-        _checklist()
-    except Exception:  # the route reports it when it is asked
-        pass
 
 
 def _has_report(logdir: str) -> bool:

@@ -52,10 +52,20 @@ class TensorBoardServer:
 
 
 def recipe_entry_point_installed() -> bool:
-    """True when the installed package registers the Recipe tab (``tensorboard_plugins``)."""
-    from importlib.metadata import entry_points
+    """True when the package installed in this environment registers the Recipe tab (the
+    ``tensorboard_plugins`` entry point), as the ``tensorboard`` command sees it: in
+    site-packages, not in a checkout's build leftovers on the current directory."""
+    import site
+    import sysconfig
+    from importlib.metadata import distributions
 
-    return any(ep.name == "recipe" for ep in entry_points(group="tensorboard_plugins"))
+    paths = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return any(
+        ep.group == "tensorboard_plugins" and ep.name == "recipe"
+        for dist in distributions(path=paths)
+        for ep in dist.entry_points
+    )
 
 
 #: ``tensorboard`` with the Recipe tab added explicitly, for a checkout whose package is installed

@@ -204,21 +204,27 @@ def test_entry_point_and_package_data_in_pyproject():
         assert (static / name).exists() and any(Path(name).match(p.split("/")[-1]) for p in data)
     from _tbserver import recipe_entry_point_installed
 
-    if recipe_entry_point_installed():  # the installed package registers it: it loads this class
-        from importlib.metadata import entry_points
+    if recipe_entry_point_installed():  # installed: TensorBoard's own discovery finds the tab
+        from tensorboard import default
 
-        (ep,) = [e for e in entry_points(group="tensorboard_plugins") if e.name == "recipe"]
-        assert ep.value == target
+        found = [p for p in default.get_dynamic_plugins() if getattr(p, "plugin_name", None) == "recipe"]
+        assert [f"{p.__module__}:{p.__qualname__}" for p in found] == [target]
 
 
-def test_plugin_module_loads_without_torch():
-    """TensorBoard imports every plugin at start: ours must not pull in torch and Lightning."""
+def test_plugin_reads_reports_without_torch(tmp_path):
+    """TensorBoard imports every plugin at start and a tab must answer at once: the plugin reads
+    the reports without importing torch, Lightning or the lightning_recipe package."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe_report.json").write_text(json.dumps(report([], HEALTHY_FIGURES)))
     code = (
-        "import sys; import lightning_recipe_tensorboard.plugin; "
-        "print(sorted(m for m in ('torch', 'lightning', 'lightning_recipe') if m in sys.modules))"
+        "import sys; from tensorboard.plugins.base_plugin import TBContext; "
+        "from lightning_recipe_tensorboard.plugin import RecipePlugin; "
+        f"runs = RecipePlugin(TBContext(logdir={str(tmp_path)!r})).runs()['runs']; "
+        "print(len(runs[0]['diagnostics']) > 10, "
+        "sorted(m for m in ('torch', 'lightning', 'lightning_recipe') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "True []"
 
 
 def test_plugin_is_active_only_for_a_log_directory_the_suite_wrote(tmp_path):

@@ -6,6 +6,7 @@ const ICON = { error: '\u2716', warning: '\u26a0', skipped: '\u21b7', ok: '\u271
 const LABEL = { error: 'error', warning: 'warning', skipped: 'skipped', ok: 'ok', pending: 'waiting', 'not-run': 'not run' };
 const RANK = { error: 0, warning: 1, skipped: 2, ok: 3, pending: 4, 'not-run': 5 };
 const MAX_SHOWN = 6;
+const META = new Set(['check-skipped', 'internal-error']);
 
 const state = { data: null, error: null, shown: null, expanded: new Set(), onlyProblems: false, timer: null, fetchedAt: null };
 
@@ -90,7 +91,7 @@ function message(key, text, cls) {
 }
 
 function cell(run, diag) {
-  if (!diag) return el('td', { class: 'cell absent' }, el('span', { class: 'muted' }, 'not in this run'));
+  if (!diag) return el('td', { class: 'cell absent', 'data-run': run.run }, el('span', { class: 'muted' }, 'not in this run'));
   const status = diag.status;
   const head = el('div', { class: 'cell-head' },
     el('span', { class: `pill ${status}`, title: LABEL[status] }, `${ICON[status] || '?'} ${LABEL[status] || status}`),
@@ -106,17 +107,21 @@ function cell(run, diag) {
       message(`${run.run}|${diag.name}|${i}`, f.message, 'msg'),
       f.try ? el('div', { class: 'try' }, el('b', {}, 'Try: '), f.try) : null));
   });
-  if ((status === 'skipped' || status === 'not-run' || status === 'pending') && diag.reason) {
+  // info findings: a skip or an internal error says why the row is grey; the others are notes
+  const infos = (diag.findings || []).filter((f) => f.severity === 'info');
+  const notes = new Set(diag.notes || []);
+  infos.sort((a, b) => Number(notes.has(b.code)) - Number(notes.has(a.code)));
+  infos.forEach((f, i) => {
+    const meta = META.has(f.code);
+    body.push(el('div', { class: `finding info ${meta ? 'meta' : ''} ${notes.has(f.code) ? 'note' : ''}` },
+      el('span', { class: 'code' }, f.code),
+      message(`${run.run}|${diag.name}|info${i}`, meta && diag.reason ? diag.reason : f.message, 'msg')));
+  });
+  if (!infos.some((f) => META.has(f.code)) && diag.reason && status !== 'ok') {
     body.push(el('div', { class: 'reason' }, message(`${run.run}|${diag.name}|reason`, diag.reason, 'msg')));
   }
-  const noteCodes = new Set(diag.notes || []);
-  (diag.findings || []).filter((f) => f.severity === 'info' && noteCodes.has(f.code)).forEach((f, i) => {
-    body.push(el('div', { class: 'finding info' },
-      el('span', { class: 'code' }, f.code),
-      message(`${run.run}|${diag.name}|note${i}`, f.message, 'msg')));
-  });
   const links = (diag.links || []).map((l) => el('a', { href: tbHref(l), target: '_top', title: `${l.plugin}: ${l.tag}` }, `${l.label} \u2197`));
-  return el('td', { class: `cell ${status}` }, head, body, links.length ? el('div', { class: 'links' }, links) : null);
+  return el('td', { class: `cell ${status}`, 'data-run': run.run, 'data-status': status }, head, body, links.length ? el('div', { class: 'links' }, links) : null);
 }
 
 function runHeader(run) {
