@@ -386,6 +386,7 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
         _key_activations,
         ("recipe/activation_stats/{layer}/dead_fraction",),
         _links(
+            ("worst layer", "histograms", "recipe/activations/{layer}$"),
             ("activation histograms", "histograms", "recipe/activations/"),
             ("activation stats", "scalars", "recipe/activation_stats/"),
         ),
@@ -451,52 +452,18 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
 }
 
 #: the stage of each finding code (codes of diagnostics this module does not know yet included)
-CODE_STAGE: dict[str, str] = {
-    **dict.fromkeys(
-        ("input-not-normalized", "bad-input", "train-val-overlap", "target-in-input", "label-noise"), "data"
-    ),
-    **dict.fromkeys(
-        (
-            "loss-at-init",
-            "softmax-before-loss",
-            "loss-broadcast",
-            "input-independent",
-            "overfit-batch-failed",
-            "batch-mixing",
-            "gradcheck-failed",
-            "params-not-updating",
-            "bias-before-norm",
-            "output-no-bias",
-            "train-eval-mode",
-            "grad-not-zeroed",
-            "prediction-instability",
-            "future-leak",
-            "class-prior-init",
-            "loss-includes-padding",
-        ),
-        "skeleton",
-    ),
-    **dict.fromkeys(
-        (
-            "loss-diverged",
-            "non-finite-loss",
-            "loss-not-decreasing",
-            "lr-decayed-early",
-            "dead-units",
-            "saturated-units",
-            "vanishing-gradients",
-            "exploding-gradients",
-            "non-finite-gradients",
-            "underfitting",
-        ),
-        "overfit",
-    ),
-    **dict.fromkeys(
-        ("overfitting", "noisy-filters", "early-stopped", "regularization-dominates"), "regularize"
-    ),
-    **dict.fromkeys(("update-ratio-low", "update-ratio-high"), "tune"),
-    **dict.fromkeys(("ensemble-evaluated",), "juice"),
+_CODES_BY_STAGE = {
+    "data": "input-not-normalized bad-input train-val-overlap target-in-input label-noise",
+    "skeleton": "loss-at-init softmax-before-loss loss-broadcast input-independent overfit-batch-failed "
+    "batch-mixing gradcheck-failed params-not-updating bias-before-norm output-no-bias train-eval-mode "
+    "grad-not-zeroed prediction-instability future-leak class-prior-init loss-includes-padding",
+    "overfit": "loss-diverged non-finite-loss loss-not-decreasing lr-decayed-early dead-units "
+    "saturated-units vanishing-gradients exploding-gradients non-finite-gradients underfitting",
+    "regularize": "overfitting noisy-filters early-stopped regularization-dominates",
+    "tune": "update-ratio-low update-ratio-high",
+    "juice": "ensemble-evaluated",
 }
+CODE_STAGE: dict[str, str] = {c: stage for stage, codes in _CODES_BY_STAGE.items() for c in codes.split()}
 
 #: words in an unknown code or callback name that point to a stage (first match wins)
 _STAGE_WORDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -679,7 +646,7 @@ def _row(
         findings=found,
         figures=fig or {},
         series=_series(diag, fig or {}),
-        links=diag.links or _links(("findings", "text", "recipe/findings")),
+        links=_fill_links(diag.links, fig or {}) or _links(("findings", "text", "recipe/findings")),
     )
     if fig is not None or found:
         try:
@@ -724,15 +691,30 @@ def _skip_reason(skips: list[dict[str, Any]], fig: dict[str, Any]) -> str:
     return skips[0]["message"] if skips else "skipped"
 
 
+def _worst_layer(fig: dict[str, Any]) -> str | None:
+    for key in ("max_dead_fraction", "max_saturated_fraction"):
+        worst = fig.get(key)
+        if isinstance(worst, dict) and worst.get("layer"):
+            return str(worst["layer"])
+    return None
+
+
 def _series(diag: Diagnostic, fig: dict[str, Any]) -> tuple[str, ...]:
+    worst = fig.get("max_dead_fraction")
+    layer = str(worst["layer"]) if isinstance(worst, dict) and worst.get("layer") else None
+    tags = [tag for tag in diag.series if "{layer}" not in tag or layer is not None]
+    return tuple(tag.replace("{layer}", layer or "") for tag in tags)
+
+
+def _fill_links(links: tuple[Link, ...], fig: dict[str, Any]) -> tuple[Link, ...]:
+    layer = _worst_layer(fig)
     out = []
-    for tag in diag.series:
-        if "{layer}" in tag:
-            worst = fig.get("max_dead_fraction")
-            if not isinstance(worst, dict) or not worst.get("layer"):
+    for link in links:
+        if "{layer}" in link.tag:
+            if layer is None:
                 continue
-            tag = tag.replace("{layer}", str(worst["layer"]))
-        out.append(tag)
+            link = Link(f"{link.label} ({layer})", link.plugin, link.tag.replace("{layer}", re.escape(layer)))
+        out.append(link)
     return tuple(out)
 
 
