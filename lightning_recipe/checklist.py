@@ -750,7 +750,7 @@ def to_text(checklist: Checklist, width: int | None = None) -> str:
                     subsequent_indent=indent + "  ",
                 )
             )
-            if f.get("try"):
+            if f.get("try") and not _says(f["message"], f["try"]):
                 lines.extend(
                     textwrap.wrap(
                         f"try: {f['try']}",
@@ -773,6 +773,12 @@ def to_text(checklist: Checklist, width: int | None = None) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _says(message: str, advice: str) -> bool:
+    """True when ``message`` already gives ``advice`` (its first words)."""
+    head = re.sub(r"\W+", " ", advice.lower()).strip()[:30]
+    return bool(head) and head in re.sub(r"\W+", " ", message.lower())
 
 
 def _clip(text: str, width: int) -> str:
