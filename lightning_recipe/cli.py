@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     print(f"TensorBoard logs: {Path(report['path']).parent}")
-    print(f"Open them with:   tensorboard --logdir {args.logdir}")
+    print(f"Open them with:   tensorboard --logdir {args.logdir}   (the Recipe tab: every run's checklist)")
     return 0
 
 
