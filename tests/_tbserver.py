@@ -87,8 +87,7 @@ def _tensorboard_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("tensorboard")
     if exe.exists():
         return [str(exe)]
-    found = shutil.which("tensorboard")
-    return [found] if found else [sys.executable, "-m", "tensorboard.main"]
+    return [sys.executable, "-m", "tensorboard.main"]  # this environment's, not another one on PATH
 
 
 @contextmanager
