@@ -181,8 +181,10 @@ function table(runs, stages) {
       })));
     for (const name of shownNames) {
       const cells = byRun.map((m) => m[name]);
-      const statuses = new Set(cells.map((d) => (d ? d.status : 'absent')));
-      const differs = runs.length > 1 && statuses.size > 1;
+      // runs disagree when one warns, fails or skips where another does not (a run that has not
+      // measured this yet, or does not run it, disagrees with nobody)
+      const loud = new Set(cells.map((d) => (d && RANK[d.status] <= RANK.skipped ? d.status : 'quiet')));
+      const differs = runs.length > 1 && loud.size > 1;
       const d = meta[name];
       body.appendChild(el('tr', { class: `diag-row ${differs ? 'differs' : ''}`, 'data-diagnostic': name },
         el('th', { class: 'diag' },
