@@ -26,7 +26,7 @@ OUT = Path(__file__).parent / "images"
 
 #: (file, run ("" for every run), URL hash, text to wait for, window height)
 SHOTS = [
-    ("recipe_checklist.png", "", "#recipe", "Squeeze out the juice", 2150),
+    ("recipe_checklist.png", "", "#recipe", "Squeeze out the juice", 2300),
     ("recipe_tab.png", "healthy", "#custom_scalars", "real vs zero-input loss", 1500),
     (
         "first_layer_filters.png",
