@@ -1,11 +1,12 @@
 """Take the README's screenshots from a real demo run, in a real TensorBoard and a real browser.
 
-    .venv/bin/python docs/make_screenshots.py        # writes docs/images/*.png
+    .venv/bin/python docs/make_screenshots.py                    # writes docs/images/*.png
+    .venv/bin/python docs/make_screenshots.py recipe_checklist.png   # only the ones named
 
 Needs Debian's chromium (apt-get install chromium) and websocket-client (the dev extra). It
 trains the healthy digits demo and its ``dead-relu`` variant (for a findings table with
 something in it), serves each with TensorBoard on 127.0.0.1 and photographs the views the README
-explains.
+explains; the Recipe tab shows both runs side by side.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from _tbserver import BrowserPage, serve
 
 OUT = Path(__file__).parent / "images"
 
-#: (file, run, URL hash, text to wait for, window height)
+#: (file, run ("" for every run), URL hash, text to wait for, window height)
 SHOTS = [
+    ("recipe_checklist.png", "", "#recipe", "Squeeze out the juice", 2300),
     ("recipe_tab.png", "healthy", "#custom_scalars", "real vs zero-input loss", 1500),
     (
         "first_layer_filters.png",
@@ -51,12 +53,19 @@ SHOTS = [
 ]
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
+    unknown = set(names) - {shot[0] for shot in SHOTS}
+    if unknown:
+        known = [shot[0] for shot in SHOTS]
+        print(f"unknown screenshot(s) {sorted(unknown)}; known: {known}", file=sys.stderr)
+        return 2
     OUT.mkdir(parents=True, exist_ok=True)
     logdir = Path(tempfile.mkdtemp(prefix="recipe_screenshots_"))
     for bug in (None, "dead-relu"):
         run_demo(bug=bug, epochs=8, logdir=logdir)
     for name, run, view, wait_for, height in SHOTS:
+        if names and name not in names:
+            continue
         with serve(logdir / run, timeout=90) as server, BrowserPage.open(1400, height) as page:
             page.goto(server.url + "/" + view)
             page.wait_for_text(wait_for, timeout=90)
@@ -67,4 +76,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

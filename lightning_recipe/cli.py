@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     print(f"TensorBoard logs: {Path(report['path']).parent}")
-    print(f"Open them with:   tensorboard --logdir {args.logdir}")
+    print(f"Open them with:   tensorboard --logdir {args.logdir}   (the Recipe tab: every run's checklist)")
     return 0
 
 
@@ -37,7 +37,7 @@ def _report(args: argparse.Namespace) -> int:
     elif args.format == "markdown":
         print(format_markdown(report))
     else:
-        print(format_text(report))
+        print(format_text(report, figures=args.figures))
         print(f"\n(from {path})")
     return 0
 
@@ -59,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    rep = sub.add_parser("report", help="print the findings table of a finished run")
+    rep = sub.add_parser("report", help="print the recipe's checklist of a run (one line per diagnostic)")
     rep.add_argument(
         "logdir",
         help="a run directory, a parent of runs (the newest report is shown), or a recipe_report.json; "
         "a run that is still going shows what it has found so far",
     )
     rep.add_argument("--format", choices=["text", "markdown", "json"], default="text")
+    rep.add_argument(
+        "--figures",
+        action="store_true",
+        help="also print every callback's key figures after the checklist (text format)",
+    )
     rep.set_defaults(func=_report)
     from lightning_recipe.preflight import add_parser
 

@@ -146,8 +146,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_text(report: dict[str, Any], width: int | None = None) -> str:
-    """The console report: a summary line, the findings table and the key figures."""
+def format_text(report: dict[str, Any], width: int | None = None, figures: bool = False) -> str:
+    """The console report: a summary line and the recipe's checklist, one line per diagnostic
+    (errors and warnings first, with their message and what to try); every callback's key
+    figures too with ``figures=True`` (they are always in ``recipe_report.json``)."""
+    from lightning_recipe.checklist import build, to_text
+
     found = [Finding.from_dict(d) for d in report.get("findings", [])]
     c = report.get("counts") or count_by_severity(found)
     status = report.get("status", "finished")
@@ -156,8 +160,8 @@ def format_text(report: dict[str, Any], width: int | None = None) -> str:
         f"{c.get('info', 0)} info at step {report.get('global_step', '?')}"
         + ("" if status == "finished" else f" (run {status})")
     )
-    parts = [head, "", format_table(found, width)]
-    figs = format_figures(report.get("figures", {}), width or 100)
+    parts = [head, "", to_text(build(report), width)]
+    figs = format_figures(report.get("figures", {}), width or 100) if figures else ""
     if figs:
         parts += ["", "Key figures:", figs]
     return "\n".join(parts)
@@ -269,7 +273,8 @@ def write_report(trainer: Any, print_report: bool | None = None, status: str = "
         print_report = any(getattr(cb, "print_report", True) for cb in recipe_callbacks_of(trainer))
     if print_report:
         saved = "not saved: fast_dev_run writes no files" if path is None else f"report saved to {path}"
-        print("\n" + format_text(report) + f"\n\n({saved})\n", flush=True)
+        figures = "" if path is None else f"; key figures: lightning-recipe report {path.parent} --figures"
+        print("\n" + format_text(report) + f"\n\n({saved}{figures})\n", flush=True)
     return report
 
 

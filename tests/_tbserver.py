@@ -51,12 +51,43 @@ class TensorBoardServer:
             return resp.read()
 
 
+def recipe_entry_point_installed() -> bool:
+    """True when the package installed in this environment registers the Recipe tab (the
+    ``tensorboard_plugins`` entry point), as the ``tensorboard`` command sees it: in
+    site-packages, not in a checkout's build leftovers on the current directory."""
+    import site
+    import sysconfig
+    from importlib.metadata import distributions
+
+    paths = [sysconfig.get_paths()["purelib"], *site.getsitepackages()]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return any(
+        ep.group == "tensorboard_plugins" and ep.name == "recipe"
+        for dist in distributions(path=paths)
+        for ep in dist.entry_points
+    )
+
+
+#: ``tensorboard`` with the Recipe tab added explicitly, for a checkout whose package is installed
+#: without the ``tensorboard_plugins`` entry point (an old install); the rest as the command line
+_LAUNCHER = """
+import sys
+from tensorboard import default, program
+from lightning_recipe_tensorboard.plugin import RecipePlugin
+plugins = [p for p in default.get_plugins() if p is not RecipePlugin]  # static + dynamic
+tb = program.TensorBoard(plugins=[*plugins, RecipePlugin])
+tb.configure(argv=["tensorboard", *sys.argv[1:]])
+sys.exit(tb.main())
+"""
+
+
 def _tensorboard_cmd() -> list[str]:
+    if not recipe_entry_point_installed():
+        return [sys.executable, "-c", _LAUNCHER]
     exe = Path(sys.executable).with_name("tensorboard")
     if exe.exists():
         return [str(exe)]
-    found = shutil.which("tensorboard")
-    return [found] if found else [sys.executable, "-m", "tensorboard.main"]
+    return [sys.executable, "-m", "tensorboard.main"]  # this environment's, not another one on PATH
 
 
 @contextmanager
@@ -250,19 +281,22 @@ class BrowserPage:
         res = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         return res.get("result", {}).get("value")
 
-    #: JavaScript returning the visible text of the page, shadow roots included
+    #: JavaScript returning the text of the page, shadow roots and same-origin iframes (the
+    #: dynamic plugins' tabs, such as Recipe) included
     DEEP_TEXT = """
     (() => { const out = [];
       const walk = (n) => { if (!n) return;
         if (n.nodeType === 1 && (n.tagName === 'STYLE' || n.tagName === 'SCRIPT')) return;
         if (n.nodeType === 3) { const t = n.textContent.trim(); if (t) out.push(t); }
         if (n.shadowRoot) walk(n.shadowRoot);
+        if (n.tagName === 'IFRAME') {
+          try { walk(n.contentDocument && n.contentDocument.body); } catch (e) {} }
         for (const c of n.childNodes || []) walk(c); };
       walk(document.body); return out.join('\\n'); })()
     """
 
     def text(self) -> str:
-        """All text in the page, including inside shadow DOM."""
+        """All text in the page, including inside shadow DOM and iframes."""
         return self.evaluate(self.DEEP_TEXT) or ""
 
     def wait_for_text(self, needle: str, timeout: float = 30.0) -> str:
