@@ -53,6 +53,8 @@ class DataInspectionCheck(FirstBatchCheck):
         trainer = L.Trainer(callbacks=[DataInspectionCheck(image_shape=(1, 28, 28))])
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     what = "inspect the first batch"
 
     def __init__(

@@ -121,6 +121,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         print(stopper.best_epoch, stopper.findings[-1].message)  # the model now holds those weights
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         monitor: str,

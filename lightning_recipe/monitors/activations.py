@@ -288,6 +288,8 @@ class ActivationMonitor(TrendMonitor):
         trainer.fit(model, datamodule)  # warns "[dead-units] 97% of the units of net.1 ..."
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,

@@ -85,6 +85,8 @@ class FirstLayerFilterMonitor(RecipeCallback):
         trainer.fit(mlp_on_mnist, datamodule)
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_epochs: int = 1,

@@ -131,6 +131,8 @@ class GradientMonitor(TrendMonitor):
         trainer.fit(model, datamodule)  # warns "[vanishing-gradients] ... 3.3e-06x ..."
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,

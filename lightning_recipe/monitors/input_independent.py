@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
     EvalStep,
@@ -204,7 +204,10 @@ class InputIndependentBaseline(RecipeCallback):
         if getattr(trainer, "sanity_checking", False) or not _fitting(trainer):
             return
         self._runs += 1
-        flat = bool(self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module))
+        with _sharded.gathered(trainer, pl_module, need=self.active and not self._gave_up):
+            flat = bool(
+                self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module)
+            )
         flat = bool(trainer.strategy.reduce_boolean_decision(flat, all=True))
         if self._runs <= self.warmup:
             return

@@ -127,6 +127,8 @@ class LossCurveMonitor(StepMonitor):
         trainer = L.Trainer(callbacks=[LossCurveMonitor()], log_every_n_steps=50)
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import tensorboard
+from lightning_recipe import _sharded, tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
     EvalStep,
@@ -227,7 +227,8 @@ class PredictionDynamicsMonitor(StepMonitor):
 
     def _log_step(self, trainer: Any, pl_module: Any) -> None:
         self.mark_logged(trainer)
-        unstable = bool(self.run_safely(trainer, "on_train_batch_end", self._measure, trainer, pl_module))
+        with _sharded.gathered(trainer, pl_module, need=self.active):
+            unstable = bool(self.run_safely(trainer, "on_train_batch_end", self._measure, trainer, pl_module))
         unstable = bool(trainer.strategy.reduce_boolean_decision(unstable, all=True))
         if unstable and self.active and not self.has_reported("prediction-instability"):
             self.run_safely(trainer, "on_train_batch_end", self._report_instability, trainer)

@@ -112,6 +112,8 @@ class TrainValGapMonitor(RecipeCallback):
         trainer = L.Trainer(callbacks=[TrainValGapMonitor(num_classes=10)])
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         train_metric: str | None = None,

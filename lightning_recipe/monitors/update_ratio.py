@@ -163,6 +163,8 @@ class UpdateRatioMonitor(StepMonitor):
         trainer = L.Trainer(callbacks=[UpdateRatioMonitor(every_n_steps=50)], log_every_n_steps=50)
     """
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,
