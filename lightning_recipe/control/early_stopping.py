@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 from torch import Tensor
 
-from lightning_recipe import _context
+from lightning_recipe import _context, _sharded
 from lightning_recipe.callback import RecipeCallback, validate_on_error
 from lightning_recipe.findings import Severity
 
@@ -79,8 +79,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     ``torch.save`` per improvement, under ``best_weights_dir``, default
     ``<default_root_dir>/recipe_best_weights``). Under DDP every rank keeps its own copy (ranks
     hold identical weights, and rank-local copies need no shared file system): the cost is per
-    process. Sharded strategies (FSDP, DeepSpeed) hold a shard per rank: restoring is skipped
-    there with an info line.
+    process. Sharded strategies (FSDP2 / ``ModelParallelStrategy``, FSDP, DeepSpeed stage 3):
+    every rank keeps a copy of its own shard of each tensor (1/world of the model) and loads it
+    back in place at the end, without any collective; these shards are not saved in checkpoints
+    (the checkpoint holds rank zero's callback state only), so a run resumed from a sharded
+    checkpoint restores only weights it kept itself after the resume, and says so otherwise.
 
     Checkpoints: with ``"cpu"``/``"device"`` the best weights travel inside the callback state, so
     a checkpoint grows by one copy of the model (a resumed run restores the right weights even if
@@ -193,6 +196,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._last_epoch: int | None = None
         self._best_weights: dict[str, Tensor] | None = None
         self._best_path: str | None = None
+        self._sharded_weights = False  # the kept weights are this rank's shards
+        self._sharded_resumed = False  # resumed from a sharded run: its kept shards were not saved
         self._weights_epoch: int | None = None
         self._weights_step: int | None = None
         #: why we stopped: "patience", "diverged", "non-finite", "non-finite-train-loss", "threshold",
@@ -226,7 +231,10 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         state = EarlyStopping.state_dict(self)
         state.update(RecipeCallback.state_dict(self))
         weights = None
-        if self.best_weights_storage != "disk" and self._best_weights is not None:
+        # shards of a sharded model differ per rank, and the checkpoint holds rank zero's
+        # callback state only: they are not saved (a resumed run says so if it needs them)
+        keep = self.best_weights_storage != "disk" and not self._sharded_weights
+        if keep and self._best_weights is not None:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in self._best_weights.items()}
         state.update(
             {
@@ -239,7 +247,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
                 "weights_epoch": self._weights_epoch,
                 "weights_step": self._weights_step,
                 "best_weights": weights,
-                "best_weights_path": self._best_path,
+                "best_weights_path": None if self._sharded_weights else self._best_path,
+                "sharded_weights": self._sharded_weights,
                 "stop_cause": self.stop_cause,
                 "stop_detail": dict(self._stop_detail),
                 "last_loss_check_step": self._last_loss_check_step,
@@ -263,6 +272,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._weights_step = state_dict.get("weights_step")
         self._best_weights = state_dict.get("best_weights")
         self._best_path = state_dict.get("best_weights_path")
+        self._sharded_weights = False
+        self._sharded_resumed = bool(state_dict.get("sharded_weights", False))
         self.stop_cause = state_dict.get("stop_cause")
         self._stop_detail = dict(state_dict.get("stop_detail") or {})
         self._last_loss_check_step = int(state_dict.get("last_loss_check_step", -1))
@@ -468,18 +479,9 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     # ------------------------------------------------------------------ best weights
     def _store_best(self, trainer: Any, epoch: int, step: int) -> None:
         module = trainer.lightning_module
-        if _is_sharded(trainer):
-            if not self.has_reported("check-skipped"):
-                self.report(
-                    trainer,
-                    "check-skipped",
-                    Severity.INFO,
-                    f"RecipeEarlyStopping cannot keep the best weights under the sharded strategy "
-                    f"{type(trainer.strategy).__name__}; training stops as usual but nothing is restored.",
-                    {"strategy": type(trainer.strategy).__name__},
-                )
-            return
-        state = module.state_dict()
+        self._sharded_weights = _is_sharded(trainer) and _sharded.kind(module, trainer) is not None
+        # sharded: each rank keeps its own shard of every tensor (1/world of the model), no collective
+        state = _local_state(module) if self._sharded_weights else module.state_dict()
         if self.best_weights_storage == "disk":
             path = self._disk_path(trainer)
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -511,6 +513,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         if self._best_weights is not None:
             return self._best_weights, None
         if not self._best_path:
+            if self._sharded_resumed:
+                return None, (
+                    "the best weights were kept as each rank's shards before the resume and are not "
+                    "in the checkpoint (sharded strategy); they were lost with the previous run"
+                )
             return None, "the best weights were not kept"
         if not os.path.exists(self._best_path):
             return None, f"the best-weights file {self._best_path!r} is missing"
@@ -538,7 +545,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         restored, why_not = False, None
         if self.restore_best_weights:
             weights, why_not = self._load_best()
-            if weights is not None:
+            if weights is not None and self._sharded_weights:
+                _restore_local_state(pl_module, weights)
+                restored = True
+                self.restored_epoch = self._weights_epoch
+            elif weights is not None:
                 pl_module.load_state_dict(weights)
                 restored = True
                 self.restored_epoch = self._weights_epoch
@@ -692,6 +703,21 @@ def _copy_into(
 def _is_sharded(trainer: Any) -> bool:
     name = type(getattr(trainer, "strategy", None)).__name__.lower()
     return any(s in name for s in _SHARDED)
+
+
+def _local_state(module: Any) -> dict[str, Tensor]:
+    """Every parameter's and buffer's local shard, by name (views, copied by the caller)."""
+    out = {n: _sharded.local(p.detach()) for n, p in module.named_parameters()}
+    out.update({n: _sharded.local(b) for n, b in module.named_buffers()})
+    return out
+
+
+def _restore_local_state(module: Any, state: Mapping[str, Tensor]) -> None:
+    """Load shards kept by :func:`_local_state` back in place, rank by rank (no collective)."""
+    with torch.no_grad():
+        for n, t in [*module.named_parameters(), *module.named_buffers()]:
+            if n in state:
+                _sharded.local(t).copy_(state[n].to(_sharded.local(t).device))
 
 
 def _safe(name: str) -> str:
