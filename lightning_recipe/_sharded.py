@@ -106,6 +106,25 @@ def _rank() -> int:
 
 
 # ---------------------------------------------------------------------------- local shards and norms
+def full(t: Tensor) -> Tensor:
+    """The whole of ``t``: a DTensor's ``full_tensor()`` (a collective: every rank must call it
+    at the same point), anything else as it is."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def ensure_resharded(module: nn.Module) -> None:
+    """FSDP2 leaves a module unsharded after a forward without backward (validation), with
+    plain full tensors registered in place of its ``DTensor`` parameters until the next
+    forward; reshard it (local: frees the gathered copy, values unchanged) so that the
+    registered parameters are the sharded ones the optimizer steps."""
+    fsdp2 = _fsdp2_class()
+    if fsdp2 is None:
+        return
+    for m in module.modules():
+        if isinstance(m, fsdp2) and any(not is_dtensor(p) for p in m.parameters(recurse=False)):
+            m.reshard()
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's part of ``t``: a DTensor's local shard, a DeepSpeed partition, else ``t``."""
     if is_dtensor(t):
@@ -234,9 +253,9 @@ def gather_point(trainer: Any, module: nn.Module, need: bool = True) -> bool:
     if kind_ == "dtensor":
         with torch.no_grad():
             for p in params:
-                full = p.full_tensor() if is_dtensor(p) else p
-                gathered.tensors[id(p)] = full.detach().clone() if full is p else full.detach()
-                gathered.versions[id(p)] = _version(p)
+                if is_dtensor(p):  # a plain tensor here is whole already: copied when needed
+                    gathered.tensors[id(p)] = p.full_tensor().detach()
+                    gathered.versions[id(p)] = _version(p)
     else:
         _gather_by_context(trainer, module, params, kind_, gathered)
     _GATHERED[module] = gathered
@@ -330,7 +349,9 @@ def full_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         )
     params = list(dict.fromkeys(module.parameters()))
     for p in params:
-        if id(p) not in held.tensors or (held.versions[id(p)] not in (-2, _version(p))):
+        if is_dtensor(p) and (id(p) not in held.tensors or held.versions[id(p)] != _version(p)):
+            raise NotGathered("the sharded model's weights changed since they were gathered")
+        if not is_dtensor(p) and kind_ != "dtensor" and id(p) not in held.tensors:
             raise NotGathered("the sharded model's weights changed since they were gathered")
     restore: list[tuple[nn.Module, type]] = []
     fsdp2 = _fsdp2_class()
@@ -349,7 +370,8 @@ def full_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
                         if _shared_by_copy(item):
                             memo[id(item)] = item
         for p in params:
-            memo[id(p)] = nn.Parameter(held.tensors[id(p)].clone(), requires_grad=p.requires_grad)
+            whole = held.tensors.get(id(p), p)  # FSDP2: a plain registered tensor is whole
+            memo[id(p)] = nn.Parameter(whole.detach().clone(), requires_grad=p.requires_grad)
         for b in module.buffers():
             if is_dtensor(b):
                 memo[id(b)] = b.full_tensor().clone()

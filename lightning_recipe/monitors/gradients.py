@@ -262,6 +262,7 @@ class GradientMonitor(TrendMonitor):
 
     # ------------------------------------------------------------------ logging step: arm
     def _arm(self, model: nn.Module) -> None:
+        _sharded.ensure_resharded(model)  # index the sharded parameters the optimizer steps
         self._armed = True
         self._records = []
         self._hist = tensorboard.HistogramBatch(HISTOGRAM_BINS, HISTOGRAM_SAMPLES)

@@ -234,6 +234,7 @@ class UpdateRatioMonitor(StepMonitor):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._shard_kind = _sharded.kind(pl_module, trainer)
+        _sharded.ensure_resharded(pl_module)  # name the sharded parameters the optimizer steps
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._trainable = sum(1 for p in pl_module.parameters() if p.requires_grad)
         self._batch_count = 0

@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 import lightning_recipe as lr
-from models import Classifier, blobs, loaders
+from models import Classifier, blobs, cnn, image_blobs, loaders
 
 
 class Detached(nn.Module):
@@ -68,7 +68,7 @@ class ShardedClassifier(Classifier):
         if policy is not None:
             kwargs["mp_policy"] = policy
         for m in self.net.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
                 fully_shard(m, **kwargs)
         fully_shard(self, **kwargs)
 
@@ -91,8 +91,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     L.seed_everything(cfg.get("seed", 0), verbose=False)
     strategy = cfg.get("strategy", "fsdp2")
-    x, y = blobs(n=cfg.get("n", 256))
-    net = mlp()
+    if cfg.get("model") == "cnn":
+        x, y = image_blobs(n=cfg.get("n", 256))
+        net: nn.Module = cnn()
+    else:
+        x, y = blobs(n=cfg.get("n", 256))
+        net = mlp()
     if cfg.get("detached"):
         net = Detached(net)
     model = ShardedClassifier(
