@@ -358,9 +358,8 @@ def full_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
     try:
         for m in module.modules():
             if fsdp2 is not None and isinstance(m, fsdp2):
-                base = next(b for b in type(m).__mro__[1:] if not issubclass(b, fsdp2))
                 restore.append((m, type(m)))
-                m.__class__ = base
+                m.__class__ = plain_type(m)
             for value in vars(m).values():  # device meshes and FSDP states are shared, not copied
                 if _shared_by_copy(value):
                     memo[id(value)] = value
@@ -385,6 +384,14 @@ def full_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
             "the model holds nested FullyShardedDataParallel wrappers; a copy cannot unwrap them"
         )
     return clone
+
+
+def plain_type(module: nn.Module) -> type:
+    """The module's own class (FSDP2 swaps in a subclass named ``FSDP<Class>``)."""
+    fsdp2 = _fsdp2_class()
+    if fsdp2 is not None and isinstance(module, fsdp2):
+        return next(b for b in type(module).__mro__[1:] if not issubclass(b, fsdp2))
+    return type(module)
 
 
 def _fsdp2_class() -> type | None:

@@ -240,7 +240,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
         self.figures.update(
             {
                 "layer": name,
-                "type": type(module).__name__,
+                "type": _sharded.plain_type(module).__name__,
                 "kernel": list(kernel),
                 "judged": min(kernel) >= self.min_kernel_size and not frozen,
             }

@@ -109,6 +109,10 @@ def main() -> None:
     train, val = loaders(x, y, batch_size=cfg.get("batch_size", 16), shuffle=cfg.get("shuffle", True))
     suite = cfg.get("suite", {})
     callbacks = lr.recipe_callbacks(**suite) if suite is not None else []
+    if cfg.get("ckpt_dir"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=cfg["ckpt_dir"], save_last=True, save_top_k=0))
     gpu = strategy in ("fsdp", "deepspeed2", "deepspeed3")
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
@@ -120,7 +124,7 @@ def main() -> None:
         log_every_n_steps=cfg.get("log_every_n_steps", 2),
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=cfg.get("checkpointing", False),
+        enable_checkpointing=bool(cfg.get("ckpt_dir")),
         default_root_dir=str(out),
         precision=cfg.get("precision", "32-true"),
     )
