@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -462,6 +462,25 @@ def restore_local(params: Iterable[Tensor], saved: Sequence[Tensor]) -> None:
     with torch.no_grad():
         for p, s in zip(params, saved):
             local(p).copy_(s.to(local(p).device))
+
+
+def local_state(module: nn.Module) -> dict[str, Tensor]:
+    """This rank's shard of every parameter and buffer, by name (views: copy them to keep them).
+    FSDP2 modules left unsharded by a forward without backward are resharded first, so the
+    shards have the same layout whenever they are taken."""
+    ensure_resharded(module)
+    out = {n: local(p.detach()) for n, p in module.named_parameters()}
+    out.update({n: local(b) for n, b in module.named_buffers()})
+    return out
+
+
+def restore_local_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load shards taken by :func:`local_state` back in place, rank by rank (no collective)."""
+    ensure_resharded(module)
+    with torch.no_grad():
+        for n, t in [*module.named_parameters(), *module.named_buffers()]:
+            if n in state:
+                local(t).copy_(state[n].to(local(t).device))
 
 
 def describe(module: nn.Module, trainer: Any | None = None) -> dict[str, Any]:

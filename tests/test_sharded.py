@@ -67,12 +67,11 @@ def healthy(tmp_path_factory):
     base = tmp_path_factory.mktemp("sharded")
     fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE})
     ddp = run(base / "ddp", {"strategy": "ddp", "suite": SUITE})
-    plain = run(base / "plain", {"strategy": "fsdp2", "suite": None})
-    return fsdp, ddp, plain
+    return fsdp, ddp
 
 
 def test_fsdp2_healthy_is_quiet_and_nothing_is_blind(healthy):
-    fsdp, _, _ = healthy
+    fsdp, _ = healthy
     for r in (0, 1):
         assert codes(fsdp[r]) == set(), fsdp[r]["findings"]
         blind = {k: v for k, v in skipped(fsdp[r]).items() if k in COPY_CHECKS or "Early" in k}
@@ -85,9 +84,10 @@ def test_fsdp2_healthy_is_quiet_and_nothing_is_blind(healthy):
 
 
 def test_fsdp2_measures_what_ddp_measures(healthy):
-    fsdp, ddp, plain = healthy
-    # the suite leaves the sharded run bit-identical, and FSDP2 trains the same weights as DDP
-    assert fsdp[0]["checksum"] == fsdp[1]["checksum"] == plain[0]["checksum"] == ddp[0]["checksum"]
+    fsdp, ddp = healthy
+    # FSDP2 with the suite trains exactly the weights of DDP with the suite, which are those of
+    # DDP without it (tests/test_ddp.py): the gathers, copies and reshards change nothing
+    assert fsdp[0]["checksum"] == fsdp[1]["checksum"] == ddp[0]["checksum"]
     for r in (0, 1):
         a, b = fsdp[r]["figures"], ddp[r]["figures"]
         ur, ur_ddp = a["UpdateRatioMonitor"]["median_ratio"], b["UpdateRatioMonitor"]["median_ratio"]
@@ -116,7 +116,9 @@ def test_fsdp2_too_low_learning_rate_same_verdict_as_ddp(tmp_path):
 
 
 def test_fsdp2_too_high_learning_rate_is_reported_on_every_rank(tmp_path):
-    ranks = run(tmp_path, {"strategy": "fsdp2", "optimizer": "sgd", "lr": 50.0, "epochs": 2, "suite": SUITE})
+    # with FSDP2's bf16 MixedPrecisionPolicy, as sharded users run it
+    cfg = {"strategy": "fsdp2", "mp": "bf16", "optimizer": "sgd", "lr": 50.0, "epochs": 2, "suite": SUITE}
+    ranks = run(tmp_path, cfg)
     assert codes(ranks[0]) == codes(ranks[1])
     assert codes(ranks[0]) & {"update-ratio-high", "loss-diverged", "non-finite-loss"}, ranks[0]["findings"]
     assert ranks[0]["stopped_epoch"] == ranks[1]["stopped_epoch"]
@@ -126,14 +128,14 @@ def test_fsdp2_too_high_learning_rate_is_reported_on_every_rank(tmp_path):
 def test_fsdp2_detached_block_same_verdict_as_ddp(tmp_path):
     cfg = {"detached": True, "epochs": 1, "suite": SUITE}
     fsdp = run(tmp_path / "fsdp2", {**cfg, "strategy": "fsdp2"})
-    ddp = run(tmp_path / "ddp", {**cfg, "strategy": "ddp"})
+    ddp = run(tmp_path / "ddp", {**cfg, "strategy": "ddp_find_unused_parameters_true"})
     for r in (0, 1):
         assert "params-not-updating" in codes(fsdp[r]), fsdp[r]["findings"]
         assert codes(fsdp[r]) == codes(ddp[r])
 
 
-def test_fsdp2_cnn_bf16_and_resume_from_sharded_checkpoint(tmp_path):
-    cfg = {"strategy": "fsdp2", "mp": "bf16", "suite": SUITE}
+def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
+    cfg = {"strategy": "fsdp2", "model": "cnn", "suite": SUITE}
     first = run(tmp_path / "first", {**cfg, "epochs": 1, "ckpt_dir": str(tmp_path / "ckpt")})
     resumed = run(
         tmp_path / "resumed", {**cfg, "epochs": 2, "ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")}
@@ -141,13 +143,10 @@ def test_fsdp2_cnn_bf16_and_resume_from_sharded_checkpoint(tmp_path):
     for ranks in (first, resumed):
         for r in (0, 1):
             assert codes(ranks[r]) == set(), ranks[r]["findings"]
+            assert ranks[r]["figures"]["FirstLayerFilterMonitor"]["type"] == "Conv2d"
+            assert "smoothness" in ranks[r]["figures"]["FirstLayerFilterMonitor"]
     assert resumed[0]["global_step"] == 2 * first[0]["global_step"]
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
-    cnn = run(tmp_path / "cnn", {"strategy": "fsdp2", "model": "cnn", "suite": SUITE})
-    for r in (0, 1):
-        assert codes(cnn[r]) == set(), cnn[r]["findings"]
-        assert cnn[r]["figures"]["FirstLayerFilterMonitor"]["type"] == "Conv2d"
-        assert "smoothness" in cnn[r]["figures"]["FirstLayerFilterMonitor"]
 
 
 # ---------------------------------------------------------------------------- GPU strategies

@@ -481,7 +481,7 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         module = trainer.lightning_module
         self._sharded_weights = _is_sharded(trainer) and _sharded.kind(module, trainer) is not None
         # sharded: each rank keeps its own shard of every tensor (1/world of the model), no collective
-        state = _local_state(module) if self._sharded_weights else module.state_dict()
+        state = _sharded.local_state(module) if self._sharded_weights else module.state_dict()
         if self.best_weights_storage == "disk":
             path = self._disk_path(trainer)
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -546,7 +546,7 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         if self.restore_best_weights:
             weights, why_not = self._load_best()
             if weights is not None and self._sharded_weights:
-                _restore_local_state(pl_module, weights)
+                _sharded.restore_local_state(pl_module, weights)
                 restored = True
                 self.restored_epoch = self._weights_epoch
             elif weights is not None:
@@ -703,21 +703,6 @@ def _copy_into(
 def _is_sharded(trainer: Any) -> bool:
     name = type(getattr(trainer, "strategy", None)).__name__.lower()
     return any(s in name for s in _SHARDED)
-
-
-def _local_state(module: Any) -> dict[str, Tensor]:
-    """Every parameter's and buffer's local shard, by name (views, copied by the caller)."""
-    out = {n: _sharded.local(p.detach()) for n, p in module.named_parameters()}
-    out.update({n: _sharded.local(b) for n, b in module.named_buffers()})
-    return out
-
-
-def _restore_local_state(module: Any, state: Mapping[str, Tensor]) -> None:
-    """Load shards kept by :func:`_local_state` back in place, rank by rank (no collective)."""
-    with torch.no_grad():
-        for n, t in [*module.named_parameters(), *module.named_buffers()]:
-            if n in state:
-                _sharded.local(t).copy_(state[n].to(_sharded.local(t).device))
 
 
 def _safe(name: str) -> str:
