@@ -120,8 +120,11 @@ def ensure_resharded(module: nn.Module) -> None:
     fsdp2 = _fsdp2_class()
     if fsdp2 is None:
         return
-    for m in module.modules():
-        if isinstance(m, fsdp2) and any(not is_dtensor(p) for p in m.parameters(recurse=False)):
+    params = list(module.parameters())
+    if not any(is_dtensor(p) for p in params) or all(is_dtensor(p) for p in params):
+        return
+    for m in module.modules():  # a module's FSDP group may hold its children's parameters
+        if isinstance(m, fsdp2):
             m.reshard()
 
 

@@ -144,7 +144,6 @@ def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
         for r in (0, 1):
             assert codes(ranks[r]) == set(), ranks[r]["findings"]
             assert ranks[r]["figures"]["FirstLayerFilterMonitor"]["type"] == "Conv2d"
-            assert "smoothness" in ranks[r]["figures"]["FirstLayerFilterMonitor"]
     assert resumed[0]["global_step"] == 2 * first[0]["global_step"]
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
 
