@@ -486,6 +486,56 @@ def restore_local_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
                 local(t).copy_(state[n].to(local(t).device))
 
 
+def full_state(module: nn.Module, shards: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The whole tensors of a state taken by :func:`local_state` (default: the module's current
+    one), by name, ready for ``load_state_dict`` on an unsharded copy. A collective per sharded
+    tensor (FSDP2 ``DTensor`` only): every rank must call it at the same point. Raises
+    :class:`NotGathered` for other kinds of sharding."""
+    kind_ = kind(module)
+    if kind_ not in (None, "dtensor"):
+        raise NotGathered(f"whole tensors cannot be rebuilt from {kind_} shards")
+    ensure_resharded(module)
+    shards = local_state(module) if shards is None else shards
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for n, t in [*module.named_parameters(), *module.named_buffers()]:
+            if n not in shards:
+                continue
+            if is_dtensor(t):
+                whole = DTensor.from_local(
+                    shards[n].to(local(t).device),
+                    device_mesh=t.device_mesh,
+                    placements=t.placements,
+                    shape=t.shape,
+                    stride=t.stride(),
+                    run_check=False,
+                )
+                out[n] = whole.full_tensor()
+            else:
+                out[n] = shards[n]
+    return out
+
+
+def ema_update_local(
+    ema: dict[str, Tensor] | None, module: nn.Module, decay: float, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """Exponential moving average of the module's floating-point shards, kept sharded: each rank
+    averages its own shard (1/world of the model, no collective). The first call copies.
+    :func:`full_state` turns it into whole tensors when the average is evaluated."""
+    current = local_state(module)
+    if ema is None or ema.keys() != current.keys():
+        return {n: t.detach().to(device or t.device, copy=True) for n, t in current.items()}
+    with torch.no_grad():
+        for n, t in current.items():
+            if t.is_floating_point():
+                ema[n].lerp_(t.to(ema[n].device, ema[n].dtype), 1.0 - decay)
+            else:
+                ema[n].copy_(t)
+    return ema
+
+
 def describe(module: nn.Module, trainer: Any | None = None) -> dict[str, Any]:
     """Figures for the report: how the model is sharded and what a full copy costs."""
     kind_ = kind(module, trainer)

@@ -65,7 +65,7 @@ def skipped(rank: dict) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory):
     base = tmp_path_factory.mktemp("sharded")
-    fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE})
+    fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE, "check_helpers": True})
     ddp = run(base / "ddp", {"strategy": "ddp", "suite": SUITE})
     return fsdp, ddp
 
@@ -101,6 +101,15 @@ def test_fsdp2_measures_what_ddp_measures(healthy):
         )
     assert fsdp[0]["figures"]["UpdateRatioMonitor"] == fsdp[1]["figures"]["UpdateRatioMonitor"]
     assert codes(fsdp[0], loud=False) == codes(ddp[0], loud=False)
+
+
+def test_sharded_states_and_ema_rebuild_whole_tensors(healthy):
+    fsdp, _ = healthy
+    for r in (0, 1):
+        helpers = fsdp[r]["helpers"]
+        assert helpers["kind"] == "dtensor"
+        assert helpers["state_diff"] == 0.0 and helpers["ema_diff"] < 1e-6
+        assert helpers["local_fraction"] == pytest.approx(0.5, abs=0.05)  # each rank keeps half
 
 
 def test_fsdp2_too_low_learning_rate_same_verdict_as_ddp(tmp_path):

@@ -85,6 +85,25 @@ def strategy_of(name: str) -> Any:
     return name  # "ddp", "fsdp"
 
 
+def check_helpers(model: nn.Module) -> dict[str, Any]:
+    """lightning_recipe._sharded on the trained sharded model (every rank, same point): shards kept
+    and rebuilt whole, a sharded EMA, gathered copies; max abs differences to the truth."""
+    from lightning_recipe import _sharded
+
+    truth = {n: _sharded.full(p.detach()).clone() for n, p in model.named_parameters()}
+    kept = {n: t.clone() for n, t in _sharded.local_state(model).items()}
+    whole = _sharded.full_state(model, kept)
+    ema = _sharded.ema_update_local(None, model, 0.9)
+    ema = _sharded.ema_update_local(ema, model, 0.9)  # same weights: the average stays put
+    ema_whole = _sharded.full_state(model, ema)
+    return {
+        "kind": _sharded.kind(model),
+        "state_diff": max(float((whole[n] - truth[n]).abs().max()) for n in truth),
+        "ema_diff": max(float((ema_whole[n] - truth[n]).abs().max()) for n in truth),
+        "local_fraction": sum(t.numel() for t in kept.values()) / sum(t.numel() for t in whole.values()),
+    }
+
+
 def main() -> None:
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +163,9 @@ def main() -> None:
             for p in model.parameters()
         )
     )
+    helpers = check_helpers(model) if cfg.get("check_helpers") else None
     result = {
+        "helpers": helpers,
         "rank": rank,
         "world_size": trainer.world_size,
         "seconds": time.perf_counter() - start,
