@@ -204,7 +204,9 @@ class InputIndependentBaseline(RecipeCallback):
         if getattr(trainer, "sanity_checking", False) or not _fitting(trainer):
             return
         self._runs += 1
-        with _sharded.gathered(trainer, pl_module, need=self.active and not self._gave_up):
+        # sharded model: its full weights for the copy (ranks agree first; nothing under DDP)
+        need = self.active and not self._gave_up and bool(self._stash.batches)
+        with _sharded.gathered(trainer, pl_module, need=need):
             flat = bool(
                 self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module)
             )

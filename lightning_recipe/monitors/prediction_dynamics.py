@@ -227,7 +227,9 @@ class PredictionDynamicsMonitor(StepMonitor):
 
     def _log_step(self, trainer: Any, pl_module: Any) -> None:
         self.mark_logged(trainer)
-        with _sharded.gathered(trainer, pl_module, need=self.active):
+        # sharded model: its full weights for the copy (ranks agree first; nothing under DDP)
+        has_batch = self._batch is not None or (not self._fixed and bool(self._stash.batches))
+        with _sharded.gathered(trainer, pl_module, need=self.active and has_batch):
             unstable = bool(self.run_safely(trainer, "on_train_batch_end", self._measure, trainer, pl_module))
         unstable = bool(trainer.strategy.reduce_boolean_decision(unstable, all=True))
         if unstable and self.active and not self.has_reported("prediction-instability"):
