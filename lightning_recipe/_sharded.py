@@ -310,6 +310,27 @@ def _gather_by_context(
             gathered.versions[id(p)] = -2  # checked by the context, not by versions
 
 
+@contextmanager
+def adopted(module: nn.Module, state: Mapping[str, Tensor]) -> Iterator[None]:
+    """Within the block, :func:`full_copy` (hence ``copy_module``) copies a sharded ``module``
+    with the whole tensors of ``state`` (by parameter name, e.g. from :func:`full_state`)
+    instead of gathered weights: no communication, so it also works after fit, on one rank."""
+    previous = _GATHERED.get(module)
+    entry = _Gathered(key=("adopted",))
+    for n, p in module.named_parameters():
+        if is_dtensor(p) and n in state:
+            entry.tensors[id(p)] = state[n].to(local(p).device)
+            entry.versions[id(p)] = _version(p)
+    _GATHERED[module] = entry
+    try:
+        yield
+    finally:
+        if previous is not None:
+            _GATHERED[module] = previous
+        else:
+            _GATHERED.pop(module, None)
+
+
 def release(module: nn.Module) -> None:
     """Free the gathered full weights of ``module`` (local, no communication)."""
     _GATHERED.pop(module, None)
@@ -496,12 +517,13 @@ def full_state(module: nn.Module, shards: Mapping[str, Tensor] | None = None) ->
         raise NotGathered(f"whole tensors cannot be rebuilt from {kind_} shards")
     ensure_resharded(module)
     shards = local_state(module) if shards is None else shards
+    persistent = set(module.state_dict().keys())  # what load_state_dict expects
     from torch.distributed.tensor import DTensor
 
     out: dict[str, Tensor] = {}
     with torch.no_grad():
         for n, t in [*module.named_parameters(), *module.named_buffers()]:
-            if n not in shards:
+            if n not in shards or n not in persistent:
                 continue
             if is_dtensor(t):
                 whole = DTensor.from_local(
