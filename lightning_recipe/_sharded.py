@@ -83,8 +83,11 @@ def kind(module: nn.Module, trainer: Any | None = None) -> str | None:
     """``"dtensor"`` (FSDP2 / tensor parallel), ``"fsdp"`` (flat parameters), ``"deepspeed"``
     (stage-3 partitions) or ``None`` when the parameters of ``module`` are whole on every rank."""
     params = list(module.parameters())
+    fsdp2 = _fsdp2_class()
     if any(is_dtensor(p) for p in params):
         return "dtensor"
+    if fsdp2 is not None and any(isinstance(m, fsdp2) for m in module.modules()):
+        return "dtensor"  # FSDP2 after a forward without backward: whole tensors registered
     if any(_is_ds_param(p) for p in params):
         return "deepspeed"
     owner = _root(trainer, module) if trainer is not None else module
@@ -120,8 +123,7 @@ def ensure_resharded(module: nn.Module) -> None:
     fsdp2 = _fsdp2_class()
     if fsdp2 is None:
         return
-    params = list(module.parameters())
-    if not any(is_dtensor(p) for p in params) or all(is_dtensor(p) for p in params):
+    if all(is_dtensor(p) for p in module.parameters()):
         return
     for m in module.modules():  # a module's FSDP group may hold its children's parameters
         if isinstance(m, fsdp2):

@@ -53,9 +53,11 @@ def mlp(d: int = 16, classes: int = 4, hidden: int = 32) -> nn.Sequential:
 class ShardedClassifier(Classifier):
     """Classifier that shards its layers with FSDP2's ``fully_shard`` in ``configure_model``."""
 
-    def __init__(self, *args: Any, shard: bool = True, mp: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, shard: bool = True, mp: str | None = None, wrap: str = "layers", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.shard, self.mp = shard, mp
+        self.shard, self.mp, self.wrap = shard, mp, wrap
 
     def configure_model(self) -> None:
         if not self.shard:
@@ -67,10 +69,11 @@ class ShardedClassifier(Classifier):
         kwargs: dict[str, Any] = {"mesh": mesh}
         if policy is not None:
             kwargs["mp_policy"] = policy
-        for m in self.net.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                fully_shard(m, **kwargs)
-        fully_shard(self, **kwargs)
+        if self.wrap == "layers":
+            for m in self.net.modules():
+                if isinstance(m, (nn.Linear, nn.Conv2d)):
+                    fully_shard(m, **kwargs)
+        fully_shard(self, **kwargs)  # "root": one FSDP group for the whole model
 
 
 def strategy_of(name: str) -> Any:
@@ -124,6 +127,7 @@ def main() -> None:
         optimizer=cfg.get("optimizer", "adam"),
         shard=strategy == "fsdp2",
         mp=cfg.get("mp"),
+        wrap=cfg.get("wrap", "layers"),
     )
     train, val = loaders(x, y, batch_size=cfg.get("batch_size", 16), shuffle=cfg.get("shuffle", True))
     suite = cfg.get("suite", {})
