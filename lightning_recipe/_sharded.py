@@ -172,6 +172,31 @@ def all_reduce_sum(vec: Tensor) -> Tensor:
     return vec
 
 
+def pack_samples(samples: Sequence[Tensor], total: int, device: torch.device) -> tuple[Tensor, int]:
+    """Histogram samples of sharded tensors, ready to travel in the all-reduce of the norms: each
+    rank puts a subsample of its shard (at most ``total / world`` values) in its own slot of a
+    zero vector, NaN-padded; summed over the ranks, every slot holds one rank's values (the
+    histograms leave NaN out). Returns the vector and the slot length."""
+    world, me = world_size(), _rank()
+    per = max(1, -(-total // world))
+    out = torch.zeros(len(samples) * world * per, device=device, dtype=torch.float32)
+    for i, sample in enumerate(samples):
+        flat = sample.detach().reshape(-1).float().to(device)
+        if flat.numel() > per:
+            stride = -(-flat.numel() // per)
+            flat = flat[::stride][:per]
+        start = (i * world + me) * per
+        out[start : start + per] = float("nan")
+        out[start : start + flat.numel()] = flat
+    return out, per
+
+
+def unpack_samples(vec: Tensor, count: int, per: int) -> list[Tensor]:
+    """The whole-tensor samples out of a summed :func:`pack_samples` vector."""
+    size = world_size() * per
+    return [vec[i * size : (i + 1) * size] for i in range(count)]
+
+
 def global_nbytes(t: Tensor, kind_: str | None) -> int:
     """Bytes of the whole tensor (the same number on every rank)."""
     if is_dtensor(t):

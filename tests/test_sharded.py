@@ -67,11 +67,24 @@ def healthy(tmp_path_factory):
     base = tmp_path_factory.mktemp("sharded")
     fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE, "check_helpers": True})
     ddp = run(base / "ddp", {"strategy": "ddp", "suite": SUITE})
-    return fsdp, ddp
+    return fsdp, ddp, base
+
+
+def histograms(out: Path) -> dict[str, tuple]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(next((out / "tb").rglob("events.out.tfevents.*")).parent), {"histograms": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["histograms"] if t.startswith(("recipe/weights/", "recipe/gradients/"))]
+    return {t: tuple(round(v, 5) for v in _h(acc.Histograms(t)[-1].histogram_value)) for t in tags}
+
+
+def _h(h) -> tuple:
+    return h.num, h.min, h.max, h.sum
 
 
 def test_fsdp2_healthy_is_quiet_and_nothing_is_blind(healthy):
-    fsdp, _ = healthy
+    fsdp, _, _ = healthy
     for r in (0, 1):
         assert codes(fsdp[r]) == set(), fsdp[r]["findings"]
         blind = {k: v for k, v in skipped(fsdp[r]).items() if k in COPY_CHECKS or "Early" in k}
@@ -84,7 +97,10 @@ def test_fsdp2_healthy_is_quiet_and_nothing_is_blind(healthy):
 
 
 def test_fsdp2_measures_what_ddp_measures(healthy):
-    fsdp, ddp = healthy
+    fsdp, ddp, base = healthy
+    # weight and gradient histograms are of the whole tensors, as under DDP
+    whole, replicated = histograms(base / "fsdp2"), histograms(base / "ddp")
+    assert len(whole) >= 9 and whole == replicated
     # FSDP2 with the suite trains exactly the weights of DDP with the suite, which are those of
     # DDP without it (tests/test_ddp.py): the gathers, copies and reshards change nothing
     assert fsdp[0]["checksum"] == fsdp[1]["checksum"] == ddp[0]["checksum"]
@@ -104,7 +120,7 @@ def test_fsdp2_measures_what_ddp_measures(healthy):
 
 
 def test_sharded_states_and_ema_rebuild_whole_tensors(healthy):
-    fsdp, _ = healthy
+    fsdp, _, _ = healthy
     for r in (0, 1):
         helpers = fsdp[r]["helpers"]
         assert helpers["kind"] == "dtensor"

@@ -298,6 +298,9 @@ class GradientMonitor(TrendMonitor):
         if self._shard_kind is not None:
             record.shares = self._shares(params, record.grad_norms.device)
         if self.histograms:
+            if self._shard_kind is not None:  # a rank with an empty shard still queues each tag
+                weights = [_placeholder(w) for w in weights]
+                grads = [_placeholder(g) for g in grads]
             for info, w in zip(infos, weights):
                 self._hist.add(f"recipe/weights/{info.name}", [w])
             by_layer: dict[str, list[Tensor]] = {}
@@ -373,7 +376,11 @@ class GradientMonitor(TrendMonitor):
             parts += [r.grad_norms.to(device).square() * shares, r.weight_norms.to(device).square() * shares]
         if self._nf_count is not None:
             parts.append(self._nf_count.reshape(1).float().to(device))
-        total = _sharded.all_reduce_sum(torch.cat(parts).float())
+        # the histograms' samples of every rank's shards ride along (whole-tensor histograms)
+        items = list(self._hist._items)
+        packed, per = _sharded.pack_samples([v for _, v in items], HISTOGRAM_SAMPLES, device)
+        head = sum(p.numel() for p in parts)
+        total = _sharded.all_reduce_sum(torch.cat([*parts, packed]).float())
         pos = 0
         for r in records:
             n = len(r.infos)
@@ -382,6 +389,8 @@ class GradientMonitor(TrendMonitor):
             pos += 2 * n
         if self._nf_count is not None:
             self._nf_count = total[pos].round().to(self._nf_count.dtype).to(self._nf_count.device)
+        whole = _sharded.unpack_samples(total[head:], len(items), per)
+        self._hist._items = [(tag, sample) for (tag, _), sample in zip(items, whole)]
 
     def _layer_values(
         self, rec: _Record, key: Any, values: dict[str, Tensor]
@@ -569,6 +578,11 @@ class GradientMonitor(TrendMonitor):
 # ---------------------------------------------------------------------------- helpers
 def _bad_number(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+
+
+def _placeholder(t: Tensor) -> Tensor:
+    """An empty shard as one NaN (left out of the histogram), so every rank queues every tag."""
+    return t if t.numel() else torch.full((1,), float("nan"), device=t.device)
 
 
 def _grad_params(optimizer: Any) -> list[Tensor]:
