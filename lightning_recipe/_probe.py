@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_recipe import _context, _losses
+from lightning_recipe import _context, _losses, _sharded
 from lightning_recipe._losses import ModuleLossCall, ModuleLossRecorder
 
 StepFn = Callable[[nn.Module, Any], Any]
@@ -499,7 +499,12 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     ``self.trainer`` (when given) reads through to the trainer without reaching its loggers, and
     ``SyncBatchNorm`` layers use the local batch only: checks are rank-local, and a copy that
     all-gathers while it fails on one rank only would leave the other ranks waiting.
-    Raises :class:`ProbeSkip` if the model cannot be copied.
+
+    A sharded model (FSDP2 ``DTensor`` parameters, FSDP flat parameters, DeepSpeed stage 3) is
+    copied unsharded from the full weights that :func:`lightning_recipe._sharded.gather_point`
+    gathered at a point every rank reached together; the copy itself never communicates.
+    Raises :class:`ProbeSkip` if the model cannot be copied (for a sharded model: no full
+    weights gathered for its current state, or beyond the memory budget, with the reason).
     """
     from torch.utils.data import DataLoader, Dataset
 
@@ -512,7 +517,12 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
     _losses.detach_non_leaf_state(module, memo)
     try:
         with preserved_rng():
-            clone = copy.deepcopy(module, memo)
+            if _sharded.kind(module, trainer) is not None:
+                clone = _sharded.full_copy(module, memo)
+            else:
+                clone = copy.deepcopy(module, memo)
+    except _sharded.NotGathered as exc:
+        raise ProbeSkip(str(exc)) from exc
     except Exception as exc:
         raise ProbeSkip(f"the model could not be deep-copied ({type(exc).__name__}: {exc})") from exc
     _strip_recipe_hooks(clone)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_recipe import _context, tensorboard
+from lightning_recipe import _context, _sharded, tensorboard
 from lightning_recipe import report as _report
 from lightning_recipe._validate import check_callable
 from lightning_recipe.batch import BatchAdapter, Getter
@@ -52,6 +52,10 @@ class RecipeCallback(Callback):
     codes: tuple[str, ...] = ()
     #: a short verb phrase for skip messages: "<Class> did not <what>: <reason>."
     what = "run"
+
+    #: whether the callback runs the model on copies (``_probe.copy_module``): under a sharding
+    #: strategy the full weights are then gathered at fit start (see ``lightning_recipe._sharded``)
+    needs_full_copy: bool = True
 
     def __init__(self, *, on_error: str = "warn") -> None:
         super().__init__()
@@ -258,8 +262,12 @@ class RecipeCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         tensorboard.write_layout(trainer)
         _report.write_snapshot_once(trainer)
+        # sharded model: the full weights for the probes' copies, gathered once at fit start (a
+        # collective every rank reaches here; the next recipe callbacks find them gathered)
+        _sharded.gather_point(trainer, pl_module, need=_any_copier(trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        _sharded.release(pl_module)
         _report.write_report_if_last(trainer, self)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -281,6 +289,14 @@ class RecipeCallback(Callback):
         self._findings = [Finding.from_dict(d) for d in state_dict.get("findings", [])]
         self._emitted = set(state_dict.get("emitted", []))
         self.figures = dict(state_dict.get("figures", {}))
+
+
+def _any_copier(trainer: Any) -> bool:
+    """True when a recipe callback of this trainer runs the model on copies (the same answer on
+    every rank: it depends on the callback list only)."""
+    return any(
+        isinstance(cb, RecipeCallback) and cb.needs_full_copy for cb in getattr(trainer, "callbacks", ())
+    )
 
 
 def _context_safe(figures: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_recipe import _sharded
 from lightning_recipe._probe import ProbeSkip, StepFn, batch_or_peek
 from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
@@ -51,6 +52,9 @@ class FirstBatchCheck(RecipeCallback):
         if self._seen >= self.batches_needed:
             return
         self._seen += 1
+        # a sharded model: gather its full weights for the copies (once per step, shared by
+        # every check of this batch; a collective that every rank reaches here)
+        _sharded.gather_point(trainer, pl_module, need=self.needs_full_copy)
         with self.rank_consistent_errors(trainer):
             self.run_safely(trainer, "on_train_batch_start", self._on_batch, trainer, pl_module, batch)
         if self._seen >= self.batches_needed:
@@ -65,6 +69,12 @@ class FirstBatchCheck(RecipeCallback):
                 self.skip(trainer, str(why))
             return
         self.first_batches(trainer, pl_module, batch)
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # free the gathered full weights of a sharded model once the optimizer has moved on
+        _sharded.release_stale(trainer, pl_module)
 
     def first_batches(self, trainer: Any, pl_module: Any, batch: Any) -> None:
         """Called on each of the first ``batches_needed`` batches. Default: :meth:`run_check` on

@@ -57,6 +57,8 @@ class DataInspectionCheck(FirstBatchCheck):
 
     codes = ("bad-input", "input-not-normalized")
 
+    needs_full_copy = False  # never runs the model on a copy
+
     what = "inspect the first batch"
 
     def __init__(

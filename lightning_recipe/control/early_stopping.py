@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 from torch import Tensor
 
-from lightning_recipe import _context
+from lightning_recipe import _context, _sharded
 from lightning_recipe._probe import find_loss
 from lightning_recipe.callback import RecipeCallback, validate_on_error
 from lightning_recipe.findings import Severity
@@ -36,6 +36,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     after every ``on_train_end`` hook. Without validation it reports ``check-skipped`` and leaves
     training alone (a metric still missing after a validation run raises, as in Lightning).
     Under DDP log the monitored value with ``sync_dist=True`` so the decision covers all data.
+    Under a sharding strategy each rank keeps and restores its own shards (README, "Sharded
+    training"); ``best_weights_storage`` puts the copy in CPU RAM, device memory or a file.
 
     Reports ``non-finite-loss`` (error) on a NaN/Inf monitored value or training loss and
     ``loss-diverged`` (error) when the monitored loss exceeds ``divergence_factor`` times the larger
@@ -70,6 +72,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     """
 
     codes = ("early-stopped", "loss-diverged", "non-finite-loss")
+
+    needs_full_copy = False  # never runs the model on a copy
 
     def __init__(
         self,
@@ -141,6 +145,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._last_epoch: int | None = None
         self._best_weights: dict[str, Tensor] | None = None
         self._best_path: str | None = None
+        self._sharded_weights = False  # the kept weights are this rank's shards
+        self._sharded_resumed = False  # resumed from a sharded run: its kept shards were not saved
         self._weights_epoch: int | None = None
         self._weights_step: int | None = None
         #: why we stopped: "patience", "diverged", "non-finite", "non-finite-train-loss", "threshold",
@@ -174,7 +180,10 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         state = EarlyStopping.state_dict(self)
         state.update(RecipeCallback.state_dict(self))
         weights = None
-        if self.best_weights_storage != "disk" and self._best_weights is not None:
+        # shards of a sharded model differ per rank, and the checkpoint holds rank zero's
+        # callback state only: they are not saved (a resumed run says so if it needs them)
+        keep = self.best_weights_storage != "disk" and not self._sharded_weights
+        if keep and self._best_weights is not None:
             weights = {k: v.detach().to("cpu", copy=True) for k, v in self._best_weights.items()}
         state.update(
             {
@@ -187,7 +196,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
                 "weights_epoch": self._weights_epoch,
                 "weights_step": self._weights_step,
                 "best_weights": weights,
-                "best_weights_path": self._best_path,
+                "best_weights_path": None if self._sharded_weights else self._best_path,
+                "sharded_weights": self._sharded_weights,
                 "stop_cause": self.stop_cause,
                 "stop_detail": dict(self._stop_detail),
                 "last_loss_check_step": self._last_loss_check_step,
@@ -211,6 +221,8 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         self._weights_step = state_dict.get("weights_step")
         self._best_weights = state_dict.get("best_weights")
         self._best_path = state_dict.get("best_weights_path")
+        self._sharded_weights = False
+        self._sharded_resumed = bool(state_dict.get("sharded_weights", False))
         self.stop_cause = state_dict.get("stop_cause")
         self._stop_detail = dict(state_dict.get("stop_detail") or {})
         self._last_loss_check_step = int(state_dict.get("last_loss_check_step", -1))
@@ -416,18 +428,9 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
     # ------------------------------------------------------------------ best weights
     def _store_best(self, trainer: Any, epoch: int, step: int) -> None:
         module = trainer.lightning_module
-        if _is_sharded(trainer):
-            if not self.has_reported("check-skipped"):
-                self.report(
-                    trainer,
-                    "check-skipped",
-                    Severity.INFO,
-                    f"RecipeEarlyStopping cannot keep the best weights under the sharded strategy "
-                    f"{type(trainer.strategy).__name__}; training stops as usual but nothing is restored.",
-                    {"strategy": type(trainer.strategy).__name__},
-                )
-            return
-        state = module.state_dict()
+        self._sharded_weights = _is_sharded(trainer) and _sharded.kind(module, trainer) is not None
+        # sharded: each rank keeps its own shard of every tensor (1/world of the model), no collective
+        state = _sharded.local_state(module) if self._sharded_weights else module.state_dict()
         if self.best_weights_storage == "disk":
             path = self._disk_path(trainer)
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -459,6 +462,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         if self._best_weights is not None:
             return self._best_weights, None
         if not self._best_path:
+            if self._sharded_resumed:
+                return None, (
+                    "the best weights were kept as each rank's shards before the resume and are not "
+                    "in the checkpoint (sharded strategy); they were lost with the previous run"
+                )
             return None, "the best weights were not kept"
         if not os.path.exists(self._best_path):
             return None, f"the best-weights file {self._best_path!r} is missing"
@@ -486,7 +494,11 @@ class RecipeEarlyStopping(EarlyStopping, RecipeCallback):
         restored, why_not = False, None
         if self.restore_best_weights:
             weights, why_not = self._load_best()
-            if weights is not None:
+            if weights is not None and self._sharded_weights:
+                _sharded.restore_local_state(pl_module, weights)
+                restored = True
+                self.restored_epoch = self._weights_epoch
+            elif weights is not None:
                 pl_module.load_state_dict(weights)
                 restored = True
                 self.restored_epoch = self._weights_epoch

@@ -244,6 +244,8 @@ class ActivationMonitor(TrendMonitor):
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 40
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,

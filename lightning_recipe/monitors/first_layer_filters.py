@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe._probe import HookSet
 from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchLayoutError, Getter
@@ -61,6 +61,8 @@ class FirstLayerFilterMonitor(RecipeCallback):
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 70
+
+    needs_full_copy = False  # never runs the model on a copy
 
     def __init__(
         self,
@@ -166,7 +168,10 @@ class FirstLayerFilterMonitor(RecipeCallback):
     def _note_init(self, name: str, module: nn.Module, shape: tuple[int, int, int] | None) -> None:
         # called inside the first forward pass, before any optimizer step: the weights are the init
         if self._fresh:
-            self._init_pending = smoothness(_maps(module.weight, shape, None))
+            # inside the forward: FSDP has gathered the whole weight (a DTensor here would be a
+            # shard; it is then left to the end-of-epoch reading)
+            if not _sharded.is_dtensor(module.weight):
+                self._init_pending = smoothness(_maps(module.weight, shape, None))
             self._init_layer = name
 
     def _linear_image_shape(self) -> tuple[int, int, int] | None:
@@ -212,7 +217,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
         self.figures.update(
             {
                 "layer": name,
-                "type": type(module).__name__,
+                "type": _sharded.plain_type(module).__name__,
                 "kernel": list(kernel),
                 "judged": min(kernel) >= self.min_kernel_size and not frozen,
             }
@@ -261,7 +266,7 @@ class FirstLayerFilterMonitor(RecipeCallback):
 
     def _log(self, trainer: Any) -> None:
         _, module, shape = self._layer
-        weight = module.weight.detach()
+        weight = _sharded.full(module.weight.detach())  # sharded: every rank gathers it here
         values = {"smoothness": smoothness(_maps(weight, shape, None))}
         self._take_init(values)
         host = stats.to_host(values)  # one transfer
@@ -296,7 +301,8 @@ class FirstLayerFilterMonitor(RecipeCallback):
         if self._layer is None or not self._layer[0] or not self.figures.get("judged"):
             return
         name, module, shape = self._layer
-        values = {"smoothness": smoothness(_maps(module.weight.detach(), shape, None))}
+        weight = _sharded.full(module.weight.detach())  # sharded: every rank gathers it here
+        values = {"smoothness": smoothness(_maps(weight, shape, None))}
         self._take_init(values)
         self._store(stats.to_host(values))
         init = self.smoothness_at_init if self._init_layer == name else None

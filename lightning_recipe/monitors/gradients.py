@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe._validate import check_int
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
@@ -43,6 +43,8 @@ class _Record:
     infos: list[_ParamInfo]
     grad_norms: Tensor
     weight_norms: Tensor
+    #: sharded parameters: each tensor's fraction of distinct elements per rank (see _sharded)
+    shares: Tensor | None = None
 
 
 class GradientMonitor(TrendMonitor):
@@ -88,6 +90,8 @@ class GradientMonitor(TrendMonitor):
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 50
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         every_n_steps: int | None = None,
@@ -125,6 +129,7 @@ class GradientMonitor(TrendMonitor):
         self._nf_count: Tensor | None = None
         self._nf_first: Tensor | None = None
         self._step = 0  # the global step of the batch being measured
+        self._shard_kind: str | None = None
         self._final_done = False
 
     # ------------------------------------------------------------------ hooks
@@ -157,6 +162,7 @@ class GradientMonitor(TrendMonitor):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._final_done = False
+        self._shard_kind = _sharded.kind(pl_module, trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._final_done:  # stopped by a callback that runs after this one
@@ -176,14 +182,22 @@ class GradientMonitor(TrendMonitor):
             self._armed = False
         params = [p for p in model.parameters() if p.grad is not None and p.grad.layout == torch.strided]
         params = [p for p in params if id(p) in self._params]
-        parts = [stats.norms([p.grad for p in params])] if params else []
+        kind = self._shard_kind
+        parts = [stats.norms([_sharded.local(p.grad) for p in params])] if params else []
+        if parts and kind is not None:
+            parts[0] = parts[0].square() * self._shares(params, parts[0].device)
         device = parts[0].device if parts else None
         if self._nf_count is not None:
             device = device or self._nf_count.device
             parts.append(torch.stack([self._nf_count, self._nf_first]).float().to(device))
         if not parts:
             return
-        host = stats.vector_to_host(torch.cat(parts))  # one transfer
+        vec = torch.cat(parts)
+        if kind is not None:  # one all-reduce: whole-tensor norms and every rank's flags
+            vec = _sharded.all_reduce_sum(vec)
+            if params:
+                vec[: len(params)] = vec[: len(params)].sqrt()
+        host = stats.vector_to_host(vec)  # one transfer
         nf_steps = nf_first = 0
         if self._nf_count is not None:
             nf_steps, nf_first = int(host[-2]), int(host[-1])
@@ -205,6 +219,7 @@ class GradientMonitor(TrendMonitor):
 
     # ------------------------------------------------------------------ logging step: arm
     def _arm(self, model: nn.Module) -> None:
+        _sharded.ensure_resharded(model)  # index the sharded parameters the optimizer steps
         self._armed = True
         self._records = []
         self._hist = tensorboard.HistogramBatch(HISTOGRAM_BINS, HISTOGRAM_SAMPLES)
@@ -229,16 +244,22 @@ class GradientMonitor(TrendMonitor):
         if any(r.optimizer == index for r in self._records):
             return  # the same optimizer stepping twice in one batch: its first step is measured
         infos = [self._params[id(p)] for p in params]
-        grads = [p.grad for p in params]
+        grads = [_sharded.local(p.grad) for p in params]
+        weights = [_sharded.local(p.detach()) for p in params]
         record = _Record(
             optimizer=index,
             infos=infos,
             grad_norms=stats.norms(grads),
-            weight_norms=stats.norms([p.detach() for p in params]),
+            weight_norms=stats.norms(weights),
         )
+        if self._shard_kind is not None:
+            record.shares = self._shares(params, record.grad_norms.device)
         if self.histograms:
-            for info, p in zip(infos, params):
-                self._hist.add(f"recipe/weights/{info.name}", [p])
+            if self._shard_kind is not None:  # a rank with an empty shard still queues each tag
+                weights = [_placeholder(w) for w in weights]
+                grads = [_placeholder(g) for g in grads]
+            for info, w in zip(infos, weights):
+                self._hist.add(f"recipe/weights/{info.name}", [w])
             by_layer: dict[str, list[Tensor]] = {}
             for info, g in zip(infos, grads):
                 by_layer.setdefault(info.layer, []).append(g)
@@ -246,8 +267,15 @@ class GradientMonitor(TrendMonitor):
                 self._hist.add(f"recipe/gradients/{layer}", gs)
         self._records.append(record)
 
+    def _shares(self, params: list[Tensor], device: torch.device) -> Tensor:
+        world = _sharded.world_size()
+        kind = self._shard_kind
+        return torch.tensor(
+            [_sharded.shards(p, kind) / world for p in params], device=device, dtype=torch.float32
+        )
+
     def _flag_non_finite(self, trainer: Any, optimizer: Any) -> None:
-        grads = [p.grad for p in _grad_params(optimizer)]
+        grads = [_sharded.local(p.grad) for p in _grad_params(optimizer)]
         if not grads:
             return
         bad = _any_non_finite(grads)
@@ -260,6 +288,8 @@ class GradientMonitor(TrendMonitor):
     # ------------------------------------------------------------------ logging step: one sync
     def _finish(self, trainer: Any, model: nn.Module) -> None:
         records, self._records = self._records, []
+        if self._shard_kind is not None:
+            self._whole_tensor_norms(records)
         key = self._order.sort_key(model) if self._order.index else None
         values: dict[str, Tensor] = {}
         profiles: list[tuple[_Record, list[str], dict[str, bool]]] = []
@@ -292,6 +322,32 @@ class GradientMonitor(TrendMonitor):
         self.figures["logging_steps"] = int(self.figures.get("logging_steps", 0)) + 1
         self.figures["layers"] = checked
         self._judge_non_finite(trainer, bad_layers, checked, nf_steps, nf_first)
+
+    def _whole_tensor_norms(self, records: list[_Record]) -> None:
+        """Sharded parameters: shard norms -> norms of the whole tensors, and the every-step
+        non-finite counts of all ranks, in one all-reduce (on logging steps only)."""
+        device = records[0].grad_norms.device
+        parts = []
+        for r in records:
+            shares = r.shares.to(device) if r.shares is not None else 1.0
+            parts += [r.grad_norms.to(device).square() * shares, r.weight_norms.to(device).square() * shares]
+        if self._nf_count is not None:
+            parts.append(self._nf_count.reshape(1).float().to(device))
+        # the histograms' samples of every rank's shards ride along (whole-tensor histograms)
+        items = list(self._hist._items)
+        packed, per = _sharded.pack_samples([v for _, v in items], HISTOGRAM_SAMPLES, device)
+        head = sum(p.numel() for p in parts)
+        total = _sharded.all_reduce_sum(torch.cat([*parts, packed]).float())
+        pos = 0
+        for r in records:
+            n = len(r.infos)
+            r.grad_norms = total[pos : pos + n].sqrt()
+            r.weight_norms = total[pos + n : pos + 2 * n].sqrt()
+            pos += 2 * n
+        if self._nf_count is not None:
+            self._nf_count = total[pos].round().to(self._nf_count.dtype).to(self._nf_count.device)
+        whole = _sharded.unpack_samples(total[head:], len(items), per)
+        self._hist._items = [(tag, sample) for (tag, _), sample in zip(items, whole)]
 
     def _layer_values(
         self, rec: _Record, key: Any, values: dict[str, Tensor]
@@ -479,6 +535,11 @@ class GradientMonitor(TrendMonitor):
 # ---------------------------------------------------------------------------- helpers
 def _bad_number(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, (int, float)) or value != value
+
+
+def _placeholder(t: Tensor) -> Tensor:
+    """An empty shard as one NaN (left out of the histogram), so every rank queues every tag."""
+    return t if t.numel() else torch.full((1,), float("nan"), device=t.device)
 
 
 def _grad_params(optimizer: Any) -> list[Tensor]:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe._probe import (
     EvalStep,
     LossCall,
@@ -156,7 +156,12 @@ class InputIndependentBaseline(RecipeCallback):
         if getattr(trainer, "sanity_checking", False) or not _fitting(trainer):
             return
         self._runs += 1
-        flat = bool(self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module))
+        # sharded model: its full weights for the copy (ranks agree first; nothing under DDP)
+        need = self.active and not self._gave_up and bool(self._stash.batches)
+        with _sharded.gathered(trainer, pl_module, need=need):
+            flat = bool(
+                self.run_safely(trainer, "on_validation_epoch_end", self._measure, trainer, pl_module)
+            )
         flat = bool(trainer.strategy.reduce_boolean_decision(flat, all=True))
         if self._runs <= self.warmup:
             return

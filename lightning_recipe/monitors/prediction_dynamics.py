@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import _losses, tensorboard
+from lightning_recipe import _losses, _sharded, tensorboard
 from lightning_recipe._probe import (
     REGRESSION_LOSSES,
     EvalStep,
@@ -183,7 +183,10 @@ class PredictionDynamicsMonitor(StepMonitor):
 
     def _log_step(self, trainer: Any, pl_module: Any) -> None:
         self.mark_logged(trainer)
-        unstable = bool(self.run_safely(trainer, "on_train_batch_end", self._measure, trainer, pl_module))
+        # sharded model: its full weights for the copy (ranks agree first; nothing under DDP)
+        has_batch = self._batch is not None or (not self._fixed and bool(self._stash.batches))
+        with _sharded.gathered(trainer, pl_module, need=self.active and has_batch):
+            unstable = bool(self.run_safely(trainer, "on_train_batch_end", self._measure, trainer, pl_module))
         unstable = bool(trainer.strategy.reduce_boolean_decision(unstable, all=True))
         if unstable and self.active and not self.has_reported("prediction-instability"):
             self.run_safely(trainer, "on_train_batch_end", self._report_instability, trainer)

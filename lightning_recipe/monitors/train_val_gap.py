@@ -79,6 +79,8 @@ class TrainValGapMonitor(RecipeCallback):
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 10
 
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         train_metric: str | None = None,

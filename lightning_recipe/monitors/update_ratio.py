@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.base import StepMonitor, Streaks
@@ -36,6 +36,9 @@ class _Pending:
     found_inf: Tensor | None
     scaler: bool
     step: int
+    #: sharded parameters: per tensor, the fraction of the ranks that hold distinct elements
+    #: (``None``: whole tensors on every rank, norms are final)
+    shares: Tensor | None = None
 
 
 @dataclass
@@ -51,6 +54,7 @@ class _Sample:
     found_inf: Tensor | None
     scaler: bool
     step: int
+    shares: Tensor | None = None
 
 
 @dataclass
@@ -76,7 +80,8 @@ class UpdateRatioMonitor(StepMonitor):
     axis; -3 means 1e-3): ``recipe/update_ratio/<name>``, ``recipe/update_ratio_summary/median``,
     ``.../fraction_low`` / ``fraction_high`` (plain fractions), the band lines and a histogram.
     Groups whose learning rate is below 10% of its peak (warm-up, a schedule's tail) and steps the
-    GradScaler skipped are left out.
+    GradScaler skipped are left out. Sharded parameters: each rank copies its own shard and the
+    whole-tensor norms are summed in one all-reduce per measuring step.
 
     Reports (warnings, each from ``patience`` consecutive measurements) ``update-ratio-high``: the
     median ratio above ``high``; ``update-ratio-low``: the median below ``low`` on every measurement
@@ -110,6 +115,8 @@ class UpdateRatioMonitor(StepMonitor):
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 20
+
+    needs_full_copy = False  # never runs the model on a copy
 
     def __init__(
         self,
@@ -161,6 +168,7 @@ class UpdateRatioMonitor(StepMonitor):
         # per-fit, never checkpointed
         self._names: dict[int, str] = {}
         self._trainable = 0
+        self._shard_kind: str | None = None
         self._batch_count = 0
         self._decided_batch = -1
         self._batch_due = False
@@ -171,6 +179,8 @@ class UpdateRatioMonitor(StepMonitor):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._shard_kind = _sharded.kind(pl_module, trainer)
+        _sharded.ensure_resharded(pl_module)  # name the sharded parameters the optimizer steps
         self._names = {id(p): n for n, p in pl_module.named_parameters()}
         self._trainable = sum(1 for p in pl_module.parameters() if p.requires_grad)
         self._batch_count = 0
@@ -227,12 +237,13 @@ class UpdateRatioMonitor(StepMonitor):
 
     # ------------------------------------------------------------------ measuring
     def _snapshot(self, trainer: Any, optimizer: Any, index: int) -> None:
-        params, names, active, lrs = self._select(optimizer, index)
+        params, names, active, lrs, shares = self._select(optimizer, index)
         if not params:
             return
         found_inf, scaler = _scaler_found_inf(trainer, optimizer)
         snapshot = _copy(params)
         self.snapshots_taken += 1
+        weight_norms = stats.norms(snapshot)
         self._pending[index] = _Pending(
             index=index,
             params=params,
@@ -240,14 +251,18 @@ class UpdateRatioMonitor(StepMonitor):
             lr_active=active,
             lrs=lrs,
             snapshot=snapshot,
-            weight_norms=stats.norms(snapshot),
+            weight_norms=weight_norms,
             found_inf=found_inf,
             scaler=scaler,
             step=trainer.global_step,
+            shares=shares,
         )
 
-    def _select(self, optimizer: Any, index: int) -> tuple[list[Tensor], list[str], list[bool], list[float]]:
-        """The trainable parameters of ``optimizer`` to copy (a rotating subset within budget)."""
+    def _select(
+        self, optimizer: Any, index: int
+    ) -> tuple[list[Tensor], list[str], list[bool], list[float], Tensor | None]:
+        """The trainable parameters of ``optimizer`` to copy (a rotating subset within budget):
+        their local shards when sharded, and each one's share of the whole tensor."""
         entries: list[tuple[Tensor, str, bool]] = []
         lrs: list[float] = []
         seen: set[int] = set()
@@ -265,16 +280,29 @@ class UpdateRatioMonitor(StepMonitor):
                 name = self._names.get(id(p)) or f"optimizer{index}.group{g}.param{j}"
                 entries.append((p, name, active))
         budget = self.max_snapshot_mb * 2**20
-        sizes = [p.numel() * p.element_size() for p, _, _ in entries]
+        kind = self._shard_kind
+        # sharded: the size of a rank's shard in the same number on every rank (the subsets
+        # must match across ranks, the all-reduce adds them element by element)
+        sizes = [_sharded.global_nbytes(p, kind) // _sharded.shards(p, kind) for p, _, _ in entries]
         if sum(sizes) <= budget:
             chosen = list(range(len(entries)))
         else:
             chosen = self._rotating_subset(index, sizes, budget, [name for _, name, _ in entries])
+        shares = None
+        if kind is not None:
+            world = _sharded.world_size()
+            device = _sharded.local(entries[chosen[0]][0]).device if chosen else None
+            shares = torch.tensor(
+                [_sharded.shards(entries[i][0], kind) / world for i in chosen],
+                dtype=torch.float32,
+                device=device,
+            )
         return (
-            [entries[i][0].detach() for i in chosen],
+            [_sharded.local(entries[i][0].detach()) for i in chosen],
             [entries[i][1] for i in chosen],
             [entries[i][2] for i in chosen],
             lrs,
+            shares,
         )
 
     def _rotating_subset(self, index: int, sizes: list[int], budget: float, names: list[str]) -> list[int]:
@@ -317,6 +345,7 @@ class UpdateRatioMonitor(StepMonitor):
                     found_inf=p.found_inf,
                     scaler=p.scaler,
                     step=p.step,
+                    shares=p.shares,
                 )
             )
 
@@ -324,6 +353,8 @@ class UpdateRatioMonitor(StepMonitor):
     def _publish(self, trainer: Any, samples: list[_Sample]) -> None:
         if not samples:
             return
+        if self._shard_kind is not None:
+            _whole_tensor_norms(samples)
         measured = _to_host(samples)
         step = trainer.global_step
         measured_step = min(s.step for s in samples)
@@ -591,6 +622,22 @@ def _difference(params: list[Tensor], snapshot: list[Tensor]) -> list[Tensor]:
         return list(torch._foreach_sub(params, snapshot))
     except (RuntimeError, TypeError, AttributeError):
         return [p - s for p, s in zip(params, snapshot)]
+
+
+def _whole_tensor_norms(samples: list[_Sample]) -> None:
+    """Sharded parameters: turn every sample's shard norms into norms of the whole tensors, with
+    one all-reduce for all of them (every rank reaches it on the same logging steps)."""
+    device = samples[0].weight_norms.device
+    parts = []
+    for s in samples:
+        shares = s.shares.to(device) if s.shares is not None else 1.0
+        parts += [s.weight_norms.to(device).square() * shares, s.update_norms.to(device).square() * shares]
+    total = _sharded.all_reduce_sum(torch.cat(parts).float()).sqrt()
+    pos = 0
+    for s in samples:
+        n = len(s.names)
+        s.weight_norms, s.update_norms = total[pos : pos + n], total[pos + n : pos + 2 * n]
+        pos += 2 * n
 
 
 def _to_host(samples: list[_Sample]) -> _Measured:
