@@ -1,0 +1,228 @@
+"""Reading a sequence loss: which target sits where, and which input position holds it.
+
+Shared by :class:`~lightning_recipe.checks.future_leak.FutureLeakCheck` and
+:class:`~lightning_recipe.checks.padding.PaddingCheck`. A loss call sees targets in one of a few
+layouts -- ``(B*T,)`` against ``(B*T, V)`` scores, ``(B, T)`` against ``(B, V, T)``, element-wise
+regression targets ``(B, T)`` / ``(B, T, F)`` -- and the model reads sequences ``(B, S)`` (token
+ids, or their embedding) or ``(B, S, F)`` (float features). :func:`target_views` puts every
+target on a ``(B, T)`` grid, with the index of the loss-input row that predicts it, in the
+batch-first and time-first orders the flat layout allows; :func:`align` finds the shift ``k``
+with ``target[b, t] == input[b, t + k]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall
+
+#: a target value covering at least this share of the valid targets is left out of the
+#: alignment (padding, a background class, zeros of a sparse series): it matches anywhere
+DOMINANT_SHARE = 0.25
+
+
+@dataclass
+class TargetView:
+    """The loss targets on a ``(B, T)`` grid.
+
+    Attributes:
+        order: ``"bt"`` (flat index ``b * T + t``) or ``"tb"`` (``t * B + b``), or
+            ``"bt[f]"`` for feature ``f`` of a ``(B, T, F)`` regression target.
+        values: ``(B, T)`` target values.
+        rows: ``(B, T)`` index of the loss-input row (class losses: a row of the ``(N, C)``
+            scores; regression: an element of the flattened input) that is scored against it.
+        valid: ``(B, T)`` False where the loss ignores the target (``ignore_index``).
+    """
+
+    order: str
+    values: Tensor
+    rows: Tensor
+    valid: Tensor
+
+
+def loss_rows(call: LossCall) -> Tensor | None:
+    """The loss input as ``(N, C)`` rows, one per target element, or ``None``."""
+    x = call.input
+    target = call.target
+    if not isinstance(target, Tensor):
+        return None
+    if call.name in CLASS_LOSSES:
+        if target.is_floating_point() or x.dim() < 2:
+            return None
+        rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+        return rows if rows.shape[0] == target.numel() else None
+    if call.name in REGRESSION_LOSSES or call.name in ("binary_cross_entropy_with_logits", "binary_cross_entropy"):
+        if x.numel() != target.numel() or x.numel() == 0:
+            return None
+        return x.reshape(-1, 1)
+    return None
+
+
+def ignore_index(call: LossCall) -> int | None:
+    """The ``ignore_index`` of a class loss (-100 unless the call says otherwise)."""
+    if call.name not in ("cross_entropy", "nll_loss"):
+        return None
+    value = call.kwargs.get("ignore_index")
+    if value is None and len(call.args) > 4:
+        value = call.args[4]  # cross_entropy(input, target, weight, size_average, ignore_index, ...)
+    return -100 if value is None else int(value)
+
+
+def target_views(call: LossCall, batch_size: int) -> list[TargetView]:
+    """Every ``(B, T)`` reading of the call's target that its shape allows (see module doc)."""
+    target = call.target
+    if not isinstance(target, Tensor) or target.numel() == 0 or batch_size < 1:
+        return []
+    if loss_rows(call) is None:
+        return []
+    n, b = target.numel(), batch_size
+    if n % b:
+        return []
+    t = target.detach()
+    ignore = ignore_index(call)
+    index = torch.arange(n, device=t.device).reshape(t.shape)
+    views: list[TargetView] = []
+    grids: list[tuple[str, Tensor, Tensor]] = []
+    regression = t.is_floating_point()
+    if regression and t.dim() >= 3 and t.shape[0] == b and t.shape[-1] > 1:
+        flat_t, flat_i = t.reshape(b, -1, t.shape[-1]), index.reshape(b, -1, t.shape[-1])
+        for f in range(min(t.shape[-1], 16)):
+            grids.append((f"bt[{f}]", flat_t[..., f], flat_i[..., f]))
+    else:
+        if t.dim() == 1 or t.shape[0] == b:
+            grids.append(("bt", t.reshape(b, -1), index.reshape(b, -1)))
+        if n // b > 1 and (t.dim() == 1 or (t.dim() >= 2 and t.shape[1] == b and t.shape[0] != b)):
+            grids.append(("tb", t.reshape(-1, b).t(), index.reshape(-1, b).t()))
+    for order, values, rows in grids:
+        valid = torch.ones_like(values, dtype=torch.bool)
+        if ignore is not None and not regression:
+            valid = values != ignore
+        views.append(TargetView(order, values, rows, valid))
+    return views
+
+
+def dominant_value(values: Tensor, valid: Tensor) -> tuple[Tensor | None, float]:
+    """The most frequent valid value and its share of the valid values."""
+    v = values[valid]
+    if v.numel() == 0:
+        return None, 0.0
+    uniq, counts = torch.unique(v, return_counts=True)
+    i = int(counts.argmax())
+    return uniq[i], float(counts[i]) / v.numel()
+
+
+@dataclass
+class Alignment:
+    """``target[b, t] == input[b, t + shift, feature]`` on ``match`` of the compared positions."""
+
+    view: TargetView
+    source: int
+    feature: int
+    shift: int
+    match: float
+    chance: float
+    kappa: float
+    compared: int
+    distinct: int
+    #: (B, T) positions where the target equals the input it is aligned with
+    hits: Tensor
+
+
+def _chance(y: Tensor, x: Tensor) -> float:
+    """Probability that a target and an input value drawn independently are equal."""
+    both = torch.cat([y, x.to(y.dtype)])
+    uniq, inverse = torch.unique(both, return_inverse=True)
+    py = torch.bincount(inverse[: y.numel()], minlength=uniq.numel()).double() / max(y.numel(), 1)
+    px = torch.bincount(inverse[y.numel() :], minlength=uniq.numel()).double() / max(x.numel(), 1)
+    return float((py * px).sum())
+
+
+def align(
+    views: list[TargetView],
+    sources: list[Tensor],
+    *,
+    min_match: float,
+    min_kappa: float,
+    min_compared: int,
+    min_distinct: int,
+    max_features: int = 64,
+) -> Alignment | None:
+    """The best shift ``k >= 0`` with ``target[b, t] == source[b, t + k, f]`` (see :class:`Alignment`).
+
+    ``sources`` are ``(B, S, F)`` value tensors (token ids as ``(B, S, 1)``). A candidate counts
+    when the target equals the input on at least ``min_match`` of the compared positions, beats
+    chance clearly (``kappa = (match - chance) / (1 - chance) >= min_kappa``, chance being the
+    agreement of independently drawn target and input values), on at least ``min_compared``
+    positions and ``min_distinct`` distinct values. Targets equal to a value that covers
+    :data:`DOMINANT_SHARE` of them (padding, background) are left out: they match anywhere."""
+    best: Alignment | None = None
+    for view in views:
+        y_all = view.values
+        integer = not y_all.is_floating_point()
+        valid = view.valid.clone()
+        dom, share = dominant_value(y_all, valid)
+        if dom is not None and share >= DOMINANT_SHARE:
+            valid &= y_all != dom
+        b, t_len = y_all.shape
+        for si, src in enumerate(sources):
+            if src.shape[0] != b or src.is_floating_point() == integer:
+                continue
+            s_len = src.shape[1]
+            for f in range(min(src.shape[2], max_features)):
+                xf = src[:, :, f]
+                for k in range(s_len):
+                    t_cut = min(t_len, s_len - k)
+                    if t_cut < 1:
+                        break
+                    v = valid[:, :t_cut]
+                    n = int(v.sum())
+                    if n < min_compared:
+                        continue
+                    y = y_all[:, :t_cut]
+                    x = xf[:, k : k + t_cut].to(y.dtype)
+                    eq = (y == x) & v
+                    hits = int(eq.sum())
+                    match = hits / n
+                    if match < min_match:
+                        continue
+                    distinct = int(torch.unique(y[eq]).numel())
+                    if distinct < min_distinct:
+                        continue
+                    chance = _chance(y[v], x[v])
+                    if chance >= 1.0:
+                        continue
+                    kappa = (match - chance) / (1.0 - chance)
+                    if kappa < min_kappa:
+                        continue
+                    if best is None or kappa > best.kappa:
+                        full = torch.zeros_like(valid)
+                        full[:, :t_cut] = eq
+                        best = Alignment(view, si, f, k, match, chance, kappa, n, distinct, full)
+    return best
+
+
+def edge_runs(values: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of a ``(B, T)`` grid, the length of the run of ``pad`` at its end and at its start."""
+    is_pad = values == pad
+    t_len = values.shape[1]
+    # length of the trailing run: positions from the end until the first non-pad
+    rev = is_pad.flip(1).int().cumprod(1)
+    trailing = rev.sum(1)
+    leading = is_pad.int().cumprod(1).sum(1)
+    # a row made only of pad counts once (as trailing)
+    leading = torch.where(trailing == t_len, torch.zeros_like(leading), leading)
+    return trailing, leading
+
+
+def row_runs(x: Tensor) -> Tensor:
+    """Per row of a ``(B, S, ...)`` input, how many positions at its end repeat its last position."""
+    if x.dim() < 2:
+        return torch.zeros(x.shape[:1], dtype=torch.long, device=x.device)
+    last = x[:, -1:]
+    same = x == last
+    if same.dim() > 2:
+        same = same.flatten(2).all(-1)
+    return same.flip(1).int().cumprod(1).sum(1)
