@@ -129,15 +129,25 @@ class Alignment:
     distinct: int
     #: (B, T) positions where the target equals the input it is aligned with
     hits: Tensor
+    #: how many features the aligned source has per position
+    source_features: int = 1
 
 
 def _chance(y: Tensor, x: Tensor) -> float:
     """Probability that a target and an input value drawn independently are equal."""
-    both = torch.cat([y, x.to(y.dtype)])
+    both = torch.cat([y, x])
     uniq, inverse = torch.unique(both, return_inverse=True)
     py = torch.bincount(inverse[: y.numel()], minlength=uniq.numel()).double() / max(y.numel(), 1)
     px = torch.bincount(inverse[y.numel() :], minlength=uniq.numel()).double() / max(x.numel(), 1)
     return float((py * px).sum())
+
+
+def _common_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The less precise of two dtypes (float targets from float64 data vs float32 inputs made
+    from the same numbers agree only once both are rounded to float32)."""
+    if a == b or not (a.is_floating_point and b.is_floating_point):
+        return a
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
 def align(
@@ -149,16 +159,19 @@ def align(
     min_compared: int,
     min_distinct: int,
     max_features: int = 64,
-) -> Alignment | None:
-    """The best shift ``k >= 0`` with ``target[b, t] == source[b, t + k, f]`` (see :class:`Alignment`).
+) -> list[Alignment]:
+    """For each (target view, source) pair, the best shift ``k >= 0`` with
+    ``target[b, t] == source[b, t + k, f]`` (see :class:`Alignment`), best first.
 
     ``sources`` are ``(B, S, F)`` value tensors (token ids as ``(B, S, 1)``). A candidate counts
     when the target equals the input on at least ``min_match`` of the compared positions, beats
     chance clearly (``kappa = (match - chance) / (1 - chance) >= min_kappa``, chance being the
     agreement of independently drawn target and input values), on at least ``min_compared``
     positions and ``min_distinct`` distinct values. Targets equal to a value that covers
-    :data:`DOMINANT_SHARE` of them (padding, background) are left out: they match anywhere."""
-    best: Alignment | None = None
+    :data:`DOMINANT_SHARE` of them (padding, background) are left out: they match anywhere.
+    ``k = 0`` is a candidate only where no ``k >= 1`` is: in data with long runs of one value
+    the next target often equals the current input too."""
+    found: list[Alignment] = []
     for view in views:
         y_all = view.values
         integer = not y_all.is_floating_point()
@@ -168,9 +181,11 @@ def align(
             valid &= y_all != dom
         b, t_len = y_all.shape
         for si, src in enumerate(sources):
-            if src.shape[0] != b or src.is_floating_point() == integer:
+            if src.dim() != 3 or src.shape[0] != b or src.is_floating_point() == integer:
                 continue
+            dtype = _common_dtype(y_all.dtype, src.dtype)
             s_len = src.shape[1]
+            best: Alignment | None = None
             for f in range(min(src.shape[2], max_features)):
                 xf = src[:, :, f]
                 for k in range(s_len):
@@ -181,11 +196,10 @@ def align(
                     n = int(v.sum())
                     if n < min_compared:
                         continue
-                    y = y_all[:, :t_cut]
-                    x = xf[:, k : k + t_cut].to(y.dtype)
+                    y = y_all[:, :t_cut].to(dtype)
+                    x = xf[:, k : k + t_cut].to(dtype)
                     eq = (y == x) & v
-                    hits = int(eq.sum())
-                    match = hits / n
+                    match = int(eq.sum()) / n
                     if match < min_match:
                         continue
                     distinct = int(torch.unique(y[eq]).numel())
@@ -197,11 +211,16 @@ def align(
                     kappa = (match - chance) / (1.0 - chance)
                     if kappa < min_kappa:
                         continue
-                    if best is None or kappa > best.kappa:
+                    better = best is None or (best.shift == 0 and k > 0) or (
+                        (k > 0 or best.shift == 0) and kappa > best.kappa
+                    )
+                    if better:
                         full = torch.zeros_like(valid)
                         full[:, :t_cut] = eq
-                        best = Alignment(view, si, f, k, match, chance, kappa, n, distinct, full)
-    return best
+                        best = Alignment(view, si, f, k, match, chance, kappa, n, distinct, full, src.shape[2])
+            if best is not None:
+                found.append(best)
+    return sorted(found, key=lambda a: -a.kappa)
 
 
 def edge_runs(values: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:

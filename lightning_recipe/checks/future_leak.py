@@ -124,12 +124,14 @@ class FutureLeakCheck(FirstBatchCheck):
         with preserved_rng():
             chart = self._chart(trainer, module, batch, n)
         self.figures["seconds"] = round(time.perf_counter() - start, 4)
-        if chart is None:
+        if not chart:
             return
-        self._judge(trainer, chart)
+        for one in chart:
+            if self._judge(trainer, one):
+                break
 
     # ------------------------------------------------------------------ measuring
-    def _chart(self, trainer: Any | None, module: nn.Module, batch: Any, n: int) -> _Chart | None:
+    def _chart(self, trainer: Any | None, module: nn.Module, batch: Any, n: int) -> list[_Chart] | None:
         k = min(n, self.max_batch)
         sizes = [k] if k == n else [k, n]
         for attempt, size in enumerate(sizes):
@@ -150,7 +152,7 @@ class FutureLeakCheck(FirstBatchCheck):
                 ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _chart_on(self, model: nn.Module, batch: Any, b: int) -> _Chart | None:
+    def _chart_on(self, model: nn.Module, batch: Any, b: int) -> list[_Chart] | None:
         reader = _Reader(b)
         x = self.adapter.input(batch)
         if x.is_floating_point() and x.dim() in (2, 3) and x.shape[0] == b:
@@ -175,36 +177,37 @@ class FutureLeakCheck(FirstBatchCheck):
         if not rows.requires_grad:
             raise ProbeSkip(f"the input of {call.name} does not depend on the sequence the model reads")
         seq_views = [v for v in views if v.values.shape[1] > 1]
-        sources = [s.values3 for s in reader.sources]
-        found = None
-        for group in (seq_views, views):  # a per-position target first, then a single target per sample
-            usable = [
-                i for i, s in enumerate(reader.sources) if not (s.tabular_like and group is not seq_views)
-            ]
-            found = align(
-                group,
-                [sources[i] if i in usable else sources[i][:0] for i in range(len(sources))],
-                min_match=self.min_match,
-                min_kappa=0.5,
-                min_compared=16,
-                min_distinct=3,
+        one_views = [v for v in views if v.values.shape[1] == 1]
+        options = {"min_match": self.min_match, "min_kappa": 0.5, "min_compared": 16, "min_distinct": 3}
+        # a (B, S) float input is a sequence only when the targets are one too (else a table)
+        found = align(seq_views, [s.values3 for s in reader.sources], **options)
+        found += align(one_views, [s.values3[:0] if s.tabular_like else s.values3 for s in reader.sources], **options)
+        found = [a for a in sorted(found, key=lambda a: -a.kappa) if a.shift > 0 or a.match >= 0.99][:3]
+        self.figures["aligned"] = bool(found)
+        if not found:
+            return None
+        charts = []
+        for al in found:
+            chart = self._probe(rows, al, reader.sources[al.source], call.name)
+            if chart is not None:
+                charts.append(chart)
+        if not charts:
+            raise ProbeSkip(
+                f"the scores passed to {call.name} do not depend on the input their targets are copied from"
             )
-            if found is not None:
-                break
-        if found is None:
-            self.figures["aligned"] = False
-            return None
-        source = reader.sources[found.source]
-        if found.shift == 0 and found.match < 0.99:
-            self.figures["aligned"] = False
-            return None
-        self.figures["aligned"] = True
+        first = charts[0].alignment
         self.figures.update(
-            {"shift": found.shift, "match": round(found.match, 4), "kappa": round(found.kappa, 4), "reads": source.name}
+            {
+                "shift": first.shift,
+                "match": round(first.match, 4),
+                "kappa": round(first.kappa, 4),
+                "reads": charts[0].source,
+                "alignments": len(charts),
+            }
         )
-        return self._probe(rows, found, source, call.name)
+        return charts
 
-    def _probe(self, rows: Tensor, al: Alignment, source: _Source, loss_name: str) -> _Chart:
+    def _probe(self, rows: Tensor, al: Alignment, source: _Source, loss_name: str) -> _Chart | None:
         b, t_len = al.hits.shape
         s_len = source.values3.shape[1]
         picks: list[list[int]] = []
@@ -237,13 +240,12 @@ class FutureLeakCheck(FirstBatchCheck):
                 at.append(float(mag[i, pos, feature]) / top)
                 later.append(float(mag[i, t + 1 :].max()) / top if t + 1 < s_len else float("nan"))
         if not at:
-            raise ProbeSkip(
-                f"the scores passed to {loss_name} do not depend on {source.name} at any probed position"
-            )
+            return None
         return _Chart(al, source.name, loss_name, at, later, dead)
 
     # ------------------------------------------------------------------ verdict
-    def _judge(self, trainer: Any | None, chart: _Chart) -> None:
+    def _judge(self, trainer: Any | None, chart: _Chart) -> bool:
+        """Report a leak seen in ``chart``; True if one was reported."""
         al = chart.alignment
         leak = max(chart.at)
         known = [v for v in chart.later if v == v]
@@ -263,31 +265,48 @@ class FutureLeakCheck(FirstBatchCheck):
         }
         where = f"{al.match:.0%} of {al.compared} positions"
         what = chart.source if chart.source == "the input" else f"the output of embedding '{chart.source}'"
+        if al.view.values.shape[1] == 1 and al.shift >= 1 and leak > self.tolerance:
+            feature = f", feature {al.feature}" if al.source_features > 1 else ""
+            self.report(
+                trainer,
+                "future-leak",
+                Severity.ERROR,
+                f"The prediction depends on {what} at position {al.shift}{feature} (gradient {leak:.3g} of "
+                f"the largest), and that position holds the target itself (target == input[{al.shift}] "
+                f"on {al.match:.0%} of {al.compared} samples): the input window includes the value to "
+                "predict, so the loss is meaningless; end the window before the first forecast step "
+                "(an off-by-one in the slicing).",
+                evidence,
+            )
+            return True
         if al.shift >= 1 and leak > self.tolerance:
             self.report(
                 trainer,
                 "future-leak",
                 Severity.ERROR,
-                f"The scores for each target depend on {what} at {al.shift} position"
-                f"{'s' if al.shift > 1 else ''} later (gradient {leak:.3g} of the largest, healthy "
-                f"causal models give exactly 0), and that position holds the target itself "
-                f"(target[t] == input[t+{al.shift}] on {where}): the model sees what it is asked to "
-                "predict and its loss is meaningless; add the causal mask (attention to positions "
-                "<= t only), score logits[:, t] against tokens[:, t+1] with the model fed tokens[:, :-1], "
-                "or cut the forecast day out of the input window.",
+                f"The output scored against target t depends on {what} at position t+{al.shift} "
+                f"(gradient {leak:.3g} of the largest; healthy causal models give exactly 0), and that "
+                f"position holds the target itself (target[t] == input[t+{al.shift}] on {where}): the "
+                "model sees what it is asked to predict and its loss is meaningless; add the causal mask "
+                "(attention to positions <= t only), feed tokens[:, :-1] and score logits[:, t] against "
+                "tokens[:, t+1] (not logits[:, 1:] of a model fed all tokens), or end a forecast window "
+                "before the first forecast step.",
                 evidence,
             )
-        elif al.shift == 0 and leak > self.tolerance and known and later <= self.tolerance:
+            return True
+        if al.shift == 0 and leak > self.tolerance and known and later <= self.tolerance:
             self.report(
                 trainer,
                 "future-leak",
                 Severity.ERROR,
                 f"Each target is the input at its own position (on {where}) and the model is causal "
-                f"(no output depends on a later position), so it is asked to predict a token it already "
+                "(no output depends on a later position), so it is asked to predict a token it already "
                 "reads: an autoregressive model trained without the shift; feed tokens[:, :-1] and use "
                 "tokens[:, 1:] as the targets.",
                 evidence,
             )
+            return True
+        return False
 
 
 # ---------------------------------------------------------------------------- helpers
