@@ -88,7 +88,9 @@ class CharTransformer(Base):
     """A char-level transformer LM on ``(tokens,)`` batches; ``causal=False`` forgets the mask.
     ``batch_first=False`` runs the encoder time-first; ``loss_layout`` "flat" (B*T, V) or "bvt"."""
 
-    def __init__(self, causal=True, batch_first=True, loss_layout="flat", d=32, vocab=VOCAB, length=64, lr=3e-3):
+    def __init__(
+        self, causal=True, batch_first=True, loss_layout="flat", d=32, vocab=VOCAB, length=64, lr=3e-3
+    ):
         super().__init__(lr)
         self.causal, self.batch_first, self.loss_layout = causal, batch_first, loss_layout
         self.tok = nn.Embedding(vocab, d)

@@ -9,12 +9,12 @@ import lightning_recipe as lr
 from lightning_recipe.checks.future_leak import FutureLeakCheck
 from models import trainer
 from seq_models import (
+    RNNLM,
     VOCAB,
     CharTransformer,
     Forecaster,
     HFStyleLM,
     MaskedLM,
-    RNNLM,
     SeqClassifier,
     SeqRegressor,
     Tagger,
@@ -77,7 +77,11 @@ def broken_cases():
         "gru-logits-1-vs-tokens-1": (RNNLM(bug="logits-shift"), lm_tokens, 1),
         "gru-unshifted-targets": (RNNLM(bug="unshifted"), lm_tokens, 0),
         "forecast-window-includes-forecast-day": (Forecaster(1), first_batch(leak_x, leak_y), 16),
-        "bidirectional-float-next-step": (SeqRegressor(True), first_batch(SERIES[:, :-1, None], SERIES[:, 1:]), 1),
+        "bidirectional-float-next-step": (
+            SeqRegressor(True),
+            first_batch(SERIES[:, :-1, None], SERIES[:, 1:]),
+            1,
+        ),
         "causal-float-unshifted": (SeqRegressor(), first_batch(SERIES[:, :, None], SERIES), 0),
     }
 

@@ -22,6 +22,7 @@ from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall
 #: a target value covering at least this share of the valid targets is left out of the
 #: alignment (padding, a background class, zeros of a sparse series): it matches anywhere
 DOMINANT_SHARE = 0.25
+_BINARY_LOSSES = ("binary_cross_entropy_with_logits", "binary_cross_entropy")
 
 
 @dataclass
@@ -54,7 +55,7 @@ def loss_rows(call: LossCall) -> Tensor | None:
             return None
         rows = x.movedim(1, -1).reshape(-1, x.shape[1])
         return rows if rows.shape[0] == target.numel() else None
-    if call.name in REGRESSION_LOSSES or call.name in ("binary_cross_entropy_with_logits", "binary_cross_entropy"):
+    if call.name in REGRESSION_LOSSES or call.name in _BINARY_LOSSES:
         if x.numel() != target.numel() or x.numel() == 0:
             return None
         return x.reshape(-1, 1)
@@ -211,13 +212,17 @@ def align(
                     kappa = (match - chance) / (1.0 - chance)
                     if kappa < min_kappa:
                         continue
-                    better = best is None or (best.shift == 0 and k > 0) or (
-                        (k > 0 or best.shift == 0) and kappa > best.kappa
+                    better = (
+                        best is None
+                        or (best.shift == 0 and k > 0)
+                        or ((k > 0 or best.shift == 0) and kappa > best.kappa)
                     )
                     if better:
                         full = torch.zeros_like(valid)
                         full[:, :t_cut] = eq
-                        best = Alignment(view, si, f, k, match, chance, kappa, n, distinct, full, src.shape[2])
+                        best = Alignment(
+                            view, si, f, k, match, chance, kappa, n, distinct, full, src.shape[2]
+                        )
             if best is not None:
                 found.append(best)
     return sorted(found, key=lambda a: -a.kappa)

@@ -181,7 +181,8 @@ class FutureLeakCheck(FirstBatchCheck):
         options = {"min_match": self.min_match, "min_kappa": 0.5, "min_compared": 16, "min_distinct": 3}
         # a (B, S) float input is a sequence only when the targets are one too (else a table)
         found = align(seq_views, [s.values3 for s in reader.sources], **options)
-        found += align(one_views, [s.values3[:0] if s.tabular_like else s.values3 for s in reader.sources], **options)
+        singles = [s.values3[:0] if s.tabular_like else s.values3 for s in reader.sources]
+        found += align(one_views, singles, **options)
         found = [a for a in sorted(found, key=lambda a: -a.kappa) if a.shift > 0 or a.match >= 0.99][:3]
         self.figures["aligned"] = bool(found)
         if not found:
@@ -208,7 +209,7 @@ class FutureLeakCheck(FirstBatchCheck):
         return charts
 
     def _probe(self, rows: Tensor, al: Alignment, source: _Source, loss_name: str) -> _Chart | None:
-        b, t_len = al.hits.shape
+        b = al.hits.shape[0]
         s_len = source.values3.shape[1]
         picks: list[list[int]] = []
         for i in range(b):

@@ -85,12 +85,20 @@ class InputIndependentBaseline(RecipeCallback):
     that changes the output is used instead (``figures["input"]`` says which). A model that no
     tensor of its batch reaches is judged as it is.
 
-    Not judged (``check-skipped`` info) when zeroing the input changes the loss target too -- the
-    target the loss call received differs between the two runs, or, when no loss call could be
-    read, the batch carries no target apart from its input: an autoencoder, a language model
-    predicting its next token, a self-supervised loss. Predicting zeros from zeros is easy, so
-    such a "baseline" beats every healthy model (measured: an autoencoder 0.29 real vs 0.013
-    zeroed, a next-token GRU 0.64 vs 0.011, both still learning).
+    Targets made from the input (an autoencoder, a language model predicting its next token):
+    zeroing the batch zeroes the targets too, and predicting zeros from zeros is easy (measured:
+    an autoencoder 0.29 real vs 0.013 zeroed, a next-token GRU 0.64 vs 0.011, both healthy). When
+    the loss target changes with the zeroed input -- or, without a loss call to read, the batch
+    carries no target of its own -- the batch is kept as it is and what the model *reads* is
+    zeroed instead: the ids every ``nn.Embedding`` gets from the input (the input's storage, e.g.
+    ``tokens[:, :-1]``, or a tensor with its batch size) become id 0, and a float input reaching a
+    leaf layer as such (or as a view) becomes zeros there (``figures["zeroed"]`` names the layers).
+    Measured, 6 epochs, 3 seeds each: GRU and causal-transformer LMs on Markov tokens, an LSTM on
+    ``{"input_ids"}`` dicts and autoencoders gap 0.02-0.23 after the first epoch and 0.34-0.69 at
+    the end (never flat); a GRU LM that embeds a constant instead of its tokens and a transformer
+    fed only positions stay at -0.002..0.08, falling, and get the finding. When no layer reads the
+    input as such (a float input converted or normalised before the model) or the target still
+    moves, the run is not judged (``check-skipped`` info).
 
     Measured (gap per validation run, 6 epochs, 5 seeds, 2 validation batches of 32 examples or
     256 digits, 12-23 optimizer steps per epoch): models whose forward ignores the input stay
@@ -348,9 +356,9 @@ class InputIndependentBaseline(RecipeCallback):
             return
         if not self._reader_names:
             return  # no layer reads the input as such: nothing to zero
-        if real.main_call is not None and zeroed.main_call is not None:
-            if bool(_differs(real.main_call.target, zeroed.main_call.target)):
-                return
+        calls = real.main_call, zeroed.main_call
+        if calls[0] is not None and calls[1] is not None and bool(_differs(calls[0].target, calls[1].target)):
+            return
         self._zero_mode = "reader"
         self.figures["zeroed"] = "what the model reads, the targets kept: " + ", ".join(self._reader_names)
 
@@ -530,9 +538,9 @@ class _ZeroReader:
         handles = []
         for name, m in model.named_modules():
             label = name or type(m).__name__
-            if self.integer and isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
-                handles.append(track_hook(m.register_forward_pre_hook(self._zero_input(label))))
-            elif not self.integer and m is not model and not any(True for _ in m.children()):
+            embedding = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            leaf = m is not model and not any(True for _ in m.children())
+            if embedding if self.integer else leaf:
                 handles.append(track_hook(m.register_forward_pre_hook(self._zero_input(label))))
         try:
             yield
