@@ -233,7 +233,7 @@ class FutureLeakCheck(FirstBatchCheck):
             mag = source.magnitude(grad)  # (B, S, F) on the sample-major grid
             for i, t in chosen:
                 top = float(mag[i].max())
-                if top <= 0:
+                if not (0 < top < float("inf")):  # no dependence at all, or NaN/Inf gradients
                     dead += 1
                     continue
                 pos = min(t + al.shift, s_len - 1)
