@@ -301,3 +301,58 @@ def forecasting_windows(window=16, horizon=4, covariates=True, leak=False, n=64)
         return torch.stack([target, cov], -1), y
     x = s[:, : window + (1 if leak else 0)]
     return x.unsqueeze(-1), y
+
+
+class Attention(nn.Module):
+    """Single-head self-attention written by hand (nanoGPT style), causal by ``masked_fill``."""
+
+    def __init__(self, d: int, causal: bool) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.causal = nn.Linear(d, 3 * d), nn.Linear(d, d), causal
+
+    def forward(self, x):
+        t, d = x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).split(d, 2)
+        att = q @ k.transpose(-2, -1) / d**0.5
+        if self.causal:
+            att = att.masked_fill(torch.tril(torch.ones(t, t, device=x.device)) == 0, float("-inf"))
+        return self.proj(att.softmax(-1) @ v)
+
+
+class NanoGPT(Base):
+    """A hand-written GPT on ``(x, y)`` windows with ``y`` the next characters, (B*T, V) logits."""
+
+    def __init__(self, causal=True, d=32, vocab=VOCAB, lr=3e-3):
+        super().__init__(lr)
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(64, d)
+        self.blocks = nn.ModuleList([Attention(d, causal) for _ in range(2)])
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.tok(x) + self.pos(torch.arange(x.shape[1], device=x.device))
+        for block in self.blocks:
+            h = h + block(h)
+        logits = self.head(self.ln(h))
+        b, t, v = logits.shape
+        return F.cross_entropy(logits.view(b * t, v), y.view(b * t))
+
+
+class Seq2Seq(Base):
+    """A GRU encoder-decoder with teacher forcing on ``(src, tgt)``; one embedding for both.
+    ``unshifted=True`` feeds the decoder ``tgt`` itself instead of ``[BOS] + tgt[:-1]``."""
+
+    def __init__(self, unshifted=False, d=32, lr=1e-2):
+        super().__init__(lr)
+        self.unshifted = unshifted
+        self.emb = nn.Embedding(VOCAB + 1, d)
+        self.enc = nn.GRU(d, d, batch_first=True, bidirectional=True)
+        self.bridge, self.dec = nn.Linear(2 * d, d), nn.GRU(d, d, batch_first=True)
+        self.out = nn.Linear(d, VOCAB + 1)
+
+    def training_step(self, batch, batch_idx):
+        src, tgt = batch
+        h = torch.tanh(self.bridge(self.enc(self.emb(src))[0].mean(1))).unsqueeze(0)
+        bos = torch.full_like(tgt[:, :1], VOCAB)
+        dec_in = tgt if self.unshifted else torch.cat([bos, tgt[:, :-1]], 1)
+        return F.cross_entropy(self.out(self.dec(self.emb(dec_in), h)[0]).transpose(1, 2), tgt)

@@ -15,6 +15,8 @@ from seq_models import (
     Forecaster,
     HFStyleLM,
     MaskedLM,
+    NanoGPT,
+    Seq2Seq,
     SeqClassifier,
     SeqRegressor,
     Tagger,
@@ -30,6 +32,7 @@ from seq_models import (
 TOKENS = markov_tokens(32, 33)
 SERIES = series(32, 33)
 IDS, MASK = padded_tokens(32, 33)
+SRC = TOKENS[:, :12]
 
 
 def probe(model, batch, **kw):
@@ -64,6 +67,9 @@ def healthy_cases():
         "forecaster-plain-window": (Forecaster(1), first_batch(plain_x, plain_y)),
         "causal-float-regressor": (SeqRegressor(), first_batch(SERIES[:, :-1, None], SERIES[:, 1:])),
         "bidirectional-denoiser": (SeqRegressor(True), first_batch(SERIES[:, :, None], SERIES)),
+        "hand-written-gpt-masked-fill": (NanoGPT(True), first_batch(TOKENS[:, :-1], TOKENS[:, 1:])),
+        "seq2seq-copy-task": (Seq2Seq(), first_batch(SRC, SRC)),
+        "seq2seq-reverse-task": (Seq2Seq(), first_batch(SRC, SRC.flip(1))),
     }
 
 
@@ -83,6 +89,9 @@ def broken_cases():
             1,
         ),
         "causal-float-unshifted": (SeqRegressor(), first_batch(SERIES[:, :, None], SERIES), 0),
+        "hand-written-gpt-without-mask": (NanoGPT(False), first_batch(TOKENS[:, :-1], TOKENS[:, 1:]), 1),
+        "hand-written-gpt-y-equals-x": (NanoGPT(True), first_batch(TOKENS[:, :-1], TOKENS[:, :-1]), 0),
+        "seq2seq-decoder-fed-its-targets": (Seq2Seq(True), first_batch(SRC, SRC.flip(1)), 0),
     }
 
 

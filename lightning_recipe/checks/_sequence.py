@@ -171,7 +171,8 @@ def align(
     positions and ``min_distinct`` distinct values. Targets equal to a value that covers
     :data:`DOMINANT_SHARE` of them (padding, background) are left out: they match anywhere.
     ``k = 0`` is a candidate only where no ``k >= 1`` is: in data with long runs of one value
-    the next target often equals the current input too."""
+    the next target often equals the current input too. Token targets of a sequence must line
+    up on at least 2 positions per row (a reversed sequence's first target is its last input)."""
     found: list[Alignment] = []
     for view in views:
         y_all = view.values
@@ -192,6 +193,11 @@ def align(
                 for k in range(s_len):
                     t_cut = min(t_len, s_len - k)
                     if t_cut < 1:
+                        break
+                    if integer and t_len > 1 and t_cut < 2:
+                        # one target position per row lines up with the last input ids: a
+                        # reversal or rotation task does that by design; a forecast window that
+                        # overlaps the horizon by one step (float values) does not
                         break
                     v = valid[:, :t_cut]
                     n = int(v.sum())

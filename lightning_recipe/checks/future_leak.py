@@ -126,9 +126,17 @@ class FutureLeakCheck(FirstBatchCheck):
         self.figures["seconds"] = round(time.perf_counter() - start, 4)
         if not chart:
             return
-        for one in chart:
-            if self._judge(trainer, one):
-                break
+        shown = next((one for one in chart if self._judge(trainer, one)), chart[0])
+        known = [v for v in shown.later if v == v]
+        self.figures.update(
+            {
+                "shift": shown.alignment.shift,
+                "match": round(shown.alignment.match, 4),
+                "reads": shown.source,
+                "leak": max(shown.at),
+                "later": max(known) if known else None,
+            }
+        )
 
     # ------------------------------------------------------------------ measuring
     def _chart(self, trainer: Any | None, module: nn.Module, batch: Any, n: int) -> list[_Chart] | None:
@@ -196,16 +204,16 @@ class FutureLeakCheck(FirstBatchCheck):
             raise ProbeSkip(
                 f"the scores passed to {call.name} do not depend on the input their targets are copied from"
             )
-        first = charts[0].alignment
-        self.figures.update(
+        self.figures["alignments"] = [
             {
-                "shift": first.shift,
-                "match": round(first.match, 4),
-                "kappa": round(first.kappa, 4),
-                "reads": charts[0].source,
-                "alignments": len(charts),
+                "reads": c.source,
+                "shift": c.alignment.shift,
+                "match": round(c.alignment.match, 4),
+                "leak": max(c.at),
+                "later": max([v for v in c.later if v == v], default=None),
             }
-        )
+            for c in charts
+        ]
         return charts
 
     def _probe(self, rows: Tensor, al: Alignment, source: _Source, loss_name: str) -> _Chart | None:
@@ -251,7 +259,6 @@ class FutureLeakCheck(FirstBatchCheck):
         leak = max(chart.at)
         known = [v for v in chart.later if v == v]
         later = max(known) if known else float("nan")
-        self.figures.update({"leak": leak, "later": later})
         evidence = {
             "shift": al.shift,
             "match": al.match,
