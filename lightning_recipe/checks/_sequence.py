@@ -151,6 +151,39 @@ def _common_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
+#: target positions per row that vote for the shifts worth comparing in full
+_VOTERS = 4
+#: most (feature, shift) candidates compared in full per target view and source
+_MAX_CANDIDATES = 8
+
+
+def _candidates(y: Tensor, valid: Tensor, src: Tensor, min_match: float) -> list[tuple[int, int]]:
+    """(feature, shift) pairs worth comparing in full: the first valid targets of each row vote
+    for every (shift, feature) where the input holds their value; kept are those that at least
+    half the targets able to vote for them (``t + k < S``) voted for. One pass over
+    ``(B * 4, S, F)`` instead of a comparison per shift and feature."""
+    s_len, feats = src.shape[1], src.shape[2]
+    rank = valid.long().cumsum(1)
+    pick = valid & (rank <= _VOTERS)
+    rows, ts = pick.nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return []
+    eq = src[rows] == y[rows, ts][:, None, None]  # (P, S, F)
+    shift = torch.arange(s_len, device=y.device)[None, :] - ts[:, None]  # (P, S)
+    ok = shift >= 0
+    votes = torch.zeros(s_len * feats, device=y.device)
+    index = (shift.clamp(min=0)[:, :, None] * feats + torch.arange(feats, device=y.device)).expand_as(eq)
+    votes.index_add_(0, index[ok].reshape(-1), eq[ok].reshape(-1).float())
+    votes = votes.view(s_len, feats)
+    # how many voters could vote for shift k: those with t + k < S
+    able = (ts[:, None] + torch.arange(s_len, device=y.device)[None, :] < s_len).sum(0).float()
+    share = votes / able.clamp(min=1)[:, None]
+    keep = (share >= min(0.5, min_match)) & (votes >= 1)
+    ks, fs = keep.nonzero(as_tuple=True)
+    order = share[ks, fs].argsort(descending=True)[:_MAX_CANDIDATES]
+    return sorted((int(fs[i]), int(ks[i])) for i in order)
+
+
 def align(
     views: list[TargetView],
     sources: list[Tensor],
@@ -188,47 +221,42 @@ def align(
             dtype = _common_dtype(y_all.dtype, src.dtype)
             s_len = src.shape[1]
             best: Alignment | None = None
-            for f in range(min(src.shape[2], max_features)):
+            for f, k in _candidates(y_all.to(dtype), valid, src[:, :, :max_features].to(dtype), min_match):
                 xf = src[:, :, f]
-                for k in range(s_len):
-                    t_cut = min(t_len, s_len - k)
-                    if t_cut < 1:
-                        break
-                    if integer and t_len > 1 and t_cut < 2:
-                        # one target position per row lines up with the last input ids: a
-                        # reversal or rotation task does that by design; a forecast window that
-                        # overlaps the horizon by one step (float values) does not
-                        break
-                    v = valid[:, :t_cut]
-                    n = int(v.sum())
-                    if n < min_compared:
-                        continue
-                    y = y_all[:, :t_cut].to(dtype)
-                    x = xf[:, k : k + t_cut].to(dtype)
-                    eq = (y == x) & v
-                    match = int(eq.sum()) / n
-                    if match < min_match:
-                        continue
-                    distinct = int(torch.unique(y[eq]).numel())
-                    if distinct < min_distinct:
-                        continue
-                    chance = _chance(y[v], x[v])
-                    if chance >= 1.0:
-                        continue
-                    kappa = (match - chance) / (1.0 - chance)
-                    if kappa < min_kappa:
-                        continue
-                    better = (
-                        best is None
-                        or (best.shift == 0 and k > 0)
-                        or ((k > 0 or best.shift == 0) and kappa > best.kappa)
-                    )
-                    if better:
-                        full = torch.zeros_like(valid)
-                        full[:, :t_cut] = eq
-                        best = Alignment(
-                            view, si, f, k, match, chance, kappa, n, distinct, full, src.shape[2]
-                        )
+                t_cut = min(t_len, s_len - k)
+                if t_cut < 1 or (integer and t_len > 1 and t_cut < 2):
+                    # one target position per row lines up with the last input ids: a
+                    # reversal or rotation task does that by design; a forecast window that
+                    # overlaps the horizon by one step (float values) does not
+                    continue
+                v = valid[:, :t_cut]
+                n = int(v.sum())
+                if n < min_compared:
+                    continue
+                y = y_all[:, :t_cut].to(dtype)
+                x = xf[:, k : k + t_cut].to(dtype)
+                eq = (y == x) & v
+                match = int(eq.sum()) / n
+                if match < min_match:
+                    continue
+                distinct = int(torch.unique(y[eq]).numel())
+                if distinct < min_distinct:
+                    continue
+                chance = _chance(y[v], x[v])
+                if chance >= 1.0:
+                    continue
+                kappa = (match - chance) / (1.0 - chance)
+                if kappa < min_kappa:
+                    continue
+                better = (
+                    best is None
+                    or (best.shift == 0 and k > 0)
+                    or ((k > 0 or best.shift == 0) and kappa > best.kappa)
+                )
+                if better:
+                    full = torch.zeros_like(valid)
+                    full[:, :t_cut] = eq
+                    best = Alignment(view, si, f, k, match, chance, kappa, n, distinct, full, src.shape[2])
             if best is not None:
                 found.append(best)
     return sorted(found, key=lambda a: -a.kappa)

@@ -65,10 +65,22 @@ class FutureLeakCheck(FirstBatchCheck):
     position): an autoregressive model trained without the shift. Bidirectional models with
     ``k = 0`` (denoisers, masked language models scoring every position) stay quiet.
 
-    The default ``tolerance=1e-4`` was measured: causal models give exactly 0 at every future
-    position (a transformer with its causal mask, GRU/LSTM language models with the
-    ``x = tokens[:, :-1], y = tokens[:, 1:]`` shift, a causal forecaster), while the bugs give
-    0.004-1 (see the README for the figures per model).
+    The default ``tolerance=1e-4`` was measured (5 seeds): causal models give exactly 0 at every
+    future position (``nn.TransformerEncoder`` with its causal mask at 16-256 tokens, a
+    hand-written GPT with ``masked_fill(-inf)``, GRU/LSTM language models with the
+    ``x = tokens[:, :-1], y = tokens[:, 1:]`` shift, GRU decoders of encoder-decoders, a causal
+    float GRU). The bugs: the transformer without its mask 0.09-0.22 at 16 tokens, 0.040-0.14 at
+    64, 0.006-0.014 at 256; ``logits[:, 1:]`` scored against ``tokens[:, 1:]`` 1.0; a
+    bidirectional next-step regressor 0.93-1.0; a forecast window ending on the forecast day 1.0.
+    Aligned targets match the shifted input on 100% of the positions in every language model;
+    masked language models reach at most 27% at any shift (87% at ``k = 0`` when every position
+    is scored), taggers 8%.
+
+    Cost: one deep copy, one forward and ``num_positions`` backward passes per alignment (at most
+    3) on ``max_batch`` samples: 0.12 s at 64 tokens and 0.6-0.8 s at 256 for a 2-layer d=64 char
+    transformer (a training step on 32 samples: 0.22 s / 2.4 s) on one busy CPU thread.
+
+    Rank-local under DDP: each rank checks its own first batch and calls no collective.
 
     Args:
         max_batch: cut the batch to at most this many samples (>= 1).

@@ -47,12 +47,20 @@ class PaddingCheck(FirstBatchCheck):
       is non-zero exactly at the positions it averages over (zero where ``ignore_index`` or a
       mask removes them), whatever way the loss is written.
 
+    * padding sits only past the end: at least 90% of the padding value's occurrences are in
+      those runs (in unpadded token data the most frequent token is there 7-25% of the time).
+
     ``loss-includes-padding`` (warning) when padding makes up at least ``min_share`` of the
     positions the loss counts. Reported: that share, the padding value, the loss as logged and
-    the loss over the real tokens only. Healthy models measure exactly 0 (``ignore_index``, -100
-    labels, a masked mean, scores selected with the mask before the loss); unpadded data has no
-    padding runs (a char-level model's most frequent character ends a sequence in under 1% of
-    the positions). The broken test models measure 0.5-0.8; ``min_share=0.05``.
+    the loss over the real tokens only. Measured: healthy models give exactly 0 (``ignore_index``,
+    -100 labels, a masked mean, a zero class weight, scores selected with the mask before the
+    loss, unpadded data); language models on ids padded to 33 with 4-12 real tokens and no
+    ``ignore_index`` (flat or ``(B, V, T)`` logits, ``reduction='none'`` then ``.mean()``, left
+    padding) give 0.80. ``min_share=0.05``. Cost: one deep copy, one forward and one backward to
+    the scores: 0.07 s at 64 tokens, 0.25 s at 256 on the char transformer of
+    :class:`~lightning_recipe.checks.future_leak.FutureLeakCheck`.
+
+    Rank-local under DDP: each rank checks its own first batch and calls no collective.
 
     Args:
         min_share: smallest share of the counted targets that are padding to report (0..1).
