@@ -155,25 +155,30 @@ def _common_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 _VOTERS = 4
 #: most (feature, shift) candidates compared in full per target view and source
 _MAX_CANDIDATES = 8
+#: most elements of one (voters, S, F) comparison (bounded memory on long, wide inputs)
+_MAX_ELEMENTS = 1 << 24
 
 
 def _candidates(y: Tensor, valid: Tensor, src: Tensor, min_match: float) -> list[tuple[int, int]]:
     """(feature, shift) pairs worth comparing in full: the first valid targets of each row vote
     for every (shift, feature) where the input holds their value; kept are those that at least
     half the targets able to vote for them (``t + k < S``) voted for. One pass over
-    ``(B * 4, S, F)`` instead of a comparison per shift and feature."""
+    ``(B * 4, S, F)`` (in chunks of :data:`_MAX_ELEMENTS`) instead of a comparison per shift and
+    feature."""
     s_len, feats = src.shape[1], src.shape[2]
     rank = valid.long().cumsum(1)
     pick = valid & (rank <= _VOTERS)
     rows, ts = pick.nonzero(as_tuple=True)
     if rows.numel() == 0:
         return []
-    eq = src[rows] == y[rows, ts][:, None, None]  # (P, S, F)
-    shift = torch.arange(s_len, device=y.device)[None, :] - ts[:, None]  # (P, S)
-    ok = shift >= 0
     votes = torch.zeros(s_len * feats, device=y.device)
-    index = (shift.clamp(min=0)[:, :, None] * feats + torch.arange(feats, device=y.device)).expand_as(eq)
-    votes.index_add_(0, index[ok].reshape(-1), eq[ok].reshape(-1).float())
+    chunk = max(1, _MAX_ELEMENTS // max(s_len * feats, 1))
+    for start in range(0, rows.numel(), chunk):
+        r, t = rows[start : start + chunk], ts[start : start + chunk]
+        p, s, f = (src[r] == y[r, t][:, None, None]).nonzero(as_tuple=True)
+        shift = s - t[p]
+        ok = shift >= 0
+        votes.index_add_(0, shift[ok] * feats + f[ok], torch.ones(int(ok.sum()), device=y.device))
     votes = votes.view(s_len, feats)
     # how many voters could vote for shift k: those with t + k < S
     able = (ts[:, None] + torch.arange(s_len, device=y.device)[None, :] < s_len).sum(0).float()

@@ -21,7 +21,7 @@ from lightning_recipe._probe import (
     track_hook,
     untrack_hook,
 )
-from lightning_recipe.batch import Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.checks._sequence import Alignment, align, loss_rows, target_views
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.findings import Severity
@@ -177,8 +177,11 @@ class FutureLeakCheck(FirstBatchCheck):
         x = self.adapter.input(batch)
         if x.is_floating_point() and x.dim() in (2, 3) and x.shape[0] == b:
             leaf = x.detach().clone().requires_grad_(True)
-            batch = self.adapter.with_input(batch, leaf)
-            reader.sources.append(_Source("the input", leaf, leaf.detach(), False, x.dim() == 2))
+            try:
+                batch = self.adapter.with_input(batch, leaf)
+                reader.sources.append(_Source("the input", leaf, leaf.detach(), False, x.dim() == 2))
+            except BatchLayoutError:
+                pass  # a computed get_input: only embeddings can be charted
         with reader.attached(model), torch.enable_grad():
             result = run_step(model, batch, self.step_fn)
         call = result.main_call
@@ -194,8 +197,6 @@ class FutureLeakCheck(FirstBatchCheck):
                 else f"the {call.name} call's targets are not per-position"
             )
             return None
-        if not rows.requires_grad:
-            raise ProbeSkip(f"the input of {call.name} does not depend on the sequence the model reads")
         seq_views = [v for v in views if v.values.shape[1] > 1]
         one_views = [v for v in views if v.values.shape[1] == 1]
         options = {"min_match": self.min_match, "min_kappa": 0.5, "min_compared": 16, "min_distinct": 3}
@@ -207,6 +208,8 @@ class FutureLeakCheck(FirstBatchCheck):
         self.figures["aligned"] = bool(found)
         if not found:
             return None
+        if not rows.requires_grad:
+            raise ProbeSkip(f"the input of {call.name} does not depend on the sequence the model reads")
         charts = []
         for al in found:
             chart = self._probe(rows, al, reader.sources[al.source], call.name)
