@@ -45,6 +45,21 @@ def loud(check):
     return [f for f in check.findings if f.severity.value in ("warning", "error")]
 
 
+def step_series(n=32, length=21, hold=30):
+    """A persistent series: random levels held for ``hold`` steps on average (stock-like)."""
+    g = torch.Generator().manual_seed(5)
+    jumps = torch.rand(n, length, generator=g) < 1 / hold
+    levels = torch.randn(n, length, generator=g).cumsum(1)
+    out = torch.empty(n, length)
+    out[:, 0] = levels[:, 0]
+    for t in range(1, length):
+        out[:, t] = torch.where(jumps[:, t], levels[:, t], out[:, t - 1])
+    return out
+
+
+STEPS = step_series()
+
+
 def healthy_cases():
     lm_tokens = first_batch(TOKENS)
     hf = first_batch(IDS, IDS.clone(), MASK, keys=("input_ids", "labels", "attention_mask"))
@@ -65,6 +80,10 @@ def healthy_cases():
         "bidirectional-tagger": (Tagger(), first_batch(TOKENS, TOKENS % 5)),
         "forecaster-known-future-covariates": (Forecaster(2), first_batch(cov_x, cov_y)),
         "forecaster-plain-window": (Forecaster(1), first_batch(plain_x, plain_y)),
+        "forecaster-on-a-persistent-series": (
+            Forecaster(1),
+            first_batch(STEPS[:, :16, None], STEPS[:, 16:20]),
+        ),
         "causal-float-regressor": (SeqRegressor(), first_batch(SERIES[:, :-1, None], SERIES[:, 1:])),
         "bidirectional-denoiser": (SeqRegressor(True), first_batch(SERIES[:, :, None], SERIES)),
         "hand-written-gpt-masked-fill": (NanoGPT(True), first_batch(TOKENS[:, :-1], TOKENS[:, 1:])),
@@ -79,10 +98,16 @@ def broken_cases():
     return {
         "transformer-without-causal-mask": (CharTransformer(False), lm_tokens, 1),
         "transformer-without-mask-bvt": (CharTransformer(False, loss_layout="bvt"), lm_tokens, 1),
+        "padded-transformer-without-mask": (CharTransformer(False), first_batch(IDS), 1),
         "time-first-transformer-without-mask": (TimeFirstTransformer(False), lm_tokens, 1),
         "gru-logits-1-vs-tokens-1": (RNNLM(bug="logits-shift"), lm_tokens, 1),
         "gru-unshifted-targets": (RNNLM(bug="unshifted"), lm_tokens, 0),
         "forecast-window-includes-forecast-day": (Forecaster(1), first_batch(leak_x, leak_y), 16),
+        "single-step-window-includes-the-target": (
+            Forecaster(1, horizon=1),
+            first_batch(SERIES[:, :17, None], SERIES[:, 16:17]),
+            16,
+        ),
         "bidirectional-float-next-step": (
             SeqRegressor(True),
             first_batch(SERIES[:, :-1, None], SERIES[:, 1:]),
