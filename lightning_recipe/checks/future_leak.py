@@ -50,7 +50,10 @@ class FutureLeakCheck(FirstBatchCheck):
     * alignment: the shift ``k >= 0`` such that ``target[b, t] == input[b, t + k]`` on at least
       ``min_match`` of the positions, clearly above chance (kappa >= 0.5 against the agreement of
       independently drawn values, at least 16 positions and 3 distinct values; padding, a
-      background class and other values that cover a quarter of the targets are left out). No
+      background class and other values that cover a quarter of the targets are left out; one
+      position per row must match on 99% of the rows, token targets must line up on 2 positions
+      per row, and an input that repeats its previous value half the time -- a persistent series
+      -- is not aligned, since its values carry into the horizon by themselves). No
       alignment: the targets are not a copy of the input (classifiers, taggers, masked language
       models whose targets sit under mask tokens, forecasters whose future values are not in the
       input) and there is nothing to chart;
