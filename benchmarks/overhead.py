@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py                 # reference CNN and wide MLP, every callback
     python benchmarks/overhead.py --model cnn --steps 300 --repeats 3 --json bench.json
+    python benchmarks/overhead.py --sequence      # one-shot seconds of the sequence checks
 
 Every configuration trains the same model on the same synthetic data for ``--steps`` steps in this
 process, with the same Trainer settings (TensorBoard logger, ``log_every_n_steps=50``), and runs
@@ -191,6 +192,50 @@ def configurations(only: list[str] | None) -> dict[str, Any]:
     return configs
 
 
+class CharTransformer(L.LightningModule):
+    """A small char-level transformer LM (2 layers, d=64) with its causal mask."""
+
+    def __init__(self, vocab: int = 64, d: int = 64, length: int = 256) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(length, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.1, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0][:, :-1], batch[0][:, 1:]
+        t = x.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        h = self.enc(self.tok(x) + self.pos(torch.arange(t)), mask=mask, is_causal=True)
+        logits = self.head(h)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def sequence_one_shot(repeats: int = 3) -> dict[str, dict[int, float]]:
+    """Seconds of the sequence checks (FutureLeakCheck, PaddingCheck) on the first batch of a
+    small char transformer (batch 32), and of one plain training step, for 64 and 256 tokens."""
+    out: dict[str, dict[int, float]] = {"training_step": {}, "future_leak": {}, "padding": {}}
+    for length in (64, 256):
+        model = CharTransformer()
+        batch = (torch.randint(0, 64, (32, length + 1), generator=torch.Generator().manual_seed(0)),)
+        timings: dict[str, list[float]] = {name: [] for name in out}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model.training_step(batch, 0).backward()
+            timings["training_step"].append(time.perf_counter() - start)
+            model.zero_grad()
+            for name, cls in (("future_leak", lr.FutureLeakCheck), ("padding", lr.PaddingCheck)):
+                start = time.perf_counter()
+                cls().run_check(None, model, batch)
+                timings[name].append(time.perf_counter() - start)
+        for name, values in timings.items():
+            out[name][length] = statistics.median(values)
+    print("\nsequence checks on a char transformer (2 layers, d=64, batch 32), seconds (median):")
+    for name, row in out.items():
+        print(f"{name:<14} " + "  ".join(f"T={t}: {v:.3f}" for t, v in row.items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["cnn", "mlp", "both"], default="both")
@@ -200,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="callback names (suite.SUITE) to measure besides plain")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--logdir", type=Path, default=Path("/tmp/lightning_recipe_bench"))
+    parser.add_argument(
+        "--sequence", action="store_true", help="only time the sequence checks on a char transformer"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -207,6 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
+    if args.sequence:
+        seq = sequence_one_shot(args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps({"sequence_one_shot_s": seq}, indent=2))
+        return 0
     kinds = ["cnn", "mlp"] if args.model == "both" else [args.model]
     out: dict[str, Any] = {"steps": args.steps, "repeats": args.repeats, "log_every_n_steps": LOG_EVERY}
     configs = configurations(args.only)

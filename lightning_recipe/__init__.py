@@ -22,10 +22,12 @@ from lightning_recipe.batch import BatchAdapter, BatchLayoutError
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.future_leak import FutureLeakCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.padding import PaddingCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
@@ -57,6 +59,7 @@ __all__ = [
     "DataInspectionCheck",
     "Finding",
     "FirstLayerFilterMonitor",
+    "FutureLeakCheck",
     "GradientCheck",
     "GradientMonitor",
     "InputIndependentBaseline",
@@ -64,6 +67,7 @@ __all__ = [
     "LossCurveMonitor",
     "ModelLintCheck",
     "OverfitBatchCheck",
+    "PaddingCheck",
     "PredictionDynamicsMonitor",
     "RecipeCallback",
     "RecipeEarlyStopping",

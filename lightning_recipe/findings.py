@@ -291,6 +291,23 @@ CATALOG: dict[str, CodeInfo] = dict(
             "Why training stopped, and which weights were restored (info).",
             "Nothing to do; read the epoch the restored weights come from.",
         ),
+        _c(
+            "future-leak",
+            "FutureLeakCheck",
+            "The output at a position depends on the input that holds its own target: a language "
+            "model without its causal mask, logits and targets shifted differently, unshifted "
+            "targets, a forecast window that includes the forecast day.",
+            "Mask attention to positions <= t; feed tokens[:, :-1] and score against tokens[:, 1:]; "
+            "end the input window before the first forecast day.",
+        ),
+        _c(
+            "loss-includes-padding",
+            "PaddingCheck",
+            "A sequence loss averages over padding positions (no ignore_index, no mask): a large "
+            "share of its targets is the padding value past each sequence's end.",
+            "Pass ignore_index=<pad id> to cross_entropy (or pad the labels with -100), or mask "
+            "the per-token loss and divide by the number of real tokens.",
+        ),
         # --- codes added by this package (documented in the README) ---
         _c(
             "loss-broadcast",

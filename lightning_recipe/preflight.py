@@ -25,10 +25,12 @@ from lightning_recipe.batch import Getter, map_tensors
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.future_leak import FutureLeakCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.padding import PaddingCheck
 from lightning_recipe.findings import Finding, Severity
 
 #: the checks preflight runs, in order
@@ -36,6 +38,8 @@ PREFLIGHT_CHECKS: tuple[type, ...] = (
     DataInspectionCheck,
     LossAtInitCheck,
     BatchIndependenceCheck,
+    FutureLeakCheck,
+    PaddingCheck,
     GradientCheck,
     OverfitBatchCheck,
     ModelLintCheck,

@@ -10,10 +10,12 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
+from lightning_recipe.checks.future_leak import FutureLeakCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.padding import PaddingCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.activations import ActivationMonitor
@@ -31,6 +33,8 @@ SUITE: list[tuple[str, type]] = [
     ("data_inspection", DataInspectionCheck),
     ("loss_at_init", LossAtInitCheck),
     ("batch_independence", BatchIndependenceCheck),
+    ("future_leak", FutureLeakCheck),
+    ("padding", PaddingCheck),
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),

@@ -68,7 +68,9 @@ CHECK_FIGURES = {
     "ModelLintCheck": "trainable_params",
 }
 NEEDS_STEP_FN = {"LossAtInitCheck", "BatchIndependenceCheck", "GradientCheck", "OverfitBatchCheck"}
+NEEDS_STEP_FN |= {"FutureLeakCheck", "PaddingCheck"}  # they run the step too
 NEEDS_INPUT = {"DataInspectionCheck", "BatchIndependenceCheck", "GradientCheck"}
+NEEDS_INPUT |= {"FutureLeakCheck", "PaddingCheck"}  # the batch size comes from the input
 NEEDS_VALIDATION = {"RecipeEarlyStopping", "CheckpointEnsemble", "InputIndependentBaseline"}
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_recipe import _sharded, stats, tensorboard
 from lightning_recipe._probe import (
@@ -20,6 +22,8 @@ from lightning_recipe._probe import (
     is_manual_optimization,
     know_nothing_loss,
     preserved_rng,
+    track_hook,
+    untrack_hook,
 )
 from lightning_recipe.batch import (
     BatchAdapter,
@@ -51,8 +55,10 @@ class InputIndependentBaseline(RecipeCallback):
     the model in eval mode over the first ``num_batches`` validation batches the trainer ran, once
     as they are and once with the input zeroed. It logs ``recipe/input_independent/real_loss``,
     ``.../zero_loss``, ``.../chance_loss`` and ``.../gap`` = ``(baseline - real) / |baseline|``
-    with ``baseline = min(zero_loss, chance_loss)``. Batches whose target is the input itself
-    (autoencoders, next-token prediction) are not judged (``check-skipped``).
+    with ``baseline = min(zero_loss, chance_loss)``. When the target is made from the input
+    (autoencoders, next-token prediction) the batch is kept and what the model *reads* is zeroed
+    instead: the ids each ``nn.Embedding`` gets, or the float input where a leaf layer reads it
+    (``figures["zeroed"]``); a batch where neither works is not judged (``check-skipped``).
 
     Reports ``input-independent`` (error) when, after the first ``warmup`` validation runs, the gap
     is below ``min_gap`` on ``patience`` runs in a row (a run whose gap grew by ``min_gap / 2`` is
@@ -123,6 +129,8 @@ class InputIndependentBaseline(RecipeCallback):
         self._stash = BatchStash(self.num_batches, self.adapter, MAX_EXAMPLES)
         self._gave_up = False
         self._input_verified = False
+        self._zero_mode = "batch"
+        self._reader_names: list[str] = []
         self._eval_step = EvalStep(self.step_fn)
         self._runs = 0
         self._streak = 0
@@ -261,10 +269,12 @@ class InputIndependentBaseline(RecipeCallback):
         and the first one that changes the output becomes the input. When none does, the model
         really ignores its batch and is judged as it is."""
         self._input_verified = True
-        if self.adapter.get_input is not None:
-            return
         real = self._eval_step(model, batch)
-        if not _same_output(real, self._zero_run(model, batch)):
+        zero = self._zero_run(model, batch)
+        if bool(self._target_moved(batch, real.main_call, zero.main_call)):
+            self._use_reader(model, batch, real)
+            return
+        if self.adapter.get_input is not None or not _same_output(real, zero):
             return
         guess = self.adapter.input(batch)
         size = guess.shape[0] if guess.dim() > 0 else None
@@ -284,10 +294,38 @@ class InputIndependentBaseline(RecipeCallback):
                 )
                 return
 
-    def _zero_run(self, model: Any, batch: Any) -> StepResult:
-        zeroed = self.adapter.zero_inputs(batch)
+    def _use_reader(self, model: Any, batch: Any, real: StepResult) -> None:
+        """The targets are made from the input (a language model, an autoencoder): zero what the
+        model reads instead -- the ids the embeddings get from the input, or the input of the
+        first layers that receive the float input -- and keep the batch, so the targets stay.
+        Kept when some layer reads the input and the loss target stays;
+        otherwise the batch-zeroing stays and the run is skipped (target moved). A model whose
+        output does not change is blind to its input and is judged as such."""
         try:
-            result = self._eval_step(model, zeroed)
+            zeroed = self._reader_run(model, batch)
+        except Exception:
+            return
+        if not self._reader_names:
+            return  # no layer reads the input as such: nothing to zero
+        calls = real.main_call, zeroed.main_call
+        if calls[0] is not None and calls[1] is not None and bool(_differs(calls[0].target, calls[1].target)):
+            return
+        self._zero_mode = "reader"
+        self.figures["zeroed"] = "what the model reads, the targets kept: " + ", ".join(self._reader_names)
+
+    def _reader_run(self, model: Any, batch: Any) -> StepResult:
+        reader = _ZeroReader(self.adapter.input(batch))
+        with reader.attached(model):
+            result = self._eval_step(model, batch)
+        self._reader_names = reader.names or self._reader_names
+        return result
+
+    def _zero_run(self, model: Any, batch: Any) -> StepResult:
+        try:
+            if self._zero_mode == "reader":
+                result = self._reader_run(model, batch)
+            else:
+                result = self._eval_step(model, self.adapter.zero_inputs(batch))
         except Exception as exc:
             raise ProbeSkip(
                 f"the model could not run on zeroed inputs ({type(exc).__name__}: {exc}); pass "
@@ -305,6 +343,8 @@ class InputIndependentBaseline(RecipeCallback):
         the step can only have made its targets from the input."""
         if real is not None and zero is not None:
             return _differs(real.target, zero.target)
+        if self._zero_mode == "reader":
+            return torch.zeros(())  # the batch itself is untouched
         return torch.tensor(float(self.adapter.target(batch) is None))
 
     def _report_flat(self, trainer: Any) -> None:
@@ -403,6 +443,58 @@ def _differs(a: Any, b: Any) -> Tensor:
     if a.is_floating_point():
         diff &= ~(a.isnan() & b.to(a.device).isnan())
     return diff.any()
+
+
+class _ZeroReader:
+    """Zeroes what the model reads of its input while the batch (and so the targets made from it)
+    stays: the ids every ``nn.Embedding`` gets from the input (same storage, e.g.
+    ``tokens[:, :-1]``, or the input's batch size) become id 0, as :meth:`BatchAdapter.zero_inputs`
+    makes them; for a float input, the input of every leaf module that receives it (or a view of
+    it) becomes zeros."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x = x
+        self.integer = not (x.is_floating_point() or x.is_complex())
+        self.names: list[str] = []
+
+    def _reads_input(self, t: Any) -> bool:
+        if not isinstance(t, Tensor) or t.dtype != self.x.dtype:
+            return False
+        if _storage(t) == _storage(self.x):
+            return True
+        return self.integer and t.dim() >= 1 and self.x.dim() >= 1 and t.shape[0] == self.x.shape[0]
+
+    @contextmanager
+    def attached(self, model: nn.Module) -> Iterator[None]:
+        handles = []
+        for name, m in model.named_modules():
+            label = name or type(m).__name__
+            embedding = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+            leaf = m is not model and not any(True for _ in m.children())
+            if embedding if self.integer else leaf:
+                handles.append(track_hook(m.register_forward_pre_hook(self._zero_input(label))))
+        try:
+            yield
+        finally:
+            for h in handles:
+                untrack_hook(h)
+
+    def _zero_input(self, label: str) -> Any:
+        def hook(mod: nn.Module, args: Any) -> Any:
+            if args and self._reads_input(args[0]):
+                if label not in self.names:
+                    self.names.append(label)
+                return (torch.zeros_like(args[0]), *args[1:])
+            return None
+
+        return hook
+
+
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return -1
 
 
 def _fitting(trainer: Any) -> bool:
