@@ -20,11 +20,14 @@ from typing import Any
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.class_prior import ClassPriorCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.target_in_input import TargetInInputCheck
+from lightning_recipe.checks.train_val_overlap import TrainValOverlapCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
@@ -56,6 +59,7 @@ __all__ = [
     "BatchIndependenceCheck",
     "BatchLayoutError",
     "CheckpointEnsemble",
+    "ClassPriorCheck",
     "DataInspectionCheck",
     "Finding",
     "FirstLayerFilterMonitor",
@@ -72,7 +76,9 @@ __all__ = [
     "RecipeError",
     "RecipeWarning",
     "Severity",
+    "TargetInInputCheck",
     "TrainValGapMonitor",
+    "TrainValOverlapCheck",
     "UpdateRatioMonitor",
     "__version__",
     "findings",

@@ -291,6 +291,28 @@ CATALOG: dict[str, CodeInfo] = dict(
             "Why training stopped, and which weights were restored (info).",
             "Nothing to do; read the epoch the restored weights come from.",
         ),
+        _c(
+            "target-in-input",
+            "TargetInInputCheck",
+            "An input feature is the label itself or a near-exact function of it (a leaked label "
+            "column, a ratio computed from the target): validation metrics far beyond what the "
+            "data allows.",
+            "Drop the feature, or compute it without the target (from training folds only).",
+        ),
+        _c(
+            "train-val-overlap",
+            "TrainValOverlapCheck",
+            "The same examples are in the training and the validation data (duplicates across "
+            "the split, oversampling before splitting, validating on the training loader).",
+            "Deduplicate before splitting; oversample inside the training split only.",
+        ),
+        _c(
+            "class-prior-init",
+            "ClassPriorCheck",
+            "Strongly imbalanced classes, but the output starts at uniform probabilities instead of "
+            "the class prior (\"init well\").",
+            "Set the final bias to log(prior) per class, or log(p/(1-p)) for a sigmoid output.",
+        ),
         # --- codes added by this package (documented in the README) ---
         _c(
             "loss-broadcast",

@@ -1,0 +1,5 @@
+from lightning_recipe.callback import RecipeCallback
+
+
+class TargetInInputCheck(RecipeCallback):
+    pass
