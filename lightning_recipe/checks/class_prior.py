@@ -74,7 +74,7 @@ class ClassPriorCheck(RecipeCallback):
 
     def __init__(
         self,
-        max_ratio: float = 2.0,
+        max_ratio: float = 1.75,
         min_labels: int = 100,
         num_batches: int = 200,
         *,
