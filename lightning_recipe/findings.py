@@ -310,7 +310,7 @@ CATALOG: dict[str, CodeInfo] = dict(
             "class-prior-init",
             "ClassPriorCheck",
             "Strongly imbalanced classes, but the output starts at uniform probabilities instead of "
-            "the class prior (\"init well\").",
+            'the class prior ("init well").',
             "Set the final bias to log(prior) per class, or log(p/(1-p)) for a sigmoid output.",
         ),
         # --- codes added by this package (documented in the README) ---

@@ -68,7 +68,13 @@ CHECK_FIGURES = {
     "ModelLintCheck": "trainable_params",
 }
 NEEDS_STEP_FN = {"LossAtInitCheck", "BatchIndependenceCheck", "GradientCheck", "OverfitBatchCheck"}
-NEEDS_INPUT = {"DataInspectionCheck", "BatchIndependenceCheck", "GradientCheck"}
+NEEDS_INPUT = {
+    "DataInspectionCheck",
+    "BatchIndependenceCheck",
+    "GradientCheck",
+    "TargetInInputCheck",
+    "TrainValOverlapCheck",
+}
 NEEDS_VALIDATION = {"RecipeEarlyStopping", "CheckpointEnsemble", "InputIndependentBaseline"}
 
 

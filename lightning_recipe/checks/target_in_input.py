@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_recipe._validate import check_int, check_number
-from lightning_recipe.batch import Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.checks.base import FirstBatchCheck
 from lightning_recipe.findings import Severity
 
@@ -97,7 +97,14 @@ class TargetInInputCheck(FirstBatchCheck):
         if not self._xs and trainer.global_step > 0:
             self.done = True
             return
-        if not self._collect(batch):
+        try:
+            collected = self._collect(batch)
+        except BatchLayoutError as why:
+            self.done = True
+            self._release()
+            self.skip(trainer, str(why))
+            return
+        if not collected:
             self.done = True
             self._release()
             return
@@ -123,7 +130,7 @@ class TargetInInputCheck(FirstBatchCheck):
         """Judge one batch (``preflight``)."""
         self._release()
         self._collected = 0
-        if self._collect(batch):
+        if self._collect(batch):  # BatchLayoutError: run_check turns it into a skip
             self._judge(trainer)
 
     # ------------------------------------------------------------------ work

@@ -102,9 +102,9 @@ class TrainValOverlapCheck(RecipeCallback):
                 self.done = True
                 self._release()
                 return
-            self.run_safely(trainer, "on_train_batch_start", self._first_batch, batch)
+            self.run_safely(trainer, "on_train_batch_start", self._first_batch, trainer, batch)
         if not self.done and self._train_seen < self.max_samples:
-            self.run_safely(trainer, "on_train_batch_start", self._add, self._train, batch)
+            self.run_safely(trainer, "on_train_batch_start", self._add, trainer, self._train, batch)
 
     def on_validation_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
@@ -114,7 +114,7 @@ class TrainValOverlapCheck(RecipeCallback):
         if not self._val_full and not getattr(trainer, "sanity_checking", False):
             self._val_full = True  # the full run sees the sanity check's batches again
             self._val = []
-        self.run_safely(trainer, "on_validation_batch_start", self._add, self._val, batch)
+        self.run_safely(trainer, "on_validation_batch_start", self._add, trainer, self._val, batch)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.done or getattr(trainer, "sanity_checking", False):
@@ -142,19 +142,19 @@ class TrainValOverlapCheck(RecipeCallback):
         self._train, self._val, self._coeffs = [], [], {}
 
     # ------------------------------------------------------------------ fingerprints
-    def _first_batch(self, batch: Any) -> None:
+    def _first_batch(self, trainer: Any, batch: Any) -> None:
         try:
             x = self.adapter.input(batch).detach()
         except BatchLayoutError as why:
-            self._unreadable(str(why))
+            self._unreadable(trainer, str(why))
             return
         self._log_coincidence = _log_coincidence(x)
 
-    def _add(self, store: list[Tensor], batch: Any) -> None:
+    def _add(self, trainer: Any, store: list[Tensor], batch: Any) -> None:
         try:
             x = self.adapter.input(batch)
         except BatchLayoutError as why:
-            self._unreadable(str(why))
+            self._unreadable(trainer, str(why))
             return
         if x.dim() == 0 or x.shape[0] == 0:
             return
@@ -163,10 +163,18 @@ class TrainValOverlapCheck(RecipeCallback):
         if store is self._train:
             self._train_seen += int(fp.shape[0])
 
-    def _unreadable(self, reason: str) -> None:
+    def _unreadable(self, trainer: Any, reason: str) -> None:
+        """The batch layout cannot be read: skip (every rank alike, the layout is the same)."""
         self.done = True
         self._release()
         self.figures["skipped"] = reason
+        self.report(
+            trainer,
+            "check-skipped",
+            Severity.INFO,
+            f"{type(self).__name__} did not compare training and validation samples: {reason.rstrip('.')}.",
+            {"reason": reason},
+        )
 
     def fingerprint(self, x: Tensor) -> Tensor:
         """One int64 fingerprint per sample (first dimension) of ``x``, computed on its device
