@@ -174,3 +174,24 @@ def test_arguments_are_validated():
         lr.TargetInInputCheck(tolerance=0.5)
     with pytest.raises(ValueError, match="num_samples"):
         lr.TargetInInputCheck(num_samples=4)
+
+
+def test_shifted_sequences_are_not_judged(tmp_path):
+    """(x, y) with y = x shifted by one: the autoregressive layout, not a leak (future-leak's job)."""
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, 50, (512, 9), generator=g)
+    check = lr.TargetInInputCheck()
+    check.check(None, None, (stream[:, :-1], stream[:, 1:]))
+    assert check.findings == [] and "sequence" in check.figures["note"]
+    s = torch.randn(512, 9, generator=g).cumsum(1)
+    check = lr.TargetInInputCheck()
+    check.check(None, None, (s[:, :-1], s[:, 1:]))
+    assert check.findings == []
+
+
+def test_multi_output_regression_is_judged_per_column(tmp_path):
+    x, y = regression()
+    y2 = torch.cat([y, 2 * y + 1], 1)
+    check = lr.TargetInInputCheck()
+    check.check(None, None, (torch.cat([x, y2[:, 1:]], 1), y2))
+    assert set(loud(check)) == {"target-in-input"} and "target column" in check.findings[-1].message

@@ -149,6 +149,12 @@ class TargetInInputCheck(FirstBatchCheck):
             self.figures["note"] = f"target of shape {tuple(y.shape)} is not one value per sample: not judged"
             return False
         x = x.detach().reshape(n, -1)
+        k = y[0].numel()
+        if k > 1 and (not x.is_floating_point() or x.shape[1] == k):
+            # a target sequence next to an input sequence (tokens, a window shifted by one) is the
+            # autoregressive layout, where the input holds the targets by design
+            self.figures["note"] = f"a sequence of {k} targets next to a sequence input: not judged"
+            return False
         if x.shape[1] > MAX_FEATURES:
             self.figures["note"] = f"{x.shape[1]} features per sample (over {MAX_FEATURES}): not judged"
             return False

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's lightning_recipe
 
 import lightning as L
 import torch
