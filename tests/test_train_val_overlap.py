@@ -174,3 +174,42 @@ def test_arguments_are_validated():
         lr.TrainValOverlapCheck(min_count=0)
     with pytest.raises(TypeError, match="get_input"):
         lr.TrainValOverlapCheck(get_input=3)
+
+
+def test_short_token_chunks_repeat_by_nature(tmp_path):
+    """A character-level LM on 6-token chunks of text made of 30 words: common chunks occur in
+    both halves of the text, as they do within the training half."""
+
+    class CharLM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(27, 16)
+            self.out = torch.nn.Linear(16, 27)
+
+        def step(self, batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self.out(self.emb(x)).reshape(-1, 27), y.reshape(-1))
+
+        def training_step(self, batch, batch_idx):
+            return self.step(batch)
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.step(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    g = torch.Generator().manual_seed(0)
+    words = [torch.randint(1, 27, (int(k),), generator=g) for k in torch.randint(2, 6, (30,), generator=g)]
+    picks = torch.randint(0, 30, (3000,), generator=g).tolist()
+    text = torch.cat([torch.cat([words[i], torch.zeros(1, dtype=torch.long)]) for i in picks])
+    chunks = text[: (len(text) // 7) * 7].view(-1, 7)
+    x, y = chunks[:, :-1], chunks[:, 1:]
+    n_val = len(x) // 10
+    train = DataLoader(TensorDataset(x[n_val:], y[n_val:]), batch_size=64, shuffle=True)
+    val = DataLoader(TensorDataset(x[:n_val], y[:n_val]), batch_size=64)
+    check = fit(tmp_path / "a", CharLM(), train, val)
+    assert loud(check) == [] and check.figures["fraction"] > 0.1
+    assert check.figures["fraction"] < 2 * check.figures["train_repeat_rate"]
+    check = fit(tmp_path / "b", CharLM(), train, DataLoader(train.dataset, batch_size=64))
+    assert loud(check) == ["train-val-overlap"]
