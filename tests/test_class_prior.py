@@ -186,3 +186,27 @@ def test_arguments_are_validated():
         lr.ClassPriorCheck(min_labels=0)
     with pytest.raises(ValueError, match="num_batches"):
         lr.ClassPriorCheck(num_batches=0)
+
+
+def test_loss_modules_with_pos_weight_and_label_smoothing(tmp_path):
+    x, y = imbalanced()
+    p = float(y.float().mean())
+
+    class Module(Binary):
+        def __init__(self):
+            super().__init__()
+            self.loss = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([(1 - p) / p]))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss(self.net(x), y.float().unsqueeze(1))
+
+    check = run(tmp_path / "a", Module(), x, y)
+    assert codes(check) == [] and check.figures["ratio"] < 1.3
+
+    class Smoothed(Classifier):
+        def loss_fn(self, out, y):
+            return nn.CrossEntropyLoss(label_smoothing=0.1)(out, y)
+
+    check = run(tmp_path / "b", Smoothed(mlp(d=8, classes=2)), x, y)
+    assert codes(check) == ["class-prior-init"]
