@@ -17,9 +17,9 @@ MAX_CLASSES = 64
 #: per-sample targets with more values than this (sequences, images) are not judged
 MAX_TARGETS = 16
 #: feature columns judged at most (wider inputs are flattened images or embeddings)
-MAX_FEATURES = 4096
+MAX_FEATURES = 1024
 #: feature pairs are searched for a product / ratio with the target up to this many columns
-MAX_PAIR_FEATURES = 64
+MAX_PAIR_FEATURES = 128
 #: fewest labels outside the largest class before a feature can be called the label
 MIN_MINORITY = 8
 
@@ -40,7 +40,7 @@ class TargetInInputCheck(FirstBatchCheck):
       strongly but not exactly tied to the class (its values vary within a class) is healthy.
     * a continuous target: a feature that is an affine function of it (``1 - r^2`` below
       ``1e-6``), an exactly monotone one (sorted by the target, the feature never steps back:
-      ``log(price)``, a bucketed price with 4+ buckets), or, with 3 to 64 columns, a feature that
+      ``log(price)``, a bucketed price with 4+ buckets), or, with 3 to 128 columns, a feature that
       makes the target exact together with one other column through their product or ratio
       (``y ~ 1 + f + g + f*g`` exact while ``y ~ 1 + f + g`` is not, either way round). Only
       exactness counts: a legitimately strong predictor has noise, and a sum of lagged values
@@ -326,47 +326,97 @@ def _monotone_violations(x: Tensor, y: Tensor) -> Tensor:
     return torch.minimum(down, up)
 
 
-def _unexplained(design: Tensor, target: Tensor) -> Tensor:
-    """``1 - R^2`` of least squares fits: ``design`` (B, N, P), ``target`` (B, N, T) standardised."""
-    sol = torch.linalg.lstsq(design, target).solution
-    resid = target - design @ sol
-    total = (target - target.mean(1, keepdim=True)).pow(2).sum(1)
-    return (resid.pow(2).sum(1) / total.clamp_min(1e-300)).clamp_min(0)
+def _solve_unexplained(gram: Tensor, rhs: Tensor, total: float | Tensor) -> Tensor:
+    """``1 - R^2`` of least-squares fits from their normal equations: ``gram`` (..., P, P),
+    ``rhs`` (..., P) = design^T target, ``total`` the target's sum of squares about its mean
+    (float64; a tiny ridge keeps collinear pairs solvable, and those are never exact anyway)."""
+    p = gram.shape[-1]
+    scale = gram.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True).clamp_min(1.0)
+    ridge = torch.eye(p, dtype=gram.dtype) * (1e-12 * scale.unsqueeze(-1))
+    beta = _spd_solve(gram + ridge, rhs)
+    sse = total - (beta * rhs).sum(-1)
+    return (sse / total).clamp_min(0)
+
+
+def _spd_solve(a: Tensor, b: Tensor) -> Tensor:
+    """Solve many small symmetric positive definite systems ``a x = b`` at once by Gaussian
+    elimination without pivoting, vectorised over the batch (``torch.linalg.solve`` calls LAPACK
+    once per 4x4 matrix, 100x slower for thousands of them)."""
+    a = a.clone()
+    b = b.clone()
+    p = a.shape[-1]
+    for k in range(p):
+        pivot = a[..., k, k].clamp_min(1e-300)
+        for i in range(k + 1, p):
+            factor = a[..., i, k] / pivot
+            a[..., i, :] -= factor.unsqueeze(-1) * a[..., k, :]
+            b[..., i] -= factor * b[..., k]
+    x = torch.zeros_like(b)
+    for k in range(p - 1, -1, -1):
+        rest = (a[..., k, k + 1 :] * x[..., k + 1 :]).sum(-1)
+        x[..., k] = (b[..., k] - rest) / a[..., k, k].clamp_min(1e-300)
+    return x
 
 
 def _product_pair(xs: Tensor, ys: Tensor, varying: Tensor) -> tuple[int, int, float, str] | None:
     """The pair of columns (f, g) that with their product explains the target best while their
     sum does not, trying ``y ~ 1 + f + g + f*g`` and ``f ~ 1 + y + g + y*g``. Returns
-    ``(f, g, 1 - R^2, relation)`` or ``None``."""
+    ``(f, g, 1 - R^2, relation)`` or ``None``. Columns are standardised (mean 0, variance 1),
+    so every fit is solved from moments computed with a few matrix products."""
     n, nf = xs.shape
-    ones = torch.ones(n, dtype=xs.dtype)
+    x2 = xs * xs
+    s1 = xs.T @ xs  # sum f g
+    s21 = x2.T @ xs  # sum f^2 g
+    s22 = x2.T @ x2  # sum f^2 g^2
+    sy = xs.T @ ys  # sum f y
+    sfgy = xs.T @ (xs * ys.unsqueeze(1))  # sum f g y
+    nn_ = torch.full((nf, nf), float(n), dtype=xs.dtype)
+    zero = torch.zeros((nf, nf), dtype=xs.dtype)
+    # y ~ [1, f, g, f g] for f = row, g = column
+    fg_sum = s1
+    gram = torch.stack(
+        [
+            torch.stack([nn_, zero, zero, fg_sum], -1),
+            torch.stack([zero, nn_, fg_sum, s21], -1),
+            torch.stack([zero, fg_sum, nn_, s21.T], -1),
+            torch.stack([fg_sum, s21, s21.T, s22], -1),
+        ],
+        -2,
+    )
+    rhs = torch.stack([zero, sy.unsqueeze(1).expand(nf, nf), sy.unsqueeze(0).expand(nf, nf), sfgy], -1)
+    u_full = _solve_unexplained(gram, rhs, float(n))
+    u_lin = _solve_unexplained(gram[..., :3, :3], rhs[..., :3], float(n))
+    # f ~ [1, y, g, y g] for f = row, g = column: the design depends on g only
+    y2 = ys * ys
+    syg = xs.T @ ys  # sum y g, per g
+    sy2g = xs.T @ y2  # sum y^2 g
+    syg2 = x2.T @ ys  # sum y g^2
+    sy2g2 = x2.T @ y2  # sum y^2 g^2
+    ng = torch.full((nf,), float(n), dtype=xs.dtype)
+    zg = torch.zeros(nf, dtype=xs.dtype)
+    gram_g = torch.stack(
+        [
+            torch.stack([ng, zg, zg, syg], -1),
+            torch.stack([zg, ng, syg, sy2g], -1),
+            torch.stack([zg, syg, ng, syg2], -1),
+            torch.stack([syg, sy2g, syg2, sy2g2], -1),
+        ],
+        -2,
+    )  # (g, 4, 4)
+    rhs2 = torch.stack(
+        [zero, sy.unsqueeze(1).expand(nf, nf), s1, sfgy], -1
+    )  # (f, g, 4): sum f, sum f y, sum f g, sum f y g
+    u_full2 = _solve_unexplained(gram_g.unsqueeze(0).expand(nf, nf, 4, 4), rhs2, float(n))
+    u_lin2 = _solve_unexplained(gram_g[:, :3, :3].unsqueeze(0).expand(nf, nf, 3, 3), rhs2[..., :3], float(n))
+    usable = varying.unsqueeze(1) & varying.unsqueeze(0) & ~torch.eye(nf, dtype=torch.bool)
     best: tuple[int, int, float, str] | None = None
-    cols = [j for j in range(nf) if bool(varying[j])]
-    for g in cols:
-        others = [j for j in cols if j != g]
-        if not others:
+    for u, ul, how in ((u_full, u_lin, "target ~ f * g"), (u_full2, u_lin2, "f ~ target * g")):
+        ok = usable & (ul > 1e-3)
+        if not bool(ok.any()):
             continue
-        o = torch.tensor(others)
-        f_cols = xs[:, o].T  # (K, N)
-        k = f_cols.shape[0]
-        g_col = xs[:, g].expand(k, n)
-        # y ~ 1 + f + g (+ f*g)
-        lin = torch.stack([ones.expand(k, n), f_cols, g_col], -1)
-        full = torch.cat([lin, (f_cols * g_col).unsqueeze(-1)], -1)
-        target = ys.expand(k, n).unsqueeze(-1)
-        u_full = _unexplained(full, target).squeeze(-1)
-        u_lin = _unexplained(lin, target).squeeze(-1)
-        # f ~ 1 + y + g (+ y*g), for every f at once
-        lin2 = torch.stack([ones, ys, xs[:, g]], -1).unsqueeze(0)
-        full2 = torch.cat([lin2, (ys * xs[:, g]).view(1, n, 1)], -1)
-        u_full2 = _unexplained(full2, f_cols.T.unsqueeze(0)).squeeze(0)
-        u_lin2 = _unexplained(lin2, f_cols.T.unsqueeze(0)).squeeze(0)
-        for u, ul, how in ((u_full, u_lin, "target ~ f * g"), (u_full2, u_lin2, "f ~ target * g")):
-            ok = ul > 1e-3
-            if not bool(ok.any()):
-                continue
-            masked = torch.where(ok, u, torch.ones_like(u))
-            i = int(masked.argmin())
-            if best is None or float(masked[i]) < best[2]:
-                best = (others[i], g, float(masked[i]), how)
+        masked = torch.where(ok, u, torch.ones_like(u))
+        i = int(masked.argmin())
+        f, g = divmod(i, nf)
+        if best is None or float(masked[f, g]) < best[2]:
+            best = (f, g, float(masked[f, g]), how)
     return best
