@@ -197,8 +197,11 @@ class TrainValOverlapCheck(RecipeCallback):
             bits = (flat.float() + 0.0).view(torch.int32).long() & 0xFFFFFFFF  # + 0.0: -0.0 == 0.0
         else:
             bits = flat.long()
-        h1 = torch.remainder(torch.remainder(bits, _P1) * a1, _P1).sum(1).remainder(_P1)
-        h2 = torch.remainder(torch.remainder(bits, _P2) * a2, _P2).sum(1).remainder(_P2)
+        if not flat.is_floating_point():  # token ids, bytes, -100 padding: into [0, 2**32)
+            bits = torch.remainder(bits, 1 << 32)
+        # bits < 2**32 and coefficients < 2**31: every product fits in int64, every sum too
+        h1 = torch.remainder(bits * a1, _P1).sum(1).remainder(_P1)
+        h2 = torch.remainder(bits * a2, _P2).sum(1).remainder(_P2)
         return h1 * _P2 + h2
 
     def _coefficients(self, d: int, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
