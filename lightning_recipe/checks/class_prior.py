@@ -292,8 +292,8 @@ def _per_class_init(call: LossCall, batch_size: int | None) -> dict[str, Any] | 
         view = class_scores(call)
         if view is None or view.target is None or view.num_classes < 2:
             return None
-        if batch_size is not None and view.scores.shape[0] != batch_size:
-            return None
+        if batch_size is None or view.scores.shape[0] != batch_size:
+            return None  # per token / pixel, or a batch whose size cannot be read
         logp = torch.log_softmax(view.scores.float(), dim=1)
         weight = _option(call, "weight", 2)
         smoothing = _option(call, "label_smoothing", 7 if call.name == "cross_entropy" else 99)
