@@ -14,8 +14,9 @@ from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
 
-#: two primes below 2**31: a sample's fingerprint is two polynomial hashes modulo them (62 bits)
+#: primes below 2**31 that fold a sample's four exact hash sums into a 62-bit fingerprint
 _P1, _P2 = 2147483647, 2147483629
+_PRIMES = (_P1, _P2, _P1, _P2)
 #: values of a sample hashed at most (a fixed random subset of positions beyond that)
 MAX_POSITIONS = 4096
 #: a tabular column with at most this many distinct values in the first batch counts as discrete
@@ -185,26 +186,38 @@ class TrainValOverlapCheck(RecipeCallback):
 
     def fingerprint(self, x: Tensor) -> Tensor:
         """One int64 fingerprint per sample (first dimension) of ``x``, computed on its device
-        from the exact bits of the values; equal samples get equal fingerprints."""
+        from the exact bits of the values; equal samples get equal fingerprints.
+
+        Each value's 32 bits are read as two 16-bit integers and multiplied by a fixed matrix of
+        random 20-bit integers (4 columns) in float64: every product and partial sum is an
+        integer below 2**53, so the matrix product is exact whatever order BLAS sums in (and
+        the same for a sample in a batch of 16 or 512). The 4 sums are folded into 62 bits. MPS
+        has no float64: there the same idea runs in int64 arithmetic modulo two primes."""
         n = x.shape[0]
         flat = x.detach().reshape(n, -1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(n, -1)
-        idx, a1, a2 = self._coefficients(flat.shape[1], flat.device)
+        idx, weights, primes = self._coefficients(flat.shape[1], flat.device)
         if idx is not None:
             flat = flat.index_select(1, idx)
-        if flat.is_floating_point():
-            bits = (flat.float() + 0.0).view(torch.int32).long() & 0xFFFFFFFF  # + 0.0: -0.0 == 0.0
-        else:
-            bits = flat.long()
-        if not flat.is_floating_point():  # token ids, bytes, -100 padding: into [0, 2**32)
-            bits = torch.remainder(bits, 1 << 32)
-        # bits < 2**32 and coefficients < 2**31: every product fits in int64, every sum too
-        h1 = torch.remainder(bits * a1, _P1).sum(1).remainder(_P1)
-        h2 = torch.remainder(bits * a2, _P2).sum(1).remainder(_P2)
-        return h1 * _P2 + h2
+        if flat.is_floating_point():  # the two 16-bit halves of each float32 (+ 0.0: -0.0 == 0.0)
+            halves = (flat.float() + 0.0).contiguous().view(torch.int16)
+        else:  # token ids, bytes, -100 padding: the two 16-bit halves of their low 32 bits
+            v = flat.long()
+            halves = torch.cat([v & 0xFFFF, (v >> 16) & 0xFFFF], 1)
+        if flat.device.type == "mps":
+            wide = halves.long()
+            h = torch.stack(
+                [torch.remainder(wide * w.long(), p).sum(1) % p for w, p in zip(weights.T, _PRIMES)], 1
+            )
+        else:  # |half| < 2**16, weights < 2**20, at most 8192 terms: exact below 2**53
+            h = (halves.double() @ weights).long()
+        h = torch.remainder(h, primes)
+        return (h[:, 0] * _P2 + h[:, 1]) ^ (h[:, 2] * _P2 + h[:, 3])
 
     def _coefficients(self, d: int, device: torch.device) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Positions, weights and primes for samples of ``d`` values, made once per device (no
+        host-to-device copy in the steps)."""
         key = (d, str(device))
         if key not in self._coeffs:
             g = torch.Generator().manual_seed(0x5EED + d)
@@ -212,9 +225,10 @@ class TrainValOverlapCheck(RecipeCallback):
             if d > MAX_POSITIONS:
                 idx = torch.randperm(d, generator=g)[:MAX_POSITIONS].sort().values.to(device)
             m = min(d, MAX_POSITIONS)
-            a1 = torch.randint(1, _P1, (m,), generator=g, dtype=torch.long).to(device)
-            a2 = torch.randint(1, _P2, (m,), generator=g, dtype=torch.long).to(device)
-            self._coeffs[key] = (idx, a1, a2)
+            weights = torch.randint(1, 1 << 20, (2 * m, 4), generator=g, dtype=torch.long)
+            dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
+            primes = torch.tensor(_PRIMES, dtype=torch.long, device=device)
+            self._coeffs[key] = (idx, weights.to(device=device, dtype=dtype), primes)
         return self._coeffs[key]
 
     # ------------------------------------------------------------------ judging
