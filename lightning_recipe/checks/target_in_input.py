@@ -175,6 +175,9 @@ class TargetInInputCheck(FirstBatchCheck):
             return
         finite = torch.isfinite(x).all(1) & torch.isfinite(y).all(1)
         x, y = x[finite], y[finite]
+        if x.shape[0] < 16:
+            self.figures["note"] = f"only {x.shape[0]} samples without NaN/Inf"
+            return
         for k in range(y.shape[1]):
             yk = y[:, k]
             values = torch.unique(yk)
