@@ -210,3 +210,9 @@ def test_loss_modules_with_pos_weight_and_label_smoothing(tmp_path):
 
     check = run(tmp_path / "b", Smoothed(mlp(d=8, classes=2)), x, y)
     assert codes(check) == ["class-prior-init"]
+
+
+def test_run_stopped_inside_the_first_epoch_is_judged(tmp_path):
+    x, y = imbalanced()
+    check = run(tmp_path, Binary(), x, y, max_steps=12)
+    assert codes(check) == ["class-prior-init"] and check.figures["labels"] == 12 * 32

@@ -124,6 +124,10 @@ class ClassPriorCheck(RecipeCallback):
         if not self.done and self._batches > 0:
             self._judge(trainer)
 
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.done and self._batches > 0:  # a run stopped inside its first epoch
+            self._judge(trainer)
+
     def teardown_diagnostics(self) -> None:
         self._init = None
         self._counts = None
