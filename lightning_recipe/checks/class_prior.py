@@ -135,7 +135,8 @@ class ClassPriorCheck(RecipeCallback):
     # ------------------------------------------------------------------ first batch
     def _first_batch(self, trainer: Any, pl_module: nn.Module, batch: Any) -> None:
         if self.step_fn is None and is_manual_optimization(pl_module):
-            return  # LossAtInitCheck says why (it needs the same step_fn)
+            self.figures["note"] = "manual optimisation: pass step_fn=lambda model, batch: loss"
+            return  # LossAtInitCheck reports the skip (it needs the same step_fn)
         try:
             copy = copy_module(pl_module, trainer)
             with preserved_rng(), torch.no_grad():
