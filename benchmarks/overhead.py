@@ -111,10 +111,12 @@ class Net(L.LightningModule):
 
 def data(steps: int, batch: int = 64) -> tuple[DataLoader, DataLoader]:
     g = torch.Generator().manual_seed(0)
-    n = steps * batch
+    n = steps * batch + 4 * batch
     y = torch.randint(0, 10, (n,), generator=g)
     x = torch.randn(n, 3, 16, 16, generator=g) * 0.5 + y.float().view(-1, 1, 1, 1) / 10
+    # validation samples of their own (TrainValOverlapCheck flags a validation set cut from training)
     val_x, val_y = x[: 4 * batch], y[: 4 * batch]
+    x, y = x[4 * batch :], y[4 * batch :]
     return (
         DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=g),
         DataLoader(TensorDataset(val_x, val_y), batch_size=batch),

@@ -21,6 +21,7 @@ from lightning_recipe._version import __version__
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.class_prior import ClassPriorCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.future_leak import FutureLeakCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
@@ -28,6 +29,8 @@ from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.checks.padding import PaddingCheck
+from lightning_recipe.checks.target_in_input import TargetInInputCheck
+from lightning_recipe.checks.train_val_overlap import TrainValOverlapCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
@@ -56,6 +59,7 @@ __all__ = [
     "BatchIndependenceCheck",
     "BatchLayoutError",
     "CheckpointEnsemble",
+    "ClassPriorCheck",
     "DataInspectionCheck",
     "Finding",
     "FirstLayerFilterMonitor",
@@ -74,7 +78,9 @@ __all__ = [
     "RecipeError",
     "RecipeWarning",
     "Severity",
+    "TargetInInputCheck",
     "TrainValGapMonitor",
+    "TrainValOverlapCheck",
     "UpdateRatioMonitor",
     "__version__",
     "findings",

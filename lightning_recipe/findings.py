@@ -308,6 +308,28 @@ CATALOG: dict[str, CodeInfo] = dict(
             "Pass ignore_index=<pad id> to cross_entropy (or pad the labels with -100), or mask "
             "the per-token loss and divide by the number of real tokens.",
         ),
+        _c(
+            "target-in-input",
+            "TargetInInputCheck",
+            "An input feature is the label itself or a near-exact function of it (a leaked label "
+            "column, a ratio computed from the target): validation metrics far beyond what the "
+            "data allows.",
+            "Drop the feature, or compute it without the target (from training folds only).",
+        ),
+        _c(
+            "train-val-overlap",
+            "TrainValOverlapCheck",
+            "The same examples are in the training and the validation data (duplicates across "
+            "the split, oversampling before splitting, validating on the training loader).",
+            "Deduplicate before splitting; oversample inside the training split only.",
+        ),
+        _c(
+            "class-prior-init",
+            "ClassPriorCheck",
+            "Strongly imbalanced classes, but the output starts at uniform probabilities instead of "
+            'the class prior ("init well").',
+            "Set the final bias to log(prior) per class, or log(p/(1-p)) for a sigmoid output.",
+        ),
         # --- codes added by this package (documented in the README) ---
         _c(
             "loss-broadcast",

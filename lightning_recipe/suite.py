@@ -9,6 +9,7 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.class_prior import ClassPriorCheck
 from lightning_recipe.checks.data_inspection import DataInspectionCheck
 from lightning_recipe.checks.future_leak import FutureLeakCheck
 from lightning_recipe.checks.gradient_check import GradientCheck
@@ -16,6 +17,8 @@ from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.checks.padding import PaddingCheck
+from lightning_recipe.checks.target_in_input import TargetInInputCheck
+from lightning_recipe.checks.train_val_overlap import TrainValOverlapCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.activations import ActivationMonitor
@@ -38,6 +41,10 @@ SUITE: list[tuple[str, type]] = [
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    # data checks riding along the first epoch
+    ("class_prior", ClassPriorCheck),
+    ("target_in_input", TargetInInputCheck),
+    ("train_val_overlap", TrainValOverlapCheck),
     # control (opt-in): before the monitors, so that when early stopping ends the fit the
     # monitors' end-of-training hooks still see the last batch's gradients
     ("checkpoint_ensemble", CheckpointEnsemble),

@@ -110,3 +110,16 @@ def test_ddp_spawn(tmp_path):
     assert report["world_size"] == 2 and "DataInspectionCheck" in report["figures"]
     assert "input-not-normalized" in {f["code"] for f in report["findings"]}
     assert ranks[0]["findings"] == report["findings"]  # findings(trainer) in the main process
+
+
+def test_train_val_overlap_is_counted_across_ranks(tmp_path):
+    """Each rank sees half the training and half the validation data: the 48 shared samples are
+    found only when the fingerprints are gathered across ranks, and every rank counts them all."""
+    proc, ranks = run_ddp(tmp_path, {"epochs": 1, "val_from_train": 48, "suite": {}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        hits = [f for f in ranks[r]["findings"] if f["code"] == "train-val-overlap"]
+        assert [f["severity"] for f in hits] == ["warning"], (r, ranks[r]["findings"])
+        assert hits[0]["evidence"]["shared"] == 48 and hits[0]["evidence"]["val_samples"] == 48
+    assert ranks[1]["recipe_warnings"] == []
+    assert ranks[0]["figures"]["ClassPriorCheck"]["labels"] == 192  # counts summed over ranks

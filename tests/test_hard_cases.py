@@ -71,6 +71,7 @@ NEEDS_STEP_FN = {"LossAtInitCheck", "BatchIndependenceCheck", "GradientCheck", "
 NEEDS_STEP_FN |= {"FutureLeakCheck", "PaddingCheck"}  # they run the step too
 NEEDS_INPUT = {"DataInspectionCheck", "BatchIndependenceCheck", "GradientCheck"}
 NEEDS_INPUT |= {"FutureLeakCheck", "PaddingCheck"}  # the batch size comes from the input
+NEEDS_INPUT |= {"TargetInInputCheck", "TrainValOverlapCheck"}  # they read the input
 NEEDS_VALIDATION = {"RecipeEarlyStopping", "CheckpointEnsemble", "InputIndependentBaseline"}
 
 

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's lightning_recipe
 
 import lightning as L
 import torch
@@ -51,6 +52,11 @@ def build(cfg: dict):
     x = x * cfg.get("scale", 1.0)
     model = Classifier(net, lr=cfg.get("lr", 1e-2), optimizer=cfg.get("optimizer", "adam"))
     train, val = loaders(x, y, batch_size=cfg.get("batch_size", 16), shuffle=cfg.get("shuffle", True))
+    if "val_from_train" in cfg:  # validation samples that are also training samples
+        k = cfg["val_from_train"]
+        val = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train.dataset, range(k)), batch_size=cfg.get("batch_size", 16)
+        )
     if "nan_rank" in cfg:  # every training sample seen by that rank has a NaN feature
         train = torch.utils.data.DataLoader(
             NaNOnRank(train.dataset, cfg["nan_rank"]), batch_size=cfg.get("batch_size", 16), shuffle=True
