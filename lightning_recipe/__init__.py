@@ -25,6 +25,7 @@ from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.regularization import RegularizationCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
@@ -71,6 +72,7 @@ __all__ = [
     "RecipeEarlyStopping",
     "RecipeError",
     "RecipeWarning",
+    "RegularizationCheck",
     "Severity",
     "TrainValGapMonitor",
     "UpdateRatioMonitor",

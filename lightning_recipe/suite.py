@@ -13,6 +13,7 @@ from lightning_recipe.checks.gradient_check import GradientCheck
 from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
+from lightning_recipe.checks.regularization import RegularizationCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.activations import ActivationMonitor
@@ -33,6 +34,7 @@ SUITE: list[tuple[str, type]] = [
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    ("regularization", RegularizationCheck),
     # control (opt-in): before the monitors, so that when early stopping ends the fit the
     # monitors' end-of-training hooks still see the last batch's gradients
     ("checkpoint_ensemble", CheckpointEnsemble),
