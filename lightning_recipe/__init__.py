@@ -33,6 +33,7 @@ from lightning_recipe.monitors.activations import ActivationMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.label_noise import LabelNoiseMonitor
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
@@ -63,6 +64,7 @@ __all__ = [
     "GradientCheck",
     "GradientMonitor",
     "InputIndependentBaseline",
+    "LabelNoiseMonitor",
     "LossAtInitCheck",
     "LossCurveMonitor",
     "ModelLintCheck",

@@ -20,6 +20,7 @@ from lightning_recipe.monitors.activations import ActivationMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.label_noise import LabelNoiseMonitor
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
@@ -48,6 +49,7 @@ SUITE: list[tuple[str, type]] = [
     ("train_val_gap", TrainValGapMonitor),
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
+    ("label_noise", LabelNoiseMonitor),
 ]
 
 #: callbacks that change the course of training or evaluate extra models: in the suite only when
