@@ -30,6 +30,7 @@ from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
 from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.baselines import BaselineMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
@@ -54,6 +55,7 @@ def findings(trainer: Any) -> list[Finding]:
 __all__ = [
     "CATALOG",
     "ActivationMonitor",
+    "BaselineMonitor",
     "BatchAdapter",
     "BatchIndependenceCheck",
     "BatchLayoutError",

@@ -17,6 +17,7 @@ from lightning_recipe.checks.regularization import RegularizationCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.baselines import BaselineMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
@@ -50,6 +51,8 @@ SUITE: list[tuple[str, type]] = [
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
     ("label_noise", LabelNoiseMonitor),
+    # last: its recording mode is pushed last and popped first on the steps both capture
+    ("baselines", BaselineMonitor),
 ]
 
 #: callbacks that change the course of training or evaluate extra models: in the suite only when

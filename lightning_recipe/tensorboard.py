@@ -280,6 +280,7 @@ def recipe_callbacks_of(trainer: Any) -> list[Any]:
 CHART_ORDER = (
     "LossCurveMonitor",
     "TrainValGapMonitor",
+    "BaselineMonitor",
     "UpdateRatioMonitor",
     "InputIndependentBaseline",
     "ActivationMonitor",
