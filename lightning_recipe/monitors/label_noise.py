@@ -130,6 +130,7 @@ class LabelNoiseMonitor(RecipeCallback):
         self._last_step = -1
         self._pool: deque[dict[str, Any]] = deque(maxlen=64)
         self._unreadable: str | None = None
+        self._first_step = float(self.min_steps)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -137,13 +138,16 @@ class LabelNoiseMonitor(RecipeCallback):
         if stage == "fit":
             self._reset()
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # once per fit: ``estimated_stepping_batches`` is not free to ask on every step
+        planned = planned_steps(trainer)
+        self._first_step = self.late_fraction * planned if planned else float(self.min_steps)
+
     def _due(self, trainer: Any) -> bool:
         step = int(trainer.global_step)
-        if not self.active or self._unreadable or step == self._last_step or step % self.every_n_steps:
+        if step < self._first_step or step % self.every_n_steps or step == self._last_step:
             return False
-        planned = planned_steps(trainer)
-        start = self.late_fraction * planned if planned else self.min_steps
-        return step >= start
+        return self.active and not self._unreadable
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._due(trainer):
