@@ -163,6 +163,31 @@ def test_regression_is_skipped_with_a_reason(tmp_path):
     assert "classification" in mon.findings[0].message
 
 
+class TokenTagger(L.LightningModule):
+    """Per-token classes over sequences: the loss scores B * T rows for B samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(12, 16), nn.Linear(16, 12)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.out(self.emb(x)).transpose(1, 2), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_sequence_models_are_skipped_with_a_reason(tmp_path):
+    x = torch.randint(0, 12, (256, 8))
+    mon = LabelNoiseMonitor(min_steps=0, late_fraction=0.0)
+    L.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [mon], logger=None, max_epochs=1)
+    t.fit(TokenTagger(), DataLoader(TensorDataset(x, (x + 1) % 12), batch_size=32))
+    assert codes(mon) == ["check-skipped"]
+    assert "sequence or token model" in mon.findings[0].message
+
+
 def test_the_real_run_is_bit_identical(tmp_path):
     x, y = arrows(n=256)
     states = []

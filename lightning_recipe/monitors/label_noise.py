@@ -49,6 +49,10 @@ class LabelNoiseMonitor(RecipeCallback):
       the errors are a pair's, ``1 / (C - 1)`` for label noise spread over all classes, and
       ``pair_excess``, the same rescaled so that an even spread is 0 and a pure pair 1.
 
+    Classifiers with one label per sample only (the loss scores as many rows as the batch has
+    samples): a sequence or token model's next token is uncertain by nature, not mislabelled, and
+    is skipped with a ``check-skipped`` info, as are regression and binary tasks.
+
     Finding ``label-noise`` (warning, at the end of training): with at least 3 classes and
     ``min_samples`` samples of each class of the pair seen late in training, a pair has
     ``pair_confusion >= min_pair_confusion`` and ``pair_excess >= min_pair_share``. The finding
@@ -213,6 +217,18 @@ class LabelNoiseMonitor(RecipeCallback):
         if c < 3:
             self._unreadable = f"it needs 3 or more classes to tell a pair apart (the loss has {c})"
             return
+        rows_per_batch = int(view.scores.shape[0])
+        try:
+            samples = self.adapter.batch_size(batch)
+        except BatchLayoutError:
+            samples = rows_per_batch if call.input.dim() == 2 else -1
+        if call.input.dim() != 2 or rows_per_batch != samples:
+            # a sequence / token model: the next token is uncertain by nature, not mislabelled
+            self._unreadable = (
+                f"the loss scores {rows_per_batch} rows for a batch of {samples} samples (a sequence or "
+                "token model); label noise is judged for one label per sample"
+            )
+            return
         scores, target = view.scores.float(), view.target.long()
         keep = (target >= 0) & (target < c)
         rows = torch.arange(target.numel(), device=target.device)[keep]
@@ -240,11 +256,10 @@ class LabelNoiseMonitor(RecipeCallback):
             "p_label": probs.gather(1, target[:, None]).squeeze(1)[top],
             "position": rows[top],
         }
-        n = int(view.scores.shape[0]) if call is not None and call.input.dim() == 2 else -1
-        index = batch_indices(batch, n) if n > 0 else None
+        index = batch_indices(batch, rows_per_batch)
         if index is not None:
             record["index"] = index.to(rows.device)[rows[top]]
-        image = self._images(batch, n, rows[top]) if n > 0 else None
+        image = self._images(batch, rows_per_batch, rows[top])
         if image is not None:
             record["image"] = image
         self._pool.append(record)
