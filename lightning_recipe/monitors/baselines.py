@@ -46,9 +46,11 @@ class BaselineMonitor(RecipeCallback):
     ``patience`` runs in a row the model's validation loss has never been more than ``min_gap``
     (relative) below the baseline's -- the best gap so far counts, so a model that overfits
     later is not reported -- and, for classifiers, its accuracy is not ``min_gap`` above the
-    majority class's either. The model has learned nothing a constant could not: inputs that do
-    not reach it, labels that do not depend on them, a learning rate far too low, or on
-    imbalanced classes a model stuck at the prior.
+    majority class's either. A run whose gap is above ``-min_gap`` and grew by ``min_gap / 2``
+    since the previous one is still learning and does not count (far below the baseline a
+    rising gap is a model still learning the constant, e.g. its output bias). The model has
+    learned nothing a constant could not: inputs that do not reach it, labels that do not depend
+    on them, a learning rate far too low, or on imbalanced classes a model stuck at the prior.
 
     Measured (gap ``(baseline - model) / baseline`` per validation run, 6 epochs, 2 seeds, 4
     batches of 64): healthy MLP and CNN on digits 0.25-0.55 at the first run and 0.74-0.84 by
@@ -111,6 +113,7 @@ class BaselineMonitor(RecipeCallback):
         self._streak = 0
         self._best_gap = -math.inf
         self._best_acc_gap = -math.inf
+        self._last_gap: float | None = None
         self._unreadable: str | None = None
 
     def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
@@ -218,6 +221,11 @@ class BaselineMonitor(RecipeCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._capture.abort()
+        if self._runs and "gap" not in self.figures and not self._unreadable:
+            self.figures["note"] = (
+                "no validation loss call was read (validation_step calls no torch.nn.functional loss), "
+                "so only the training baseline was logged"
+            )
         if self._unreadable and not self.has_reported("check-skipped"):
             self.figures["skipped"] = self._unreadable
             self.report(
@@ -347,9 +355,16 @@ class BaselineMonitor(RecipeCallback):
         if not (math.isfinite(model) and math.isfinite(base)) or base <= 0:
             return False
         gap = (base - model) / abs(base)
+        # a gap at the baseline's level that grew by half the margin since the last run: still
+        # learning (slow starts); far below the baseline a rising gap is a model still learning
+        # the constant (its output bias), not its input
+        growing = (
+            self._last_gap is not None and gap > -self.min_gap and gap - self._last_gap >= self.min_gap / 2
+        )
+        self._last_gap = gap
         self._best_gap = max(self._best_gap, gap)
         self.figures.update({"gap": gap, "best_gap": self._best_gap, "validation_runs": self._runs})
-        flat = self._best_gap < self.min_gap
+        flat = self._best_gap < self.min_gap and not growing
         if math.isfinite(model_acc) and n > 0:
             # an accuracy gap counts when it is beyond the noise of the batches read (3 sigma)
             noise = 3.0 * math.sqrt(max(base_acc * (1 - base_acc), 0.01) / n)
