@@ -67,7 +67,13 @@ CHECK_FIGURES = {
     "OverfitBatchCheck": "best_loss",
     "ModelLintCheck": "trainable_params",
 }
-NEEDS_STEP_FN = {"LossAtInitCheck", "BatchIndependenceCheck", "GradientCheck", "OverfitBatchCheck"}
+NEEDS_STEP_FN = {
+    "LossAtInitCheck",
+    "BatchIndependenceCheck",
+    "GradientCheck",
+    "OverfitBatchCheck",
+    "RegularizationCheck",
+}
 NEEDS_INPUT = {"DataInspectionCheck", "BatchIndependenceCheck", "GradientCheck"}
 NEEDS_VALIDATION = {"RecipeEarlyStopping", "CheckpointEnsemble", "InputIndependentBaseline"}
 
@@ -217,6 +223,7 @@ def test_gan_two_optimizers_manual(tmp_path):
         "FirstLayerFilterMonitor",
         "LossCurveMonitor",  # training_step returns None: no loss to read
         "TrainValGapMonitor",  # no train/val pair of metrics
+        "LabelNoiseMonitor",  # binary cross-entropy: no pair of classes among others
     }
     assert_healthy(
         run, skipped, missing={"input_independent", "prediction_dynamics", "loss_curve", "train_val"}

@@ -265,8 +265,10 @@ class BaselineMonitor(RecipeCallback):
                 counts, total = t.sum(0), torch.ones((), device=t.device) * t.shape[0]
             else:
                 counts, total = t.sum().reshape(1), torch.ones((), device=t.device) * t.numel()
-        if self._sum is None or self._sum.shape != counts.shape:
+        if self._sum is None or self._count is None or self._sum.shape != counts.shape:
             self._sum, self._count = torch.zeros_like(counts), torch.zeros((), device=counts.device)
+        elif self._sum.device != counts.device:  # restored from a checkpoint on the CPU
+            self._sum, self._count = self._sum.to(counts.device), self._count.to(counts.device)
         self._sum += counts
         self._count += total
 
@@ -279,11 +281,11 @@ class BaselineMonitor(RecipeCallback):
             prior = (self._sum + 0.5) / (self._sum + 0.5).sum()
             if prior.numel() != (x.shape[1] if x.dim() > 1 else x.shape[0]):
                 return None
-            logp = prior.log().to(x.dtype)
+            logp = prior.log().to(device=x.device, dtype=x.dtype)
             shape = [1] * x.dim()
             shape[1 if x.dim() > 1 else 0] = -1
             return logp.view(shape).expand_as(x)
-        mean = self._sum / self._count.clamp_min(1)
+        mean = (self._sum / self._count.clamp_min(1)).to(x.device)
         if self._kind == "binary":
             p = mean.clamp(_EPS, 1 - _EPS)
             mean = (p / (1 - p)).log() if call.name == "binary_cross_entropy_with_logits" else p
@@ -327,13 +329,13 @@ class BaselineMonitor(RecipeCallback):
                 return None
             t = t[keep]
             model = (view.scores[keep].argmax(1) == t).float().mean()
-            majority = self._sum.argmax()
+            majority = self._sum.argmax().to(t.device)
             return model, (t == majority).float().mean(), torch.tensor(float(t.numel()))
         if self._kind == "binary" and self._sum is not None and self._count is not None:
             t = call.target.detach().float() > 0.5
             x = call.input.detach().float()
             pred = x > 0 if call.name == "binary_cross_entropy_with_logits" else x > 0.5
-            base = (self._sum / self._count.clamp_min(1)) > 0.5
+            base = ((self._sum / self._count.clamp_min(1)) > 0.5).to(t.device)
             base = base.expand_as(t) if base.numel() > 1 and t.dim() == 2 else base.reshape(()).expand_as(t)
             return (pred == t).float().mean(), (base == t).float().mean(), torch.tensor(float(t.numel()))
         return None
@@ -408,6 +410,12 @@ class BaselineMonitor(RecipeCallback):
             "streak": self._streak,
             "best_gap": self._best_gap,
             "best_acc_gap": self._best_acc_gap,
+            "last_gap": self._last_gap,
+            "kind": self._kind,
+            "sum": None if self._sum is None else self._sum.tolist(),
+            "count": None if self._count is None else float(self._count),
+            "train_step": self._train_step,
+            "unreadable": self._unreadable,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -417,6 +425,14 @@ class BaselineMonitor(RecipeCallback):
         self._streak = int(state_dict.get("streak", 0))
         self._best_gap = float(state_dict.get("best_gap", -math.inf))
         self._best_acc_gap = float(state_dict.get("best_acc_gap", -math.inf))
+        last = state_dict.get("last_gap")
+        self._last_gap = None if last is None else float(last)
+        self._kind = state_dict.get("kind")
+        if state_dict.get("sum") is not None and state_dict.get("count") is not None:
+            self._sum = torch.tensor(state_dict["sum"], dtype=torch.float32)
+            self._count = torch.tensor(float(state_dict["count"]))
+        self._train_step = int(state_dict.get("train_step", -1))
+        self._unreadable = state_dict.get("unreadable")
 
 
 def _kind(call: LossCall | None) -> str | None:

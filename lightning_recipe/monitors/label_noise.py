@@ -127,14 +127,19 @@ class LabelNoiseMonitor(RecipeCallback):
 
     def _reset(self) -> None:
         self._capture.abort()
+        self._forget()
+        self._pending: tuple[int, int, Any] | None = None  # (step, batch_idx, batch)
+        self._last_step = -1
+        self._unreadable: str | None = None
+        self._first_step = float(self.min_steps)
+
+    def _forget(self) -> None:
+        """Drop what was captured (a new fit, or captures that are not late in this one)."""
         self._sums: Tensor | None = None  # (C, C) summed probabilities per labelled class
         self._counts: Tensor | None = None  # (C,)
         self._steps_seen = 0
-        self._pending: tuple[int, int, Any] | None = None  # (step, batch_idx, batch)
-        self._last_step = -1
+        self._first_captured: int | None = None
         self._pool: deque[dict[str, Any]] = deque(maxlen=64)
-        self._unreadable: str | None = None
-        self._first_step = float(self.min_steps)
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -146,6 +151,9 @@ class LabelNoiseMonitor(RecipeCallback):
         # once per fit: ``estimated_stepping_batches`` is not free to ask on every step
         planned = planned_steps(trainer)
         self._first_step = self.late_fraction * planned if planned else float(self.min_steps)
+        if self._first_captured is not None and self._first_captured < self._first_step:
+            # resumed with a longer plan: what an earlier fit captured is not late in this one
+            self._forget()
 
     def _due(self, trainer: Any) -> bool:
         step = int(trainer.global_step)
@@ -236,9 +244,13 @@ class LabelNoiseMonitor(RecipeCallback):
         if target.numel() == 0:
             return
         probs = scores.softmax(dim=1)
-        if self._sums is None or self._sums.shape[0] != c:
+        if self._sums is None or self._counts is None or self._sums.shape[0] != c:
             self._sums = torch.zeros(c, c, device=probs.device)
             self._counts = torch.zeros(c, device=probs.device)
+        elif self._sums.device != probs.device:  # restored from a checkpoint on the CPU
+            self._sums, self._counts = self._sums.to(probs.device), self._counts.to(probs.device)
+        if self._first_captured is None:
+            self._first_captured = step
         self._sums.index_add_(0, target, probs)
         self._counts += torch.bincount(target, minlength=c).float()
         self._steps_seen += 1
@@ -283,6 +295,8 @@ class LabelNoiseMonitor(RecipeCallback):
 
     # ------------------------------------------------------------------ verdict
     def _judge(self, trainer: Any) -> bool:
+        # the verdict of this fit only (a resumed run may carry an earlier fit's figures)
+        self.figures = {k: v for k, v in self.figures.items() if k == "skipped"}
         if self._unreadable:
             self._skip(trainer, self._unreadable)
             return False
@@ -368,6 +382,37 @@ class LabelNoiseMonitor(RecipeCallback):
                 f"LabelNoiseMonitor did not look for label noise: {reason.rstrip('.')}.",
                 {"reason": reason},
             )
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        pool = [
+            {k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rec.items() if k != "image"}
+            for rec in self._pool
+        ]
+        return {
+            **super().state_dict(),
+            "sums": None if self._sums is None else self._sums.tolist(),
+            "counts": None if self._counts is None else self._counts.tolist(),
+            "steps_seen": self._steps_seen,
+            "first_captured": self._first_captured,
+            "last_step": self._last_step,
+            "unreadable": self._unreadable,
+            "pool": pool,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._reset()
+        if state_dict.get("sums") is not None and state_dict.get("counts") is not None:
+            self._sums = torch.tensor(state_dict["sums"], dtype=torch.float32)
+            self._counts = torch.tensor(state_dict["counts"], dtype=torch.float32)
+        self._steps_seen = int(state_dict.get("steps_seen", 0))
+        first = state_dict.get("first_captured")
+        self._first_captured = None if first is None else int(first)
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._unreadable = state_dict.get("unreadable")
+        for rec in state_dict.get("pool", []):
+            self._pool.append({k: (torch.tensor(v) if isinstance(v, list) else v) for k, v in rec.items()})
 
 
 def pair_statistics(
