@@ -446,7 +446,7 @@ def _kind(call: LossCall | None) -> str | None:
         return None
     if call.name in _BINARY and target.shape == call.input.shape:
         return "binary"
-    if call.name in REGRESSION_LOSSES and target.shape == call.input.shape:
+    if call.name in REGRESSION_LOSSES and target.numel() == call.input.numel():
         return "regression"
     return None
 
