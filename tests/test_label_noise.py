@@ -200,6 +200,33 @@ def test_the_real_run_is_bit_identical(tmp_path):
     assert torch._C._len_torch_function_stack() == 0  # no mode left behind
 
 
+def test_two_captures_on_one_step_both_end_before_the_backward_pass(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_recipe.monitors.baselines import BaselineMonitor
+
+    depths = []
+
+    class Depth(Callback):
+        def on_before_optimizer_step(self, *args):
+            depths.append(torch._C._len_torch_function_stack())
+
+    x, y = arrows(n=256)
+    noise = LabelNoiseMonitor(every_n_steps=1, late_fraction=0.0, min_samples=1)
+    base = BaselineMonitor(every_n_steps=1)
+    model = Classifier(arrow_mlp(), lr=3e-3)
+    fit(
+        tmp_path,
+        model,
+        Flipped(x, y, "none"),
+        Flipped(x[:64], y[:64], "none"),
+        [noise, base, Depth()],
+        epochs=1,
+    )
+    assert depths and set(depths) == {0}  # backward and optimizer step ran outside both modes
+    assert noise.figures["captured_steps"] == len(depths) and "gap" in base.figures
+
+
 def test_pair_statistics_on_hand_made_matrices():
     counts = torch.full((4,), 100.0)
     # classes 0 and 1 are a coin flip for the net, 2 and 3 are learned

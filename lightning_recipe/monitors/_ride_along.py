@@ -10,6 +10,7 @@ are left alone (a function mode would make dynamo recompile them).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -56,30 +57,49 @@ class StepCapture:
         mode = LossCapture()
         mode.__enter__()
         self._mode = mode
+        _LIVE.add(mode)
         return True
 
     def stop(self, loss: Tensor | None = None) -> StepResult | None:
-        """Stop recording if our mode is the innermost one (else wait for a later call); the
-        loss calls of the step that reach the backward pass (outputs with a gradient)."""
+        """Stop recording; the loss calls of the step that reach the backward pass (outputs with
+        a gradient). Other captures of this module stacked above ours stay in place; a foreign
+        mode above ours (the user's) makes it wait for a later call."""
         mode = self._mode
-        if mode is None or not _on_top(mode):
+        if mode is None or not _remove(mode):
             return None
         self._mode = None
-        mode.__exit__(None, None, None)
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
         return StepResult(loss=loss if isinstance(loss, Tensor) else None, calls=calls)
 
     def abort(self) -> None:
         """Stop without a result (exceptions, teardown); safe to call any time."""
         mode = self._mode
-        if mode is not None and _on_top(mode):
+        if mode is not None and _remove(mode):
             self._mode = None
-            mode.__exit__(None, None, None)
 
 
-def _on_top(mode: LossCapture) -> bool:
+#: the recording modes of the captures in progress
+_LIVE: weakref.WeakSet[LossCapture] = weakref.WeakSet()
+
+
+def _remove(mode: LossCapture) -> bool:
+    """Take ``mode`` off the torch-function mode stack, leaving the captures of this module that
+    were pushed after it in place; False when it is not on the stack or a foreign mode is above."""
     n = torch._C._len_torch_function_stack()
-    return n > 0 and torch._C._get_function_stack_at(n - 1) is mode
+    stack = [torch._C._get_function_stack_at(i) for i in range(n)]
+    at = next((i for i, m in enumerate(stack) if m is mode), None)
+    if at is None:
+        _LIVE.discard(mode)
+        return True  # already gone (popped by someone else): nothing to undo
+    above = stack[at + 1 :]
+    if any(m not in _LIVE for m in above):
+        return False
+    popped = [torch._C._pop_torch_function_stack() for _ in above]  # innermost first
+    mode.__exit__(None, None, None)
+    for m in reversed(popped):
+        torch._C._push_on_torch_function_stack(m)
+    _LIVE.discard(mode)
+    return True
 
 
 def planned_steps(trainer: Any) -> int | None:
