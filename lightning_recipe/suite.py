@@ -51,7 +51,6 @@ SUITE: list[tuple[str, type]] = [
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
     ("label_noise", LabelNoiseMonitor),
-    # last: its recording mode is pushed last and popped first on the steps both capture
     ("baselines", BaselineMonitor),
 ]
 
