@@ -29,15 +29,18 @@ from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.checks.padding import PaddingCheck
+from lightning_recipe.checks.regularization import RegularizationCheck
 from lightning_recipe.checks.target_in_input import TargetInInputCheck
 from lightning_recipe.checks.train_val_overlap import TrainValOverlapCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.findings import CATALOG, Finding, RecipeError, RecipeWarning, Severity
 from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.baselines import BaselineMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.label_noise import LabelNoiseMonitor
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
@@ -55,6 +58,7 @@ def findings(trainer: Any) -> list[Finding]:
 __all__ = [
     "CATALOG",
     "ActivationMonitor",
+    "BaselineMonitor",
     "BatchAdapter",
     "BatchIndependenceCheck",
     "BatchLayoutError",
@@ -67,6 +71,7 @@ __all__ = [
     "GradientCheck",
     "GradientMonitor",
     "InputIndependentBaseline",
+    "LabelNoiseMonitor",
     "LossAtInitCheck",
     "LossCurveMonitor",
     "ModelLintCheck",
@@ -77,6 +82,7 @@ __all__ = [
     "RecipeEarlyStopping",
     "RecipeError",
     "RecipeWarning",
+    "RegularizationCheck",
     "Severity",
     "TargetInInputCheck",
     "TrainValGapMonitor",

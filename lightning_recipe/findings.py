@@ -330,6 +330,23 @@ CATALOG: dict[str, CodeInfo] = dict(
             'the class prior ("init well").',
             "Set the final bias to log(prior) per class, or log(p/(1-p)) for a sigmoid output.",
         ),
+        _c(
+            "label-noise",
+            "LabelNoiseMonitor",
+            "Training labels that contradict what the net sees: late in training, the samples of a "
+            "pair of classes keep going to the other class of the pair (an augmentation that "
+            "changes a label's meaning, e.g. a horizontal flip of left/right classes; mislabelled data).",
+            "Look at the samples in recipe/label_noise; relabel in the augmentation (swap left/right "
+            "on a flip) or drop it for those classes; clean the labels.",
+        ),
+        _c(
+            "regularization-dominates",
+            "RegularizationCheck",
+            "A penalty added to the loss by hand has a larger gradient than the data loss at init "
+            "(cs231n: don't let the regularization overwhelm the data).",
+            "Lower the penalty's coefficient (L2 of 1e-4..5e-4 * sum(w^2) is typical) or use the "
+            "optimizer's weight_decay.",
+        ),
         # --- codes added by this package (documented in the README) ---
         _c(
             "loss-broadcast",
@@ -345,6 +362,14 @@ CATALOG: dict[str, CodeInfo] = dict(
             "which wins by how much (info).",
             "Use callback.averaged_model() / callback.ensemble() or the saved averaged checkpoint "
             "when they win.",
+        ),
+        _c(
+            "no-better-than-baseline",
+            "BaselineMonitor",
+            "After warm-up the model's validation loss is no better than a dumb baseline's with the "
+            "same loss: predicting the training class prior (majority class) or the training target mean.",
+            "Check that the labels depend on the inputs and the inputs reach the model; raise the "
+            "learning rate; for imbalanced classes, initialise the output bias at the log prior.",
         ),
         _c(
             "check-skipped",

@@ -17,14 +17,17 @@ from lightning_recipe.checks.loss_at_init import LossAtInitCheck
 from lightning_recipe.checks.model_lint import ModelLintCheck
 from lightning_recipe.checks.overfit_batch import OverfitBatchCheck
 from lightning_recipe.checks.padding import PaddingCheck
+from lightning_recipe.checks.regularization import RegularizationCheck
 from lightning_recipe.checks.target_in_input import TargetInInputCheck
 from lightning_recipe.checks.train_val_overlap import TrainValOverlapCheck
 from lightning_recipe.control.early_stopping import RecipeEarlyStopping
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 from lightning_recipe.monitors.activations import ActivationMonitor
+from lightning_recipe.monitors.baselines import BaselineMonitor
 from lightning_recipe.monitors.first_layer_filters import FirstLayerFilterMonitor
 from lightning_recipe.monitors.gradients import GradientMonitor
 from lightning_recipe.monitors.input_independent import InputIndependentBaseline
+from lightning_recipe.monitors.label_noise import LabelNoiseMonitor
 from lightning_recipe.monitors.loss_curve import LossCurveMonitor
 from lightning_recipe.monitors.prediction_dynamics import PredictionDynamicsMonitor
 from lightning_recipe.monitors.train_val_gap import TrainValGapMonitor
@@ -41,6 +44,7 @@ SUITE: list[tuple[str, type]] = [
     ("gradient_check", GradientCheck),
     ("overfit_batch", OverfitBatchCheck),
     ("model_lint", ModelLintCheck),
+    ("regularization", RegularizationCheck),
     # data checks riding along the first epoch
     ("class_prior", ClassPriorCheck),
     ("target_in_input", TargetInInputCheck),
@@ -58,6 +62,8 @@ SUITE: list[tuple[str, type]] = [
     ("train_val_gap", TrainValGapMonitor),
     ("input_independent", InputIndependentBaseline),
     ("prediction_dynamics", PredictionDynamicsMonitor),
+    ("label_noise", LabelNoiseMonitor),
+    ("baselines", BaselineMonitor),
 ]
 
 #: callbacks that change the course of training or evaluate extra models: in the suite only when

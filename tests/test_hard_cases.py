@@ -68,7 +68,7 @@ CHECK_FIGURES = {
     "ModelLintCheck": "trainable_params",
 }
 NEEDS_STEP_FN = {"LossAtInitCheck", "BatchIndependenceCheck", "GradientCheck", "OverfitBatchCheck"}
-NEEDS_STEP_FN |= {"FutureLeakCheck", "PaddingCheck"}  # they run the step too
+NEEDS_STEP_FN |= {"FutureLeakCheck", "PaddingCheck", "RegularizationCheck"}  # they run the step too
 NEEDS_INPUT = {"DataInspectionCheck", "BatchIndependenceCheck", "GradientCheck"}
 NEEDS_INPUT |= {"FutureLeakCheck", "PaddingCheck"}  # the batch size comes from the input
 NEEDS_INPUT |= {"TargetInInputCheck", "TrainValOverlapCheck"}  # they read the input
@@ -220,6 +220,7 @@ def test_gan_two_optimizers_manual(tmp_path):
         "FirstLayerFilterMonitor",
         "LossCurveMonitor",  # training_step returns None: no loss to read
         "TrainValGapMonitor",  # no train/val pair of metrics
+        "LabelNoiseMonitor",  # binary cross-entropy: no pair of classes among others
     }
     assert_healthy(
         run, skipped, missing={"input_independent", "prediction_dynamics", "loss_curve", "train_val"}

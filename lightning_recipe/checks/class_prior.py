@@ -72,6 +72,9 @@ class ClassPriorCheck(RecipeCallback):
         trainer.fit(model, datamodule)  # warns "[class-prior-init] ... set the final bias to -3.89"
     """
 
+    codes = ("class-prior-init",)
+    what = "compare the loss at init with the class prior"
+
     def __init__(
         self,
         max_ratio: float = 1.75,

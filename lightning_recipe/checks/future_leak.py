@@ -100,6 +100,8 @@ class FutureLeakCheck(FirstBatchCheck):
         # 'emb'), which holds that very target ...
     """
 
+    codes = ("future-leak",)
+
     what = "chart the dependencies along the time axis"
 
     def __init__(

@@ -73,6 +73,8 @@ class PaddingCheck(FirstBatchCheck):
         # [loss-includes-padding] 74% of the targets cross_entropy averages over are padding ...
     """
 
+    codes = ("loss-includes-padding",)
+
     what = "look for padding in the loss"
 
     def __init__(

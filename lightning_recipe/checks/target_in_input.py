@@ -69,6 +69,9 @@ class TargetInInputCheck(FirstBatchCheck):
         trainer.fit(model, datamodule)  # "[target-in-input] Feature 7 is the label: ..."
     """
 
+    codes = ("target-in-input",)
+    needs_full_copy = False  # never runs the model on a copy
+
     what = "compare the features with the target"
 
     def __init__(

@@ -71,6 +71,10 @@ class TrainValOverlapCheck(RecipeCallback):
         trainer.fit(model, train_loader, val_loader)  # "[train-val-overlap] 212 of 425 ..."
     """
 
+    codes = ("train-val-overlap",)
+    what = "compare training and validation samples"
+    needs_full_copy = False  # never runs the model on a copy
+
     def __init__(
         self,
         max_fraction: float = 0.01,

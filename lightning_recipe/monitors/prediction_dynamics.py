@@ -30,6 +30,8 @@ from lightning_recipe.monitors.base import StepMonitor
 TAG = "recipe/prediction_dynamics"
 _BINARY_LOSSES = ("binary_cross_entropy_with_logits", "binary_cross_entropy")
 _WRONG_SHADE = 0.55
+#: share of the late flips between one pair of classes above which the flipping is that pair's
+PAIR_SHARE = 0.6
 
 
 class PredictionDynamicsMonitor(StepMonitor):
@@ -125,6 +127,9 @@ class PredictionDynamicsMonitor(StepMonitor):
         self._wrong: deque[list[bool]] = deque(maxlen=self.max_history)
         self._preds: list[float] | None = None
         self._flips: deque[tuple[int, float]] = deque(maxlen=self.max_history)  # (step, flip rate)
+        # the (class, class) pairs the flipping examples moved between, per log (not checkpointed)
+        self._flip_pairs: deque[list[tuple[float, float]]] = deque(maxlen=self.max_history)
+        self._classes_seen: set[int] = set()
         self._best_acc = -1.0
         self._logs_since_best = 0
 
@@ -205,7 +210,10 @@ class PredictionDynamicsMonitor(StepMonitor):
         self._kind = kind
         flips = None
         if preds is not None and self._preds is not None and len(preds) == len(self._preds):
-            flips = sum(a != b for a, b in zip(preds, self._preds))
+            moved = [(min(a, b), max(a, b)) for a, b in zip(preds, self._preds) if a != b]
+            flips = len(moved)
+            self._flip_pairs.append(moved)
+            self._classes_seen.update(int(p) for p in preds)
         self._preds = preds
         self._steps.append(int(trainer.global_step))
         self._values.append(values)
@@ -268,6 +276,10 @@ class PredictionDynamicsMonitor(StepMonitor):
         where = f"steps {steps[0]}-{steps[-1]}" + (f" of {planned}" if planned else "")
         acc = self.figures.get("accuracy")
         shown = ", ".join(f"{r:.0%}" for r in rates)
+        pair = self._pair_of_flips()
+        if pair is not None:
+            self._report_pair(trainer, pair, rates, steps, n, acc)
+            return
         self.report(
             trainer,
             "prediction-instability",
@@ -287,6 +299,54 @@ class PredictionDynamicsMonitor(StepMonitor):
                 "patience": self.patience,
                 "planned_steps": planned,
                 "accuracy": acc,
+            },
+        )
+
+    def _pair_of_flips(self) -> tuple[int, int, float] | None:
+        """The pair of classes that most flips of the last ``window`` logs moved between, with its
+        share, when that share is at least ``PAIR_SHARE`` and the model predicts 3 or more classes;
+        else ``None``. A learning rate too high throws examples across every boundary; flips
+        confined to one pair are a pair the model cannot tell apart (labels that contradict the
+        input: ``label-noise``)."""
+        moved = [p for log in list(self._flip_pairs)[-self.window :] for p in log]
+        if not moved or len(self._classes_seen) < 3:
+            return None
+        counts: dict[tuple[float, float], int] = {}
+        for p in moved:
+            counts[p] = counts.get(p, 0) + 1
+        top, hits = max(counts.items(), key=lambda kv: kv[1])
+        share = hits / len(moved)
+        return (int(top[0]), int(top[1]), share) if share >= PAIR_SHARE else None
+
+    def _report_pair(
+        self,
+        trainer: Any,
+        pair: tuple[int, int, float],
+        rates: list[float],
+        steps: list[int],
+        n: int,
+        acc: Any,
+    ) -> None:
+        i, j, share = pair
+        shown = ", ".join(f"{r:.0%}" for r in rates)
+        self.report(
+            trainer,
+            "prediction-instability",
+            Severity.INFO,
+            f"Predictions on the fixed validation batch keep flipping late in training ({shown} of its {n} "
+            f"examples per log, steps {steps[0]}-{steps[-1]}), but {share:.0%} of the flips go between "
+            f"classes {i} and {j} only: not a learning rate too high (that throws examples across every "
+            "boundary) but a pair of classes the model cannot tell apart, e.g. labels that contradict the "
+            "input (an augmentation that changes their meaning, such as a horizontal flip of left/right "
+            "classes): see label-noise (LabelNoiseMonitor).",
+            {
+                "flip_rates": rates,
+                "steps": steps,
+                "examples": n,
+                "pair": [i, j],
+                "pair_share_of_flips": share,
+                "accuracy": acc,
+                "flip_threshold": self.flip_threshold,
             },
         )
 
@@ -357,6 +417,7 @@ class PredictionDynamicsMonitor(StepMonitor):
         self._values.clear()
         self._wrong.clear()
         self._flips.clear()
+        self._flip_pairs.clear()
         self._preds = None
 
     def _give_up(self, trainer: Any, reason: str) -> None:
