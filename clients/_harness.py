@@ -1,0 +1,121 @@
+"""Shared plumbing of the third-party corpus: build the recipe suite the way a user would, and
+write what each recipe callback did as JSON.
+
+A corpus script calls :func:`run` with a function ``fit(recipe)`` that builds the library's model
+the way its own docs build it, on small synthetic data made in code, and trains it for a few
+epochs with ``callbacks=recipe(monitor=...)``. Every callback is then classified:
+
+- ``measured``: it ran and made no ``check-skipped`` / ``internal-error`` finding;
+- ``skipped``: it reported ``check-skipped`` (the reasons are kept);
+- ``internal-error``: it reported ``internal-error`` (the message is kept);
+- ``not-run``: the fit crashed before the callback saw anything.
+
+Every finding (code, severity, message) is kept too; warning/error findings on these healthy
+models are false alarms unless the script says the model is meant to be broken.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning_recipe as lr
+from lightning_recipe.suite import SUITE
+
+CLASS_TO_NAME = {cls.__name__: name for name, cls in SUITE}
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def trainer_kwargs(root: str, max_epochs: int = 3, **extra: Any) -> dict[str, Any]:
+    """Trainer arguments shared by the corpus: CPU, a few epochs, quiet, logs under ``root``."""
+    kw: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "default_root_dir": root,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+    }
+    kw.update(extra)
+    return kw
+
+
+def _summarise(callbacks: list[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cb in callbacks:
+        name = CLASS_TO_NAME.get(type(cb).__name__, type(cb).__name__)
+        found = list(cb.findings) if hasattr(cb, "findings") else []
+        skips = [f.message for f in found if f.code == "check-skipped"]
+        errors = [f.message for f in found if f.code == "internal-error"]
+        if errors:
+            status = "internal-error"
+        elif skips:
+            status = "skipped"
+        else:
+            status = "measured"
+        out[name] = {
+            "status": status,
+            "skipped": skips,
+            "internal_errors": errors,
+            "findings": [
+                {"code": f.code, "severity": f.severity.value, "message": f.message, "step": f.step}
+                for f in found
+            ],
+        }
+    return out
+
+
+def run(library: str, model: str, dists: list[str], fit: Callable[[Callable[..., list]], None]) -> None:
+    """Run ``fit(recipe)`` and write the JSON result to ``argv[1]`` (or print it)."""
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    warnings.simplefilter("ignore")
+    made: list[Any] = []
+
+    def recipe(monitor: str, mode: str = "min") -> list:
+        cbs = lr.recipe_callbacks(monitor=monitor, mode=mode, print_report=False)
+        made.extend(cbs)
+        return cbs
+
+    t0 = time.time()
+    crash = None
+    try:
+        fit(recipe)
+    except BaseException as exc:  # a crash is a result too
+        crash = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
+    result = {
+        "library": library,
+        "model": model,
+        "versions": {d: version(d) for d in ["torch", "lightning", "pytorch-lightning", *dists]},
+        "seconds": round(time.time() - t0, 1),
+        "crash": crash,
+        "callbacks": _summarise(made),
+    }
+    text = json.dumps(result, indent=1)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as fh:
+            fh.write(text)
+    else:
+        print(text)
+    if crash:
+        print(crash, file=sys.stderr)
+
+
+def workdir() -> str:
+    """A fresh folder for the run's logs (removed with the process' temp dir)."""
+    return tempfile.mkdtemp(prefix="lr_clients_")
