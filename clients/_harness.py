@@ -51,6 +51,9 @@ def trainer_kwargs(root: str, max_epochs: int = 3, **extra: Any) -> dict[str, An
         "enable_model_summary": False,
         "enable_checkpointing": False,
         "log_every_n_steps": 1,
+        # small on purpose: the whole corpus runs in minutes on two cores
+        "limit_train_batches": 6,
+        "limit_val_batches": 2,
     }
     kw.update(extra)
     return kw

@@ -11,7 +11,7 @@ def datasets(covariates: bool = False, **kw: Any) -> tuple[Any, Any, Any, Any]:
     from pytorch_forecasting import TimeSeriesDataSet
     from pytorch_forecasting.data.examples import generate_ar_data
 
-    data = generate_ar_data(seasonality=10.0, timesteps=120, n_series=24, seed=42)
+    data = generate_ar_data(seasonality=10.0, timesteps=80, n_series=12, seed=42)
     data["static"] = 2
     data["series"] = data["series"].astype(str).astype("category")
     data["date"] = data["time_idx"]
@@ -37,6 +37,6 @@ def datasets(covariates: bool = False, **kw: Any) -> tuple[Any, Any, Any, Any]:
         **extra,
     )
     validation = TimeSeriesDataSet.from_dataset(training, data, min_prediction_idx=cutoff + 1)
-    train_loader = training.to_dataloader(train=True, batch_size=64, num_workers=0)
-    val_loader = validation.to_dataloader(train=False, batch_size=64, num_workers=0)
+    train_loader = training.to_dataloader(train=True, batch_size=32, num_workers=0)
+    val_loader = validation.to_dataloader(train=False, batch_size=32, num_workers=0)
     return training, validation, train_loader, val_loader

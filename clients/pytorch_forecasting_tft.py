@@ -27,7 +27,6 @@ def fit(recipe):
     )
     trainer = pl.Trainer(
         **_harness.trainer_kwargs(_harness.workdir(), max_epochs=3, gradient_clip_val=0.1),
-        limit_train_batches=15,
         callbacks=recipe(monitor="val_loss"),
     )
     trainer.fit(tft, train_dataloaders=train_loader, val_dataloaders=val_loader)
