@@ -19,6 +19,7 @@ def fit(recipe):
     centers = 3 * torch.randn(classes, dim, generator=g)
     y = torch.arange(classes).repeat_interleave(per)
     x = centers[y] + torch.randn(len(y), dim, generator=g)
+    x = (x - x.mean(0)) / x.std(0)  # standardised features, as a user would feed them
     perm = torch.randperm(len(y), generator=g)
     x, y = x[perm], y[perm]
     train = TensorDataset(x[:320], y[:320])
