@@ -1,14 +1,16 @@
 """Shared plumbing of the third-party corpus: build the recipe suite the way a user would, and
 write what each recipe callback did as JSON.
 
-A corpus script calls :func:`run` with a function ``fit(recipe)`` that builds the library's model
+A corpus script calls :func:`run` with a function ``fit(recipe)`` (returning ``None``, or the
+callbacks that actually ran where the library copies them) that builds the library's model
 the way its own docs build it, on small synthetic data made in code, and trains it for a few
 epochs with ``callbacks=recipe(monitor=...)``. Every callback is then classified:
 
 - ``measured``: it ran and made no ``check-skipped`` / ``internal-error`` finding;
 - ``skipped``: it reported ``check-skipped`` (the reasons are kept);
 - ``internal-error``: it reported ``internal-error`` (the message is kept);
-- ``not-run``: the fit crashed before the callback saw anything.
+- ``not-run``: the trainer never called the callback (the fit crashed first, or the library
+  dropped the callbacks it was given).
 
 Every finding (code, severity, message) is kept too; warning/error findings on these healthy
 models are false alarms unless the script says the model is meant to be broken.
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +62,18 @@ def trainer_kwargs(root: str, max_epochs: int = 3, **extra: Any) -> dict[str, An
     return kw
 
 
+def _mark_setup(cb: Any) -> None:
+    """Make ``cb.setup`` note that the trainer called it (a bound method, so a library that
+    deep-copies the callbacks marks its own copies)."""
+    original = type(cb).setup
+
+    def setup(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self._clients_ran = True
+        return original(self, *args, **kwargs)
+
+    cb.setup = types.MethodType(setup, cb)
+
+
 def _summarise(callbacks: list[Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for cb in callbacks:
@@ -66,7 +81,9 @@ def _summarise(callbacks: list[Any]) -> dict[str, Any]:
         found = list(cb.findings) if hasattr(cb, "findings") else []
         skips = [f.message for f in found if f.code == "check-skipped"]
         errors = [f.message for f in found if f.code == "internal-error"]
-        if errors:
+        if not getattr(cb, "_clients_ran", False):
+            status = "not-run"
+        elif errors:
             status = "internal-error"
         elif skips:
             status = "skipped"
@@ -92,13 +109,17 @@ def run(library: str, model: str, dists: list[str], fit: Callable[[Callable[...,
 
     def recipe(monitor: str, mode: str = "min") -> list:
         cbs = lr.recipe_callbacks(monitor=monitor, mode=mode, print_report=False)
+        for cb in cbs:
+            _mark_setup(cb)
         made.extend(cbs)
         return cbs
 
     t0 = time.time()
     crash = None
     try:
-        fit(recipe)
+        used = fit(recipe)
+        if used is not None:  # the library copied the callbacks: these are the ones that ran
+            made[:] = used
     except BaseException as exc:  # a crash is a result too
         crash = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:]
     result = {
