@@ -3,7 +3,8 @@
 import json
 import sys
 
-r = json.load(open(sys.argv[1]))
+with open(sys.argv[1]) as fh:
+    r = json.load(fh)
 print(r["model"], r["seconds"], "crash:", (r["crash"] or "")[-600:])
 for k, v in r["callbacks"].items():
     bad = [(f["code"], f["severity"], f["message"][:300]) for f in v["findings"] if f["severity"] != "info"]

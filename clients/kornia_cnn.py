@@ -35,8 +35,12 @@ def fit(recipe):
             )
             self.normalize = K.Normalize(mean=mean, std=std)
             self.features = torch.nn.Sequential(
-                torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                torch.nn.Conv2d(3, 16, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+                torch.nn.Conv2d(16, 32, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1),
             )
             self.head = torch.nn.Linear(32, 2)
 

@@ -28,9 +28,7 @@ def fit(recipe):
     class Embedder(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)
-            )
+            self.net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
             distance = distances.CosineSimilarity()
             reducer = reducers.ThresholdReducer(low=0)
             self.loss_func = losses.TripletMarginLoss(margin=0.2, distance=distance, reducer=reducer)
@@ -57,10 +55,13 @@ def fit(recipe):
     trainer = pl.Trainer(
         **_harness.trainer_kwargs(_harness.workdir(), max_epochs=3), callbacks=recipe(monitor="val_loss")
     )
-    trainer.fit(
-        Embedder(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32)
-    )
+    trainer.fit(Embedder(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
 
 
 if __name__ == "__main__":
-    _harness.run("pytorch-metric-learning", "TripletMarginLoss + MultiSimilarityMiner", ["pytorch-metric-learning"], fit)
+    _harness.run(
+        "pytorch-metric-learning",
+        "TripletMarginLoss + MultiSimilarityMiner",
+        ["pytorch-metric-learning"],
+        fit,
+    )

@@ -119,7 +119,8 @@ def table(results: list[dict]) -> str:
             if entry:
                 for f in entry["findings"]:
                     if f["severity"] in ("warning", "error"):
-                        alarms.append(f"{r['library']} {r['model']}: `{n}` {f['severity']} `{f['code']}`: {f['message']}")
+                        where = f"{r['library']} {r['model']}: `{n}`"
+                        alarms.append(f"{where} {f['severity']} `{f['code']}`: {f['message']}")
         label = f"{r['library']}: {r['model']}" + (" (crashed)" if r.get("crash") else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     judged = sum(v for k, v in counts.items() if k != "n/a")
@@ -127,9 +128,10 @@ def table(results: list[dict]) -> str:
     out = [
         *lines,
         "",
-        f"{len(results)} projects, {judged} (callback, project) pairs judged ({counts['n/a']} first-layer-filter "
-        f"pairs on models without conv layers or image input left out): {counts['measured'] + counts['alarm']} "
-        f"measured, {blind} blind ({100 * blind / max(judged, 1):.0f}%: {counts['skipped']} skipped, "
+        f"{len(results)} projects, {judged} (callback, project) pairs judged ({counts['n/a']} "
+        "first-layer-filter pairs on models without conv layers or image input left out): "
+        f"{counts['measured'] + counts['alarm']} measured, {blind} blind "
+        f"({100 * blind / max(judged, 1):.0f}%: {counts['skipped']} skipped, "
         f"{counts['internal-error']} internal errors, {counts['not-run']} not run), "
         f"{counts['alarm']} measured with a warning/error finding; "
         f"{sum(1 for r in results if r.get('crash'))} crashed fits.",
@@ -156,7 +158,9 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds per project")
     parser.add_argument("--only", nargs="*", default=None, help="script names (stems) to run")
     parser.add_argument("--jobs", type=int, default=1, help="projects run at once")
