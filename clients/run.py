@@ -81,6 +81,21 @@ def run_one(script: Path, timeout: float) -> dict:
         return result
 
 
+#: the generic advice at the end of skip messages, cut from the table's footnotes (kept in the JSON)
+_ADVICE = (
+    "; pass get_input=",
+    "; log them with self.log(",
+    "; raise max_seconds",
+    "; use torch.nn.functional",
+)
+
+
+def _short(message: str) -> str:
+    for cut in _ADVICE:
+        message = message.split(cut)[0]
+    return message.rstrip(".") + "."
+
+
 def cell(entry: dict | None, notes: dict[str, int]) -> tuple[str, str]:
     """(symbol, kind) of one callback on one project; adds skip/error reasons to ``notes``."""
     if entry is None or entry["status"] == "not-run":
@@ -90,10 +105,10 @@ def cell(entry: dict | None, notes: dict[str, int]) -> tuple[str, str]:
         return "○", "n/a"
     loud = [f for f in entry["findings"] if f["severity"] in ("warning", "error")]
     if status == "internal-error":
-        n = notes.setdefault(entry["internal_errors"][0], len(notes) + 1)
+        n = notes.setdefault(_short(entry["internal_errors"][0]), len(notes) + 1)
         return f"✗{n}", "internal-error"
     if status == "skipped":
-        n = notes.setdefault(entry["skipped"][0], len(notes) + 1)
+        n = notes.setdefault(_short(entry["skipped"][0]), len(notes) + 1)
         return f"–{n}" + ("⚠" if loud else ""), "skipped"
     if loud:
         return "⚠", "alarm"
@@ -157,6 +172,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+BEGIN, END = "<!-- clients:table:begin -->", "<!-- clients:table:end -->"
+
+
+def write_readme(path: Path, md: str) -> None:
+    """Replace the text between the ``clients:table`` markers of ``path`` with ``md``."""
+    text = path.read_text()
+    head, sep, rest = text.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} section")
+    path.write_text(f"{head}{BEGIN}\n{md.rstrip()}\n{END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="script names (stems) to run")
     parser.add_argument("--jobs", type=int, default=1, help="projects run at once")
     parser.add_argument("--out", default=str(HERE / "results"), help="output path without extension")
+    parser.add_argument(
+        "--readme",
+        default=None,
+        help="also write the table into this README between the clients:table markers",
+    )
     args = parser.parse_args(argv)
     todo = [p for p in scripts() if not args.only or p.stem in args.only]
     if not todo:
@@ -177,9 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = list(pool.map(one, todo))
-    Path(args.out + ".json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     md = table(results)
+    if args.only:  # a partial run: the saved table and README stay the full corpus's
+        print(md)
+        return 1 if any(r.get("crash") for r in results) else 0
+    Path(args.out + ".json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     Path(args.out + ".md").write_text(md)
+    if args.readme:
+        write_readme(Path(args.readme), md)
     print(md)
     return 1 if any(r.get("crash") for r in results) else 0
 
