@@ -114,6 +114,10 @@ def run(library: str, model: str, dists: list[str], fit: Callable[[Callable[...,
         made.extend(cbs)
         return cbs
 
+    out_path = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else None
+    # libraries write logs and bookkeeping into the working directory (pytorch-tabular's
+    # .pt_tmp, lightning_logs): keep them out of the checkout
+    os.chdir(workdir())
     t0 = time.time()
     crash = None
     try:
@@ -131,8 +135,8 @@ def run(library: str, model: str, dists: list[str], fit: Callable[[Callable[...,
         "callbacks": _summarise(made),
     }
     text = json.dumps(result, indent=1)
-    if len(sys.argv) > 1:
-        with open(sys.argv[1], "w") as fh:
+    if out_path:
+        with open(out_path, "w") as fh:
             fh.write(text)
     else:
         print(text)
