@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean setup browser
+.PHONY: demo test lint format bench clean setup browser clients
 
 setup: $(STAMP)
 
@@ -52,6 +52,27 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py
+
+# The third-party corpus (README "Third-party models"): real libraries' models, each trained a few
+# epochs with the suite at defaults, in a separate venv so that they never touch $(VENV).
+# Torch goes in first; clients/_guard.py refuses any library set that would replace it.
+CLIENTS_VENV ?= .venv-clients
+CLIENTS_BIN := $(CLIENTS_VENV)/bin
+CLIENTS_STAMP := $(CLIENTS_VENV)/.installed
+CLIENTS_ARGS ?=
+
+$(CLIENTS_STAMP): pyproject.toml clients/requirements.txt
+	@test -x $(CLIENTS_BIN)/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(CLIENTS_BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(CLIENTS_BIN)/python -m pip install -q -e .
+	$(CLIENTS_BIN)/python -m pip install -q --dry-run --report $(CLIENTS_VENV)/dry-run.json -r clients/requirements.txt
+	$(CLIENTS_BIN)/python clients/_guard.py $(CLIENTS_VENV)/dry-run.json
+	$(CLIENTS_BIN)/python -m pip install -q -r clients/requirements.txt
+	@touch $(CLIENTS_STAMP)
+
+clients: $(CLIENTS_STAMP)
+	$(CLIENTS_BIN)/python clients/run.py $(CLIENTS_ARGS)
 
 clean:
 	rm -rf $(VENV) recipe_runs lightning_logs .pytest_cache
