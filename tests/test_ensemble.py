@@ -228,15 +228,16 @@ class OneArgumentValidationStep(Classifier):
 
 def test_one_argument_validation_step_goes_through_the_probe_layer(tmp_path, monkeypatch):
     from lightning_recipe import _probe
+    from lightning_recipe._probe import steps as _probe_steps
 
     hooks = []
-    call_step = _probe.call_step
+    call_step = _probe_steps.call_step
 
     def spy(module, hook, *args, **kwargs):
         hooks.append(hook)
         return call_step(module, hook, *args, **kwargs)
 
-    monkeypatch.setattr(_probe, "call_step", spy)
+    monkeypatch.setattr(_probe_steps, "call_step", spy)
     ens = CheckpointEnsemble(num_snapshots=2)
     t, model, val = fit_noisy(tmp_path, [ens], epochs=2, model=OneArgumentValidationStep(mlp(hidden=64)))
     # the ensemble ran the one-argument validation_step (not the training_step) through _probe.call_step
