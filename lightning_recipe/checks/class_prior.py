@@ -14,6 +14,7 @@ from lightning_recipe._probe import (
     LossCall,
     ProbeSkip,
     StepFn,
+    batch_or_peek,
     class_scores,
     copy_module,
     is_manual_optimization,
@@ -141,6 +142,7 @@ class ClassPriorCheck(RecipeCallback):
             self.figures["note"] = "manual optimisation: pass step_fn=lambda model, batch: loss"
             return  # LossAtInitCheck reports the skip (it needs the same step_fn)
         try:
+            batch = batch_or_peek(trainer, pl_module, batch)
             copy = copy_module(pl_module, trainer)
             with preserved_rng(), torch.no_grad():
                 result = run_step(copy, batch, self.step_fn)
@@ -174,6 +176,8 @@ class ClassPriorCheck(RecipeCallback):
         self._counts = _counts(init, target)
 
     def _count(self, batch: Any) -> None:
+        if batch is None:  # ``training_step(self, dataloader_iter)``: the first batch's labels only
+            return
         target = self.adapter.target(batch)
         if target is None or self._init is None or self._counts is None:
             return

@@ -120,7 +120,10 @@ class RegularizationCheck(FirstBatchCheck):
         if loss.numel() != 1 or not loss.requires_grad:
             raise ProbeSkip("the training step's loss is not a scalar with a gradient")
         loss = loss.reshape(())
-        calls = [c for c in result.calls if c.output.requires_grad]
+        explained = _explains(result.main_call, loss)
+        calls = [c for c in [*result.calls, *result.module_calls] if c.output.requires_grad]
+        if not calls and explained:
+            return loss, loss, loss - loss  # the loss is its loss call's value: nothing added to it
         if not calls:
             raise ProbeSkip(
                 "no torch.nn.functional loss (or nn.*Loss) reaching the loss was seen in training_step, "
@@ -128,6 +131,8 @@ class RegularizationCheck(FirstBatchCheck):
             )
         weights = torch.autograd.grad(loss, [c.output for c in calls], retain_graph=True, allow_unused=True)
         parts = [(w.detach() * c.output).sum() for w, c in zip(weights, calls) if w is not None]
+        if not parts and explained:
+            return loss, loss, loss - loss
         if not parts:
             raise ProbeSkip("no loss call seen in training_step reaches the loss it returns")
         data = torch.stack([p.float() for p in parts]).sum().to(loss.dtype)
@@ -203,3 +208,11 @@ class RegularizationCheck(FirstBatchCheck):
             "optimizer's weight_decay.",
             {k: m[k] for k in (*keys, "grad_ratio")} | {"max_grad_ratio": self.max_grad_ratio},
         )
+
+
+def _explains(call: Any, loss: Tensor) -> bool:
+    """True when the value of ``call`` (the step's data-loss call) is the step's loss itself."""
+    if call is None or not isinstance(call.output, Tensor) or call.output.numel() != 1:
+        return False
+    a, b = float(call.output.detach().reshape(())), float(loss.detach())
+    return abs(a - b) <= 1e-6 * max(1.0, abs(b))

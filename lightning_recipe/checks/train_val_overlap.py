@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_recipe import _context
+from lightning_recipe._probe import iter_train_batches, preserved_rng, takes_dataloader_iter
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
@@ -21,6 +22,10 @@ _PRIMES = (_P1, _P2, _P1, _P2)
 MAX_POSITIONS = 4096
 #: a tabular column with at most this many distinct values in the first batch counts as discrete
 _DISCRETE_VALUES = 16
+
+
+#: training samples read from a fresh iterator when ``training_step`` takes ``dataloader_iter``
+DATALOADER_ITER_SAMPLES = 65536
 
 
 class TrainValOverlapCheck(RecipeCallback):
@@ -112,6 +117,11 @@ class TrainValOverlapCheck(RecipeCallback):
                 self.done = True
                 self._release()
                 return
+            if batch is None and takes_dataloader_iter(pl_module):
+                # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch, so
+                # the training data is read once from a fresh iterator (RNG restored)
+                self.run_safely(trainer, "on_train_batch_start", self._read_training_data, trainer)
+                return
             self.run_safely(trainer, "on_train_batch_start", self._first_batch, trainer, batch)
         if not self.done and self._train_seen < self.max_samples:
             self.run_safely(trainer, "on_train_batch_start", self._add, trainer, self._train, batch)
@@ -161,6 +171,17 @@ class TrainValOverlapCheck(RecipeCallback):
         self._log_coincidence = _log_coincidence(x)
         # continuous values (float images, a table with a continuous column) never repeat by chance
         self._continuous = x.is_floating_point() and self._log_coincidence is None
+
+    def _read_training_data(self, trainer: Any) -> None:
+        limit = min(self.max_samples, DATALOADER_ITER_SAMPLES)
+        with preserved_rng():
+            for i, batch in enumerate(iter_train_batches(trainer)):
+                if i == 0:
+                    self._first_batch(trainer, batch)
+                if self.done or self._train_seen >= limit:
+                    break
+                self._add(trainer, self._train, batch)
+        self.figures["read_from_fresh_iterator"] = self._train_seen
 
     def _add(self, trainer: Any, store: list[Tensor], batch: Any) -> None:
         try:

@@ -45,6 +45,8 @@ class StepCapture:
 
     def __init__(self) -> None:
         self._mode: LossCapture | None = None
+        #: the first floating-point output of the model's forward in the last captured step
+        self.forward_output: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -54,7 +56,7 @@ class StepCapture:
         """Start recording (False for a compiled model, or when already recording)."""
         if self._mode is not None or is_compiled(module):
             return False
-        mode = LossCapture()
+        mode = LossCapture(module)  # module losses and distribution likelihoods too (``_losses``)
         mode.__enter__()
         self._mode = mode
         _LIVE.add(mode)
@@ -68,8 +70,11 @@ class StepCapture:
         if mode is None or not _remove(mode):
             return None
         self._mode = None
+        self.forward_output = mode.modules.forward_output
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
-        return StepResult(loss=loss if isinstance(loss, Tensor) else None, calls=calls)
+        result = mode.result(loss if isinstance(loss, Tensor) else None)
+        module_calls = [c for c in result.module_calls if c.output.requires_grad] or result.module_calls
+        return StepResult(loss=result.loss, calls=calls, module_calls=module_calls)
 
     def abort(self) -> None:
         """Stop without a result (exceptions, teardown); safe to call any time."""

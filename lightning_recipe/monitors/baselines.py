@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall, StepResult, class_scores
+from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall, StepResult, class_view
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
@@ -257,9 +257,10 @@ class BaselineMonitor(RecipeCallback):
         return call
 
     def _absorb_targets(self, call: LossCall) -> None:
-        target = call.target.detach()
+        target = call.target[0] if isinstance(call.target, (tuple, list)) else call.target
+        target = target.detach()
         if self._kind == "classification":
-            view = class_scores(call)
+            view = class_view(call)
             assert view is not None and view.target is not None
             c, t = view.num_classes, view.target
             t = t[(t >= 0) & (t < c)]
@@ -327,7 +328,7 @@ class BaselineMonitor(RecipeCallback):
     def _accuracies(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor] | None:
         """(model accuracy, baseline accuracy, number of targets) on one batch."""
         if self._kind == "classification" and self._sum is not None:
-            view = class_scores(call)
+            view = class_view(call)
             if view is None or view.target is None:
                 return None
             t = view.target
@@ -445,15 +446,23 @@ class BaselineMonitor(RecipeCallback):
 def _kind(call: LossCall | None) -> str | None:
     if call is None:
         return None
-    if call.name in CLASS_LOSSES:
-        view = class_scores(call)
-        return "classification" if view is not None and view.target is not None else None
+    if call.name in CLASS_LOSSES or not isinstance(call, LossCall):
+        view = class_view(call)
+        if view is not None and view.target is not None:
+            return "classification"
+        if call.name in CLASS_LOSSES:
+            return None
     target = call.target
+    if isinstance(target, (tuple, list)) and target and isinstance(target[0], Tensor):
+        target = target[0]
     if not isinstance(target, Tensor) or not target.is_floating_point():
         return None
     if call.name in _BINARY and target.shape == call.input.shape:
         return "binary"
     if call.name in REGRESSION_LOSSES and target.numel() == call.input.numel():
+        return "regression"
+    if not isinstance(call, LossCall) and isinstance(call.input, Tensor) and call.input.is_floating_point():
+        # a module, distribution or hand-written loss: the target mean, fed through that loss
         return "regression"
     return None
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_recipe import tensorboard
-from lightning_recipe._probe import StepResult, class_scores
+from lightning_recipe._probe import ClassScores, LossCall, StepResult, class_scores, scores_by_shape
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
@@ -135,6 +135,8 @@ class LabelNoiseMonitor(RecipeCallback):
         self._pending: tuple[int, int, Any] | None = None  # (step, batch_idx, batch)
         self._last_step = -1
         self._unreadable: str | None = None
+        #: why this run has nothing to judge (a regression or token model): said in figures, no finding
+        self._not_applicable: str | None = None
         self._first_step = float(self.min_steps)
 
     def _forget(self) -> None:
@@ -163,7 +165,7 @@ class LabelNoiseMonitor(RecipeCallback):
         step = int(trainer.global_step)
         if step < self._first_step or step % self.every_n_steps or step == self._last_step:
             return False
-        return self.active and not self._unreadable
+        return self.active and not self._unreadable and not self._not_applicable
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._due(trainer):
@@ -217,26 +219,28 @@ class LabelNoiseMonitor(RecipeCallback):
     # ------------------------------------------------------------------ one captured step
     def _absorb(self, result: StepResult, step: int, batch_idx: int, batch: Any) -> None:
         call = result.main_call
-        view = class_scores(call) if call is not None else None
+        view = class_scores(call) if isinstance(call, LossCall) else None
         if view is None or view.target is None:
-            self._unreadable = (
-                "the training step's loss is not a classification loss with integer targets"
-                if call is not None
-                else "no torch.nn.functional loss (or nn.*Loss) was seen in training_step"
-            )
+            view = _structural_scores(result, self._capture.forward_output, batch)
+        if view is None or view.target is None:
+            if call is not None or self._capture.forward_output is not None:
+                # a regression, multi-label or probability-target loss: nothing to judge here
+                self._not_applicable = "the training loss is not a classification loss with integer labels"
+            else:
+                self._unreadable = "no loss call was seen in training_step and the model's forward never ran"
             return
         c = view.num_classes
         if c < 3:
-            self._unreadable = f"it needs 3 or more classes to tell a pair apart (the loss has {c})"
+            self._not_applicable = f"it needs 3 or more classes to tell a pair apart (the loss has {c})"
             return
         rows_per_batch = int(view.scores.shape[0])
         try:
             samples = self.adapter.batch_size(batch)
         except BatchLayoutError:
-            samples = rows_per_batch if call.input.dim() == 2 else -1
-        if call.input.dim() != 2 or rows_per_batch != samples:
+            samples = rows_per_batch
+        if rows_per_batch != samples:
             # a sequence / token model: the next token is uncertain by nature, not mislabelled
-            self._unreadable = (
+            self._not_applicable = (
                 f"the loss scores {rows_per_batch} rows for a batch of {samples} samples (a sequence or "
                 "token model); label noise is judged for one label per sample"
             )
@@ -303,6 +307,9 @@ class LabelNoiseMonitor(RecipeCallback):
         self.figures = {k: v for k, v in self.figures.items() if k == "skipped"}
         if self._unreadable:
             self._skip(trainer, self._unreadable)
+            return False
+        if self._not_applicable:
+            self.figures["not_applicable"] = self._not_applicable
             return False
         if self._sums is None or self._counts is None:
             self.figures["note"] = "no training step was captured late in training"
@@ -401,6 +408,7 @@ class LabelNoiseMonitor(RecipeCallback):
             "first_captured": self._first_captured,
             "last_step": self._last_step,
             "unreadable": self._unreadable,
+            "not_applicable": self._not_applicable,
             "pool": pool,
         }
 
@@ -415,6 +423,7 @@ class LabelNoiseMonitor(RecipeCallback):
         self._first_captured = None if first is None else int(first)
         self._last_step = int(state_dict.get("last_step", -1))
         self._unreadable = state_dict.get("unreadable")
+        self._not_applicable = state_dict.get("not_applicable")
         for rec in state_dict.get("pool", []):
             self._pool.append({k: (torch.tensor(v) if isinstance(v, list) else v) for k, v in rec.items()})
 
@@ -464,3 +473,19 @@ def _describe(e: dict[str, Any]) -> str:
         f"index {e['index']}" if "index" in e else f"step {e['step']} batch {e['batch_idx']} #{e['position']}"
     )
     return f"{where} label {e['label']} seen as {e['seen_as']} (p={e['p_seen_as']:.2f})"
+
+
+def _structural_scores(result: StepResult, forward_output: Tensor | None, batch: Any) -> ClassScores | None:
+    """Class scores read by shape where no known classification loss was called: a module loss
+    call's prediction, else the model's forward output next to the batch's own target."""
+    for call in result.module_calls:
+        view = scores_by_shape(call.input, call.target)
+        if view is not None:
+            return view
+    if forward_output is None:
+        return None
+    try:
+        target = BatchAdapter().target(batch)
+    except Exception:
+        return None
+    return scores_by_shape(forward_output, target)
