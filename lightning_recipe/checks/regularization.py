@@ -31,36 +31,17 @@ class RegularizationCheck(FirstBatchCheck):
 
     cs231n: "the loss is data loss + regularization loss ... don't let the regularization
     overwhelm the data": when the penalty's gradient is larger than the data gradient, the first
-    updates shrink the weights instead of fitting the data (and a gradient check mostly checks the
-    penalty). On the first training batch, on a copy of the model (every RNG restored), the check
-    runs your ``training_step`` once, splits the loss it returns into
+    updates shrink the weights instead of fitting the data. On the first training batch, on a copy
+    of the model, the check splits the loss your ``training_step`` returns into the *data loss*
+    (the ``torch.nn.functional`` loss calls that reach it, weighted as autograd says) and the
+    *penalty* (the rest, e.g. ``lam * sum(w ** 2)``), and compares their gradients with respect to
+    the parameters. A rest that changes when the input is zeroed (a VAE's KL term, an activation
+    penalty) is an auxiliary loss and is left alone; the optimizer's ``weight_decay`` is never seen.
 
-    * the *data loss*: the ``torch.nn.functional`` loss calls (``nn.*Loss`` modules call them
-      too) that reach the returned loss, with the weight each has in it (read by autograd, so
-      ``0.5 * ce + 0.5 * mse`` or a masked mean of a ``reduction="none"`` loss count fully), and
-    * the *penalty*: the rest (``loss - data``), e.g. ``lam * sum(w ** 2)`` added by hand,
+    Reports ``regularization-dominates`` (warning) when the penalty's gradient norm is more than
+    ``max_grad_ratio`` times the data gradient's (figures ``grad_ratio``, ``penalty_fraction``).
 
-    and takes the gradient of each with respect to the parameters. Only penalties that depend on
-    the parameters alone are judged: the step is run a second time with the input zeroed, and a
-    rest that changes with the input (a VAE's KL term, an activation penalty, a focal loss
-    reweighting ``reduction="none"`` losses) is an auxiliary loss, not a regulariser, and is left
-    alone. Weight decay set in the optimizer (``weight_decay=...``) is not part of the loss and is
-    never seen here.
-
-    Finding ``regularization-dominates`` (warning): the penalty's gradient norm is more than
-    ``max_grad_ratio`` times the data gradient's. Figures: ``penalty_fraction`` (penalty / total
-    loss), ``grad_ratio`` (norm of the penalty's gradient / norm of the data gradient).
-
-    Measured (first batch of 64, 3 seeds each; an MLP 64-128-10 and a small CNN on digits, a
-    64-1024-1024-10 MLP on digits, an MLP regression on blobs), hand L2 ``lam * sum(w ** 2)`` over
-    the weights: ``lam`` 1e-4 gives grad ratios 0.0004-0.0046 (penalty 0.05-3% of the loss), 5e-4
-    0.002-0.023 (0.3-13%), 5e-3 (10x the usual) 0.02-0.23, 5e-2 0.21-0.94 (21-94%); the issue's
-    broken case, 0.1 on the MLP (penalty 2/3 of the loss at init), 1.39-1.43, the CNN 1.75-1.87,
-    the wide MLP 4.4-4.6. Hence ``max_grad_ratio=0.5``: 20x the largest ratio of a usual weight
-    decay, and the penalty then pulls at least half as hard as the data.
-
-    Cost: at fit start, one deep copy of the model, two training steps on the first batch and
-    three backward passes; nothing afterwards.
+    Thresholds: see docs/thresholds.md#regularization.
 
     Args:
         max_grad_ratio: norm(penalty gradient) / norm(data gradient) above which the finding fires.

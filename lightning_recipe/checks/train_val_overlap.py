@@ -33,34 +33,19 @@ class TrainValOverlapCheck(RecipeCallback):
 
     Karpathy's first step is to "become one with the data" and look for duplicates; the most
     expensive duplicates are those across the split: a minority class upsampled before the
-    train/validation split (every validation minority row is also a training row), a dataset
-    with repeated rows split at random, a validation loader that reads the training set. The
-    validation metrics then measure memorisation and look far better than the data allows.
+    train/validation split, a dataset with repeated rows split at random, a validation loader that
+    reads the training set. The validation metrics then measure memorisation. The check rides along
+    the first training epoch and the first validation run, computing a 62-bit fingerprint of each
+    sample's input on the device (no host sync, no extra pass over your data), and at the end of
+    the first epoch counts the validation samples whose fingerprint is also a training one (under
+    DDP, gathered over the ranks). Only exact copies are found: augmented samples are not.
 
-    The check rides along the first training epoch and the first validation run: for every batch
-    it computes a 62-bit fingerprint per sample on the device (a hash of the exact bits of the
-    sample's input, of up to 4096 fixed random positions of it), with no host sync and no extra
-    pass over your data. At the end of the first epoch (or of the first validation run after
-    it) it counts the distinct validation fingerprints that are also training fingerprints.
-    Under DDP the validation fingerprints are all-gathered and the hits summed over the ranks,
-    on every rank at the same point. Duplicates inside the training set alone (oversampling the
-    training split) are not overlap.
+    Reports ``train-val-overlap`` (warning) when at least ``max_fraction`` of the validation samples
+    (and at least ``min_count``) also occur in training; info for fewer. Discrete inputs (token ids,
+    categorical tables) repeat by nature, so for them the share must also clearly exceed the rate at
+    which the training data repeats itself.
 
-    Finding ``train-val-overlap`` (warning) when at least ``max_fraction`` of the validation
-    samples (and at least ``min_count`` of them) also occur in training; fewer shared
-    samples are an info finding. Discrete inputs repeat by nature -- token ids (short common
-    phrases), tabular data that is entirely categorical -- so for them the shared fraction must
-    also exceed twice the rate at which the training data repeats itself (second half of the
-    first epoch against the first half), and for categorical tables ten times the coincidences
-    expected from the columns' value frequencies. Continuous inputs never repeat by chance, so
-    there every repeat counts (an upsampled training set repeats itself too). Measured:
-    distinct continuous, image and token data share 0 samples across a random split; a 1:20
-    minority upsampled 19x before a 75/25 split shares 48-54% of the validation samples,
-    validating on the training loader 100%; 6-character chunks of a text made of 30 words share
-    55% while training repeats itself at 38% (quiet).
-
-    Only exact copies are found: a training pipeline that augments (random crops, noise) hides
-    its samples from the comparison, as does a sample padded to a different length.
+    Thresholds: see docs/thresholds.md#train-val-overlap.
 
     Args:
         max_fraction: share of the validation samples found in training from which it
