@@ -31,9 +31,15 @@ SHORT = {
     "data_inspection": "data",
     "loss_at_init": "init",
     "batch_independence": "indep",
+    "future_leak": "leak",
+    "padding": "pad",
     "gradient_check": "gradchk",
     "overfit_batch": "overfit",
     "model_lint": "lint",
+    "regularization": "reg",
+    "class_prior": "prior",
+    "target_in_input": "tgtin",
+    "train_val_overlap": "overlap",
     "checkpoint_ensemble": "ens",
     "early_stopping": "stop",
     "update_ratio": "upd",
@@ -44,6 +50,8 @@ SHORT = {
     "train_val_gap": "gap",
     "input_independent": "baseline",
     "prediction_dynamics": "pred",
+    "label_noise": "noise",
+    "baselines": "base",
 }
 NOT_APPLICABLE = "there is no Conv1d/Conv2d"
 
