@@ -120,14 +120,22 @@ class RegularizationCheck(FirstBatchCheck):
         if loss.numel() != 1 or not loss.requires_grad:
             raise ProbeSkip("the training step's loss is not a scalar with a gradient")
         loss = loss.reshape(())
-        calls = [c for c in result.calls if c.output.requires_grad]
-        if not calls:
+        # every loss call that reaches the loss: torch.nn.functional losses, loss modules and
+        # metric objects used as losses, distribution log-likelihoods (by the log_prob tensor
+        # that is in the graph); a whole step read as the loss says nothing about a penalty
+        outs = [c.output for c in result.calls]
+        outs += [
+            c.extra.get("log_prob", c.output) for c in result.module_calls if getattr(c, "kind", "") != "step"
+        ]
+        outs = _outermost([o for o in outs if o.requires_grad])
+        if not outs:
             raise ProbeSkip(
-                "no torch.nn.functional loss (or nn.*Loss) reaching the loss was seen in training_step, "
-                "so the data loss cannot be told apart from a penalty"
+                "no loss call (torch.nn.functional loss, loss module, metric or distribution "
+                "log-likelihood) reaching the loss was seen in training_step, so the data loss cannot "
+                "be told apart from a penalty"
             )
-        weights = torch.autograd.grad(loss, [c.output for c in calls], retain_graph=True, allow_unused=True)
-        parts = [(w.detach() * c.output).sum() for w, c in zip(weights, calls) if w is not None]
+        weights = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+        parts = [(w.detach() * o).sum() for w, o in zip(weights, outs) if w is not None]
         if not parts:
             raise ProbeSkip("no loss call seen in training_step reaches the loss it returns")
         data = torch.stack([p.float() for p in parts]).sum().to(loss.dtype)
@@ -203,3 +211,27 @@ class RegularizationCheck(FirstBatchCheck):
             "optimizer's weight_decay.",
             {k: m[k] for k in (*keys, "grad_ratio")} | {"max_grad_ratio": self.max_grad_ratio},
         )
+
+
+def _outermost(outs: list[Tensor]) -> list[Tensor]:
+    """``outs`` without the ones computed inside another (a loss module that calls a functional
+    loss or a ``log_prob``: counting both would count the data loss twice)."""
+    if len(outs) < 2:
+        return outs
+    inner: set[Any] = set()
+    for o in outs:
+        todo = [fn for fn, _ in o.grad_fn.next_functions] if o.grad_fn is not None else []
+        seen: set[Any] = set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+        inner |= seen
+    kept, ids = [], set()
+    for o in outs:
+        if o.grad_fn not in inner and id(o) not in ids:
+            kept.append(o)
+            ids.add(id(o))
+    return kept
