@@ -235,6 +235,34 @@ def test_params_without_gradient(tmp_path):
     assert "all zeros" in f.message
 
 
+class SpareBranch(Classifier):
+    """A submodule that never runs a forward (an optional encoder switched off, as in a library
+    model): an info, not a warning; a module that runs but gets no gradient stays a warning."""
+
+    def __init__(self, detach=False):
+        super().__init__(mlp())
+        self.spare = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.detach_body = detach
+
+    def forward(self, x):
+        if self.detach_body:
+            return self.net[-1](self.net[:-1](x).detach())
+        return self.net(x)
+
+
+def test_params_of_modules_that_never_ran_are_an_info(tmp_path):
+    check = fit(tmp_path / "spare", SpareBranch())
+    assert [f.severity for f in check.findings if f.code == "params-not-updating"] == [lr.Severity.INFO]
+    f = finding(check, "params-not-updating", "never-ran")
+    assert f.evidence["names"] == ["spare.0.weight", "spare.0.bias", "spare.2.weight", "spare.2.bias"]
+    assert "never ran a forward" in f.message
+    # the broken case next to it still warns: the body runs, its gradient is cut by detach()
+    check = fit(tmp_path / "detach", SpareBranch(detach=True))
+    f = finding(check, "params-not-updating", "no-gradient")
+    assert f.severity is lr.Severity.WARNING and f.evidence["names"][0] == "net.0.weight"
+    assert "spare.0.weight" not in f.evidence["names"]
+
+
 class TrainInValidation(Classifier):
     def validation_step(self, batch, batch_idx):
         self.train()
