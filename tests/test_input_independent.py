@@ -123,6 +123,33 @@ def test_healthy_models_are_silent(tmp_path, kind):
     assert mon.figures["gap"] > 0.3
 
 
+class NeedsItsInput(nn.Module):
+    """A model that cannot run without its input (a forecasting model windowing a series by the
+    mask it carries raises "no windows available" on an all-zero batch)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if not bool(x.abs().sum(dim=1).gt(0).any()):
+            raise ValueError("No windows available for training")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("labels", ["real", "shuffled"])
+def test_a_model_that_cannot_run_on_zeros_is_judged_against_the_know_nothing_loss(tmp_path, labels):
+    x, y = blobs(n=256) if labels == "real" else shuffled_blobs()
+    mon = InputIndependentBaseline()
+    fit(tmp_path, Classifier(NeedsItsInput(mlp())), x, y, mon)
+    assert "know-nothing loss" in mon.figures["zeroed"] and "No windows" in mon.figures["zeroed"]
+    assert mon.figures["zero_loss"] == pytest.approx(math.log(4), rel=1e-5)
+    if labels == "real":
+        assert codes(mon) == [] and mon.figures["gap"] > 0.3
+    else:  # the broken case still fires
+        assert codes(mon) == ["input-independent"]
+
+
 def test_tensorboard_holds_the_measured_losses_and_the_chart(tmp_path):
     x, y = blobs(n=256)
     model = Classifier(mlp())
