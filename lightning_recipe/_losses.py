@@ -278,19 +278,20 @@ class ModuleLossRecorder:
     def distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
         """The recorded ``log_prob`` calls whose ``-mean`` / ``-sum`` (or ``+``) is ``loss``
         (the step's loss), as loss calls; without a loss, the ``-mean`` of each. When none
-        matches a loss that has a gradient (a likelihood term plus a KL term, a penalty added),
-        the ``-mean`` of each ``log_prob`` with a gradient: the terms that may make the loss."""
-        out = self._distribution_calls(loss, strict=True)
-        if not out and loss is not None and loss.requires_grad:
-            out = self._distribution_calls(None, strict=False)
+        matches the loss (a likelihood term plus a KL term, a penalty added), the ``-mean`` of
+        each: the terms that may make the loss (the same with or without gradients, so a probe
+        under ``no_grad`` reads the same loss call as one with them)."""
+        out = self._distribution_calls(loss)
+        if not out and loss is not None:
+            out = self._distribution_calls(None)
         return out
 
-    def _distribution_calls(self, loss: Tensor | None, strict: bool) -> list[ModuleLossCall]:
+    def _distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
         out: list[ModuleLossCall] = []
         target = None if loss is None or loss.numel() != 1 else float(loss.detach().float().reshape(()))
         for dist, value, lp in self.log_probs:
             mean = _distribution_mean(dist)
-            if mean is None or (not strict and not lp.requires_grad):
+            if mean is None:
                 continue
             match = ("mean", -1.0)
             if target is not None:

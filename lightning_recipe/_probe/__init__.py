@@ -48,6 +48,7 @@ from lightning_recipe._probe.reference import (  # noqa: F401
     ClassScores,
     chance_input,
     class_scores,
+    class_view,
     know_nothing,
     know_nothing_loss,
     looks_like_probabilities,

@@ -46,6 +46,25 @@ def class_scores(call: LossCall) -> ClassScores | None:
     return ClassScores(scores, target, c, 1)
 
 
+def class_view(call: LossCall | ModuleLossCall | None) -> ClassScores | None:
+    """(N, C) class scores and integer targets of any loss call: a functional classification
+    loss through :func:`class_scores`; any other loss (a custom module, a metric) whose
+    prediction reads as class scores for integer targets (``_losses.prediction_view``), as
+    log-probabilities. ``None`` when the call is not a classification."""
+    if call is None:
+        return None
+    if not isinstance(call, ModuleLossCall):
+        return class_scores(call)
+    try:
+        read = _losses.prediction_view(call)
+    except Exception:
+        return None
+    if read is None or read[0] != "classification":
+        return None
+    _, probs, target = read
+    return ClassScores(probs.clamp_min(1e-12).log(), target, int(probs.shape[1]), 1)
+
+
 #: the reference kinds :func:`know_nothing` returns
 CHANCE, MEAN_PREDICTOR = _losses.CHANCE, _losses.MEAN_PREDICTOR
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe._probe import LossCall, LossCapture, StepResult
+from lightning_recipe._probe import LossCall, LossCapture, StepResult, track_hook
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -54,8 +54,13 @@ class StepCapture:
         """Start recording (False for a compiled model, or when already recording)."""
         if self._mode is not None or is_compiled(module):
             return False
-        mode = LossCapture()
+        # the module's loss modules and metrics used as losses, and distribution
+        # log-likelihoods, are recorded too (hooks that only record, tracked so that a copy of
+        # the module made during the step does not carry them)
+        mode = LossCapture(module)
         mode.__enter__()
+        for handle in mode.modules._handles:
+            track_hook(handle)
         self._mode = mode
         _LIVE.add(mode)
         return True
@@ -69,7 +74,8 @@ class StepCapture:
             return None
         self._mode = None
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
-        return StepResult(loss=loss if isinstance(loss, Tensor) else None, calls=calls)
+        result = mode.result(loss if isinstance(loss, Tensor) else None)
+        return StepResult(loss=result.loss, calls=calls, module_calls=result.module_calls)
 
     def abort(self) -> None:
         """Stop without a result (exceptions, teardown); safe to call any time."""

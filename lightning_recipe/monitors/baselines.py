@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
-from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall, StepResult, class_scores
+from lightning_recipe import _losses, stats, tensorboard
+from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall, StepResult, class_view
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
@@ -259,7 +259,7 @@ class BaselineMonitor(RecipeCallback):
     def _absorb_targets(self, call: LossCall) -> None:
         target = call.target.detach()
         if self._kind == "classification":
-            view = class_scores(call)
+            view = class_view(call)
             assert view is not None and view.target is not None
             c, t = view.num_classes, view.target
             t = t[(t >= 0) & (t < c)]
@@ -327,7 +327,7 @@ class BaselineMonitor(RecipeCallback):
     def _accuracies(self, call: LossCall) -> tuple[Tensor, Tensor, Tensor] | None:
         """(model accuracy, baseline accuracy, number of targets) on one batch."""
         if self._kind == "classification" and self._sum is not None:
-            view = class_scores(call)
+            view = class_view(call)
             if view is None or view.target is None:
                 return None
             t = view.target
@@ -445,8 +445,19 @@ class BaselineMonitor(RecipeCallback):
 def _kind(call: LossCall | None) -> str | None:
     if call is None:
         return None
+    if isinstance(call, _losses.ModuleLossCall):
+        # a loss module, a metric used as a loss, a distribution's likelihood: the constant is
+        # the class prior for integer targets, the target mean for a target that lines up
+        if call.kind == "step":
+            return None
+        view = class_view(call)
+        if view is not None and view.target is not None:
+            return "classification"
+        target = call.target
+        floating = isinstance(target, Tensor) and target.is_floating_point()
+        return "regression" if floating and _losses.prediction_view(call) is not None else None
     if call.name in CLASS_LOSSES:
-        view = class_scores(call)
+        view = class_view(call)
         return "classification" if view is not None and view.target is not None else None
     target = call.target
     if not isinstance(target, Tensor) or not target.is_floating_point():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_recipe import tensorboard
-from lightning_recipe._probe import StepResult, class_scores
+from lightning_recipe._probe import StepResult, class_view
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
@@ -23,6 +23,12 @@ TAG = "recipe/label_noise"
 _PER_STEP = 8
 #: images in the grid are shrunk to at most this side
 _MAX_SIDE = 64
+
+
+#: the skip reasons that say the monitor does not apply (no class labels to be noisy, or too few
+#: classes for a confused pair), as opposed to a loss it could not read
+NOT_CLASSIFICATION = "the training step's loss is not a classification loss with integer targets"
+TOO_FEW_CLASSES = "it needs 3 or more classes to tell a pair apart"
 
 
 class LabelNoiseMonitor(RecipeCallback):
@@ -215,19 +221,28 @@ class LabelNoiseMonitor(RecipeCallback):
         self._pool.clear()
 
     # ------------------------------------------------------------------ one captured step
+    def _integer_target(self, batch: Any) -> bool:
+        """The batch carries an integer target by its layout (class labels a loss could read)."""
+        try:
+            target = self.adapter.target(batch)
+        except Exception:
+            return True
+        return target is not None and not target.is_floating_point() and target.dtype is not torch.bool
+
     def _absorb(self, result: StepResult, step: int, batch_idx: int, batch: Any) -> None:
         call = result.main_call
-        view = class_scores(call) if call is not None else None
+        view = class_view(call) if call is not None else None
         if view is None or view.target is None:
             self._unreadable = (
-                "the training step's loss is not a classification loss with integer targets"
-                if call is not None
-                else "no torch.nn.functional loss (or nn.*Loss) was seen in training_step"
+                NOT_CLASSIFICATION
+                if call is not None or not self._integer_target(batch)
+                else "no loss call (torch.nn.functional loss, loss module, metric or distribution "
+                "log-likelihood) was seen in training_step"
             )
             return
         c = view.num_classes
         if c < 3:
-            self._unreadable = f"it needs 3 or more classes to tell a pair apart (the loss has {c})"
+            self._unreadable = f"{TOO_FEW_CLASSES} (the loss has {c})"
             return
         rows_per_batch = int(view.scores.shape[0])
         try:
