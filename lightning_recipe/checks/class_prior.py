@@ -14,6 +14,7 @@ from lightning_recipe._probe import (
     LossCall,
     ProbeSkip,
     StepFn,
+    batch_or_peek,
     class_scores,
     copy_module,
     is_manual_optimization,
@@ -140,7 +141,8 @@ class ClassPriorCheck(RecipeCallback):
         if self.step_fn is None and is_manual_optimization(pl_module):
             self.figures["note"] = "manual optimisation: pass step_fn=lambda model, batch: loss"
             return  # LossAtInitCheck reports the skip (it needs the same step_fn)
-        try:
+        try:  # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
+            batch = batch_or_peek(trainer, pl_module, batch)
             copy = copy_module(pl_module, trainer)
             with preserved_rng(), torch.no_grad():
                 result = run_step(copy, batch, self.step_fn)
@@ -174,6 +176,8 @@ class ClassPriorCheck(RecipeCallback):
         self._counts = _counts(init, target)
 
     def _count(self, batch: Any) -> None:
+        if batch is None:  # ``training_step(dataloader_iter)``: only the peeked first batch counts
+            return
         target = self.adapter.target(batch)
         if target is None or self._init is None or self._counts is None:
             return

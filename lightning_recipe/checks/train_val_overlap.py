@@ -153,6 +153,13 @@ class TrainValOverlapCheck(RecipeCallback):
 
     # ------------------------------------------------------------------ fingerprints
     def _first_batch(self, trainer: Any, batch: Any) -> None:
+        if batch is None:
+            self._unreadable(
+                trainer,
+                "the trainer handed the callbacks no training batch (training_step(self, "
+                "dataloader_iter) reads its own batches), so the training samples cannot be compared",
+            )
+            return
         try:
             x = self.adapter.input(batch).detach()
         except BatchLayoutError as why:
