@@ -83,6 +83,13 @@ def _is_prediction(t: Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 1
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 @dataclass
 class ModuleLossCall:
     """A loss computed by a module (or a distribution's ``log_prob``), read like ``LossCall``.
@@ -126,8 +133,12 @@ class ModuleLossCall:
             out = lp.mean() if self.reduce == "mean" else lp.sum()
             return self.sign * out
         args = list(self.args)
-        args[0] = new_input
         kwargs = dict(self.kwargs)
+        at = self.extra.get("pred_at", 0)
+        if isinstance(at, str):
+            kwargs[at] = new_input
+        else:
+            args[at] = new_input
         if new_target is not None and isinstance(self.target, Tensor):
             args = [_replace_tensor(a, self.target, new_target) for a in args]
             kwargs = {k: _replace_tensor(v, self.target, new_target) for k, v in kwargs.items()}
@@ -190,6 +201,42 @@ def _wrap_distributions() -> None:
             type.__setattr__(cls, "log_prob", _wrap_log_prob(original))
 
 
+#: marks a ``__call__`` this module wrapped
+_CALL_WRAPPED = "_lightning_recipe_call"
+
+
+def _own_call(cls: type) -> type | None:
+    """The class in ``cls``'s MRO (before ``nn.Module``) that defines its own ``__call__``."""
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            return None
+        if "__call__" in klass.__dict__:
+            return klass
+    return None
+
+
+def _wrap_call(cls: type) -> None:
+    """Wrap the overridden ``__call__`` of a loss module class once (some libraries' losses
+    override ``__call__``, so forward hooks never see them); outside a recorder, or for a module
+    the active recorder does not watch, the wrapper only calls the original."""
+    owner = _own_call(cls)
+    if owner is None:
+        return
+    original = owner.__dict__["__call__"]
+    if hasattr(original, _CALL_WRAPPED):
+        return
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        recorder = _ACTIVE[-1] if _ACTIVE else None
+        if recorder is None or id(self) not in recorder._called:
+            return original(self, *args, **kwargs)
+        return recorder._call_wrapped(self, original, args, kwargs)
+
+    setattr(__call__, _CALL_WRAPPED, original)
+    __call__.__doc__ = original.__doc__
+    type.__setattr__(owner, "__call__", __call__)
+
+
 def loss_module_candidates(model: nn.Module | None) -> list[nn.Module]:
     """The submodules of ``model`` that may compute a loss: no trainable parameter, and a class
     that is not one of torch's own (``nn.*Loss`` modules are seen through the functional losses
@@ -231,6 +278,8 @@ class ModuleLossRecorder:
         self._handles: list[Any] = []
         self._depth = 0
         self._lp_depth = 0
+        #: ids of loss modules whose class overrides ``__call__`` (recorded by :func:`_wrap_call`)
+        self._called: set[int] = set()
 
     # ------------------------------------------------------------------ modules
     def _pre(self, module: nn.Module, args: tuple) -> None:
@@ -240,18 +289,54 @@ class ModuleLossRecorder:
         self._depth -= 1
         if self._depth != 0 or not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != 1:
             return
-        if args:
-            pred = args[0]
-        else:
-            pred = next(iter(kwargs.values()), None)
-            args = tuple(kwargs.values())
-            kwargs = {}
-        if not isinstance(pred, Tensor) or not pred.is_floating_point() or pred.numel() < 2:
+        at = self._prediction_at(args, kwargs)
+        if at is None:
             return
-        target = _first_tensor(list(args[1:]) + list(kwargs.values()), lambda t: t is not pred)
+        pred = kwargs[at] if isinstance(at, str) else args[at]
+        others = [v for i, v in enumerate(args) if i != at] + [v for k, v in kwargs.items() if k != at]
+        target = _first_tensor(others, lambda t: t is not pred)
         self.calls.append(
-            ModuleLossCall(type(module).__name__, pred, target, dict(kwargs), out, tuple(args), fn=module)
+            ModuleLossCall(
+                type(module).__name__,
+                pred,
+                target,
+                dict(kwargs),
+                out,
+                tuple(args),
+                fn=module,
+                extra={"pred_at": at},
+            )
         )
+
+    def _prediction_at(self, args: tuple, kwargs: dict[str, Any]) -> int | str | None:
+        """Where the prediction was passed (a position or a keyword): the model's own forward
+        output if it is one of the arguments, else the only floating-point argument with a
+        gradient, else the first floating-point argument (``loss(pred, target)``); never
+        guessed from argument names (``loss(y=target, y_hat=pred)`` is read the same way)."""
+        slots: list[tuple[int | str, Tensor]] = [
+            (i, v) for i, v in enumerate(args) if isinstance(v, Tensor) and _is_prediction(v)
+        ]
+        slots += [(k, v) for k, v in kwargs.items() if isinstance(v, Tensor) and _is_prediction(v)]
+        if not slots:
+            return None
+        out = self.forward_output
+        if out is not None:
+            for at, v in slots:
+                if v is out or (v.numel() == out.numel() and _same_storage(v, out)):
+                    return at
+        grads = [at for at, v in slots if v.requires_grad]
+        if len(grads) == 1:
+            return grads[0]
+        return slots[0][0]
+
+    def _call_wrapped(self, module: nn.Module, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        self._pre(module, args)
+        out = None
+        try:
+            out = original(module, *args, **kwargs)
+        finally:
+            self._post(module, args, kwargs, out)
+        return out
 
     # ------------------------------------------------------------------ context
     def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -262,6 +347,10 @@ class ModuleLossRecorder:
         if self.model is not None:
             self._handles.append(self.model.register_forward_hook(self._on_forward))
         for m in loss_module_candidates(self.model):
+            if _own_call(type(m)) is not None:  # __call__ overridden: forward hooks never run
+                _wrap_call(type(m))
+                self._called.add(id(m))
+                continue
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         _wrap_distributions()

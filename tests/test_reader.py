@@ -169,6 +169,53 @@ def test_a_distribution_likelihood_is_a_loss_call():
     assert ref[1] == MEAN_PREDICTOR and abs(float(ref[0]) - float(expected)) < 0.05
 
 
+class CallLoss(torch.nn.Module):
+    """A loss that overrides ``__call__`` (forward hooks never see it) and takes the target
+    first, by keyword: ``loss(y=target, y_hat=prediction, mask=...)``, as neuralforecast's
+    losses do."""
+
+    def __call__(self, y, y_hat, mask=None):
+        mask = torch.ones_like(y) if mask is None else mask
+        return ((y - y_hat).abs() * mask).sum() / mask.sum()
+
+
+class KeywordTargetFirst(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.loss = CallLoss()
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss(y=y, y_hat=self(x), mask=torch.ones_like(y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_loss_overriding_call_with_the_target_first_is_read(grad):
+    """The prediction is where the model's own output went (or the one argument with a
+    gradient), not the first argument, and not guessed from the names ``y`` / ``y_hat``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    batch = (x, x[:, 0] * 2 + 1)
+    with torch.set_grad_enabled(grad):
+        result = run_step(KeywordTargetFirst(), batch)
+    call = result.main_call
+    assert call.name == "CallLoss" and call.extra["pred_at"] == "y_hat"
+    assert call.target is batch[1]
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach())
+        ref = know_nothing_loss(call)
+    assert ref[1] == MEAN_PREDICTOR
+    expected = (batch[1] - batch[1].mean()).abs().mean()
+    assert abs(float(ref[0]) - float(expected)) < 1e-5
+
+
 def test_loss_computed_inside_forward_hf_style():
     batch = first(token_loaders)
     result = run_step(HFStyle(), batch)
