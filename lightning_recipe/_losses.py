@@ -499,7 +499,7 @@ def know_nothing_candidates(call: Any) -> list[tuple[Any, str]]:
 
 def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
     dist, value = call.distribution, call.args[1]
-    params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+    params = _distribution_params(dist)
     out: list[tuple[Any, str]] = []
     if not params or not all(isinstance(v, Tensor) for v in params.values()):
         return out
@@ -520,6 +520,26 @@ def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
         out.append((type(dist)(**averaged), CONSTANT))
     except Exception:
         pass
+    return out
+
+
+def _distribution_params(dist: Any) -> dict[str, Any]:
+    """The constructor parameters of a distribution, read by ``arg_constraints``: stored ones,
+    or properties (a ``TransformedDistribution`` such as ``LogNormal`` keeps them in its base).
+    A distribution built from one of two alternative parameters (``probs`` / ``logits``) keeps
+    the one it was given."""
+    names = list(getattr(dist, "arg_constraints", {}))
+    stored = {n: dist.__dict__[n] for n in names if n in dist.__dict__}
+    if stored:
+        return stored
+    out: dict[str, Any] = {}
+    for n in names:
+        try:
+            value = getattr(dist, n)
+        except Exception:
+            continue
+        if isinstance(value, Tensor):
+            out[n] = value
     return out
 
 

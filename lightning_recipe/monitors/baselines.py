@@ -303,10 +303,26 @@ class BaselineMonitor(RecipeCallback):
         )
 
     def _baseline_loss(self, call: LossCall) -> Tensor | None:
+        if getattr(call, "kind", "") == "distribution":
+            # a predicted distribution: the better know-nothing distribution through the same
+            # log-likelihood (fitted to the targets when it has loc/scale, the batch-mean
+            # parameters), not a tensor put in place of one of its parameters
+            ref = _losses.know_nothing_loss(call)
+            if ref is None:
+                self._unreadable = f"no know-nothing distribution could be built for a {call.name} loss"
+                return None
+            return ref[0].detach().float().reshape(())
         base = self._constant(call)
         if base is None:
             return None
-        out = call.recompute(base).detach().float()
+        try:
+            out = call.recompute(base).detach().float()
+        except Exception as exc:  # a loss module that refuses a constant prediction
+            if not isinstance(call, _losses.ModuleLossCall):
+                raise
+            why = f"{type(exc).__name__}: {exc}"
+            self._unreadable = f"the {call.name} loss could not be computed on a constant prediction ({why})"
+            return None
         return out.mean() if out.dim() else out
 
     def _compare(self, call: LossCall) -> Tensor | None:
