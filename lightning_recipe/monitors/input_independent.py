@@ -269,11 +269,18 @@ class InputIndependentBaseline(RecipeCallback):
             values[_TARGET_MOVED] = torch.stack([m.float().to(reals[0].device) for m in moved]).amax()
         host = stats.to_host(values)  # the one host transfer of this validation run
         if host.pop(_TARGET_MOVED, 0.0) > 0:
-            raise ProbeSkip(
+            why = (
                 "the loss target changes when the input is zeroed (the targets are computed from the "
                 "input: an autoencoder, a language model, a self-supervised loss), so the zero-input "
-                "loss is no baseline; pass get_input/get_target if the input was guessed wrong"
+                "loss is no baseline"
             )
+            if "chance_loss" not in host:
+                raise ProbeSkip(f"{why}; pass get_input/get_target if the input was guessed wrong")
+            # no layer reads the input as such (the model cuts windows out of it first): the
+            # user's own loss of a know-nothing prediction is the baseline from now on
+            self._zero_mode = "reference"
+            self.figures["zeroed"] = f"{why}; the baseline is the know-nothing loss of the same loss call"
+            host["zero_loss"] = host["chance_loss"]
         return host
 
     def _verify_input(self, model: Any, batch: Any) -> None:
