@@ -145,12 +145,34 @@ class ModuleLossCall:
         return self.fn(*args, **kwargs)
 
     def _with_mean(self, mean: Tensor) -> Any:
+        """The same distribution with its mean moved to ``mean``: the parameter that is the mean
+        replaced, or else a parameter of the mean's shape scaled, shifted or log-shifted so that
+        the rebuilt distribution's mean is ``mean`` (checked: a zero-inflated count model's mean
+        is ``mu * (1 - pi)``, a log-normal's ``exp(loc + scale**2 / 2)``)."""
         dist = self.distribution
-        params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+        params = _distribution_params(dist)
         for name, value in params.items():
             if value is self.input:
                 params[name] = mean
                 return type(dist)(**params)
+        old = self.input.detach()
+        moves = (
+            lambda p: p * (mean / old),
+            lambda p: p + (mean - old),
+            lambda p: p + (mean.clamp_min(1e-12).log() - old.clamp_min(1e-12).log()),
+        )
+        with torch.no_grad():
+            for name, value in params.items():
+                if not isinstance(value, Tensor) or value.shape != old.shape:
+                    continue
+                for move in moves:
+                    try:
+                        rebuilt = type(dist)(**{**params, name: move(value)})
+                        got = _distribution_mean(rebuilt)
+                    except Exception:
+                        continue
+                    if got is not None and bool(torch.allclose(got, mean, rtol=1e-3, atol=1e-6)):
+                        return rebuilt
         raise ValueError(f"the mean of {type(dist).__name__} is not one of its parameters")
 
 

@@ -326,3 +326,35 @@ def test_userdict_batches_keep_their_type():
     a = BatchAdapter()
     assert a.input(batch) is batch["input_ids"] and a.target(batch) is batch["labels"]
     assert type(a.slice(batch, 2)) is Encoding and a.slice(batch, 2)["input_ids"].shape == (2, 5)
+
+
+class LogNormalNLL(L.LightningModule):
+    """A likelihood whose mean is no parameter: a log-normal's mean is exp(loc + scale**2 / 2)
+    (a zero-inflated count model's is mu * (1 - pi))."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        scale = torch.nn.functional.softplus(out[:, 1]) + 0.1
+        return -torch.distributions.LogNormal(out[:, 0], scale).log_prob(y).mean()
+
+
+def test_a_distribution_whose_mean_is_no_parameter_takes_a_new_mean():
+    """Averaged or constant predictions (ensembles, baselines) replace a distribution's mean: the
+    parameter that moves it is found and checked, never an internal error."""
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 4, generator=g), torch.rand(16, generator=g) + 0.5)
+    result = run_step(LogNormalNLL(), batch)
+    call = result.main_call
+    assert call.kind == "distribution" and call.name == "LogNormal.log_prob"
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach())
+        mean = torch.full_like(call.input, float(call.input.mean()))
+        assert torch.allclose(call._with_mean(mean).mean, mean, rtol=1e-4)
+        assert torch.isfinite(call.recompute(mean))
+        ref = know_nothing_loss(call)
+    assert ref is not None and bool(torch.isfinite(ref[0]))
