@@ -186,14 +186,18 @@ def _wrap_log_prob(original: Any) -> Any:
     def log_prob(dist: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
         if not _ACTIVE:
             return original(dist, value, *args, **kwargs)
-        recorder = _ACTIVE[-1]
-        recorder._lp_depth += 1
+        recorders = list(_ACTIVE)  # every active recorder sees the call (captures may nest)
+        for r in recorders:
+            r._lp_depth += 1
         try:
             out = original(dist, value, *args, **kwargs)
         finally:
-            recorder._lp_depth -= 1
-        if recorder._lp_depth == 0 and isinstance(out, Tensor) and isinstance(value, Tensor):
-            recorder.log_probs.append((dist, value, out))
+            for r in recorders:
+                r._lp_depth -= 1
+        if isinstance(out, Tensor) and isinstance(value, Tensor):
+            for r in recorders:
+                if r._lp_depth == 0:
+                    r.log_probs.append((dist, value, out))
         return out
 
     setattr(log_prob, _WRAPPED, original)
@@ -249,10 +253,18 @@ def _wrap_call(cls: type) -> None:
         return
 
     def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
-        recorder = _ACTIVE[-1] if _ACTIVE else None
-        if recorder is None or id(self) not in recorder._called:
+        watching = [r for r in _ACTIVE if id(self) in r._called]
+        if not watching:
             return original(self, *args, **kwargs)
-        return recorder._call_wrapped(self, original, args, kwargs)
+        for r in watching:
+            r._pre(self, args)
+        out = None
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            for r in watching:
+                r._post(self, args, kwargs, out)
+        return out
 
     setattr(__call__, _CALL_WRAPPED, original)
     __call__.__doc__ = original.__doc__
@@ -350,15 +362,6 @@ class ModuleLossRecorder:
         if len(grads) == 1:
             return grads[0]
         return slots[0][0]
-
-    def _call_wrapped(self, module: nn.Module, original: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-        self._pre(module, args)
-        out = None
-        try:
-            out = original(module, *args, **kwargs)
-        finally:
-            self._post(module, args, kwargs, out)
-        return out
 
     # ------------------------------------------------------------------ context
     def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:

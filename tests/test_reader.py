@@ -358,3 +358,23 @@ def test_a_distribution_whose_mean_is_no_parameter_takes_a_new_mean():
         assert torch.isfinite(call.recompute(mean))
         ref = know_nothing_loss(call)
     assert ref is not None and bool(torch.isfinite(ref[0]))
+
+
+def test_nested_captures_each_see_module_and_distribution_losses():
+    """Two monitors capturing the same real step (ride-along captures nest): both read the
+    distribution likelihood and the loss module that overrides ``__call__``."""
+    from lightning_recipe._probe import LossCapture
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 4, generator=g), torch.rand(16, generator=g) + 0.5)
+    model = LogNormalNLL()
+    with LossCapture(model) as outer, LossCapture(model) as inner:
+        loss = model.training_step(batch, 0)
+    for cap in (outer, inner):
+        assert [c.name for c in cap.result(loss).module_calls] == ["LogNormal.log_prob"]
+    x = torch.randn(32, 8, generator=g)
+    model = KeywordTargetFirst()
+    with LossCapture(model) as outer, LossCapture(model) as inner:
+        loss = model.training_step((x, x[:, 0]), 0)
+    for cap in (outer, inner):
+        assert [c.name for c in cap.result(loss).module_calls] == ["CallLoss"]

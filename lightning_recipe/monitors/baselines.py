@@ -317,12 +317,21 @@ class BaselineMonitor(RecipeCallback):
             return None
         try:
             out = call.recompute(base).detach().float()
-        except Exception as exc:  # a loss module that refuses a constant prediction
+        except Exception as exc:  # a loss module that refuses the target mean as its input
             if not isinstance(call, _losses.ModuleLossCall):
                 raise
-            why = f"{type(exc).__name__}: {exc}"
-            self._unreadable = f"the {call.name} loss could not be computed on a constant prediction ({why})"
-            return None
+            # its input is not a prediction of the target itself (distribution parameters, a
+            # loc and a raw scale): the batch-mean prediction, the output layer reduced to its
+            # bias, is the constant baseline then
+            ref = _losses.know_nothing_loss(call, prefer=_losses.CONSTANT)
+            if ref is None or ref[1] != _losses.CONSTANT:
+                why = f"{type(exc).__name__}: {exc}"
+                self._unreadable = (
+                    f"the {call.name} loss could not be computed on a constant prediction ({why})"
+                )
+                return None
+            self.figures["baseline_kind"] = "batch-mean prediction (the output layer reduced to its bias)"
+            return ref[0].detach().float().reshape(())
         return out.mean() if out.dim() else out
 
     def _compare(self, call: LossCall) -> Tensor | None:
