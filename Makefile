@@ -43,12 +43,12 @@ test: $(STAMP) browser
 	@$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/ruff check lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs
-	$(BIN)/ruff format --check lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs
+	$(BIN)/ruff check lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs clients
+	$(BIN)/ruff format --check lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs clients
 
 format: $(STAMP)
-	$(BIN)/ruff format lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs
-	$(BIN)/ruff check --fix lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs
+	$(BIN)/ruff format lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs clients
+	$(BIN)/ruff check --fix lightning_recipe lightning_recipe_tensorboard tests examples benchmarks docs clients
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

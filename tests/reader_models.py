@@ -404,7 +404,7 @@ class TokenData(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(4, VOCAB, (n, SEQ), generator=g)
         self.labels = torch.randint(0, 3, (n,), generator=g)
-        for i in range(n):  # four marker tokens at random positions (no column is the label)
+        for i in range(n):  # the marker at random positions: no position is the label itself
             self.ids[i, torch.randperm(SEQ, generator=g)[:4]] = 1 + self.labels[i]
         self.mask = torch.ones(n, SEQ, dtype=torch.long)
 

@@ -147,7 +147,7 @@ def test_digits_and_noisy_but_learnable_data_are_quiet(tmp_path):
     assert mon.figures["pair_excess"] < 0.25
 
 
-def test_regression_is_skipped_with_a_reason(tmp_path):
+def test_regression_is_not_applicable_and_says_why(tmp_path):
     x, _ = blobs(n=256)
     y = x[:, :2].sum(1, keepdim=True)
     mon = LabelNoiseMonitor(min_steps=0, late_fraction=0.0)
@@ -159,8 +159,8 @@ def test_regression_is_skipped_with_a_reason(tmp_path):
         [mon],
         epochs=1,
     )
-    assert codes(mon) == ["check-skipped"]
-    assert "classification" in mon.findings[0].message
+    assert codes(mon) == []  # nothing to judge is not a blind check
+    assert "classification" in mon.figures["not_applicable"]
 
 
 class TokenTagger(L.LightningModule):
@@ -178,14 +178,14 @@ class TokenTagger(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def test_sequence_models_are_skipped_with_a_reason(tmp_path):
+def test_sequence_models_are_not_applicable_and_say_why(tmp_path):
     x = torch.randint(0, 12, (256, 8))
     mon = LabelNoiseMonitor(min_steps=0, late_fraction=0.0)
     L.seed_everything(0, verbose=False)
     t = trainer(tmp_path, [mon], logger=None, max_epochs=1)
     t.fit(TokenTagger(), DataLoader(TensorDataset(x, (x + 1) % 12), batch_size=32))
-    assert codes(mon) == ["check-skipped"]
-    assert "sequence or token model" in mon.findings[0].message
+    assert codes(mon) == []
+    assert "sequence or token model" in mon.figures["not_applicable"]
 
 
 def test_the_real_run_is_bit_identical(tmp_path):

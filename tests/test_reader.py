@@ -244,12 +244,6 @@ def test_a_plain_model_is_read_as_before():
 
 
 # ---------------------------------------------------------------------------- the full suite
-def _not_applicable(message):
-    from lightning_recipe.monitors.label_noise import NOT_CLASSIFICATION, TOO_FEW_CLASSES
-
-    return NOT_CLASSIFICATION in message or TOO_FEW_CLASSES in message
-
-
 @pytest.mark.parametrize("pattern", sorted(PATTERNS))
 def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, pattern):
     L.seed_everything(0, verbose=False)
@@ -257,17 +251,10 @@ def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, patte
     run = fit_suite(tmp_path, make(), *loaders())
     assert run.internal_errors() == []
     assert run.loud() == []
-    # not applicable: first-layer filters without conv layers or images, label noise without
-    # labels of 3 or more classes (a regression, a binary task)
-    skipped = {
-        f.source
-        for f in run.findings
-        if f.code == "check-skipped" and not (f.source == "LabelNoiseMonitor" and _not_applicable(f.message))
-    }
-    # a plain Python loss function: its data loss and a penalty added in it are one function, so
-    # RegularizationCheck cannot tell them apart (a precise skip, not an internal error)
-    allowed = {"FirstLayerFilterMonitor"} | ({"RegularizationCheck"} if pattern == "function" else set())
-    assert skipped <= allowed, [f.message for f in run.findings if f.code == "check-skipped"]
+    skipped = {f.source for f in run.findings if f.code == "check-skipped"}
+    assert skipped <= {"FirstLayerFilterMonitor"}, [
+        f.message for f in run.findings if f.code == "check-skipped"
+    ]
     for check, figure in CHECK_FIGURES.items():
         assert figure in run.by_name(check).figures, (check, run.by_name(check).figures)
     assert "gap" in run.by_name("InputIndependentBaseline").figures

@@ -53,6 +53,7 @@ from lightning_recipe._probe.reference import (  # noqa: F401
     know_nothing_loss,
     looks_like_probabilities,
     rounding_eps,
+    scores_by_shape,
 )
 from lightning_recipe._probe.state import (  # noqa: F401
     _mps_rng_state,
@@ -74,6 +75,7 @@ from lightning_recipe._probe.steps import (  # noqa: F401
     find_loss,
     has_own_validation_step,
     is_manual_optimization,
+    iter_train_batches,
     peek_train_batch,
     run_step,
     takes_dataloader_iter,

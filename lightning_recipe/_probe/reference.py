@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,16 +47,34 @@ def class_scores(call: LossCall) -> ClassScores | None:
     return ClassScores(scores, target, c, 1)
 
 
-def class_view(call: LossCall | ModuleLossCall | None) -> ClassScores | None:
-    """(N, C) class scores and integer targets of any loss call: a functional classification
-    loss through :func:`class_scores`; any other loss (a custom module, a metric) whose
-    prediction reads as class scores for integer targets (``_losses.prediction_view``), as
-    log-probabilities. ``None`` when the call is not a classification."""
+def scores_by_shape(pred: Any, target: Any) -> ClassScores | None:
+    """Class scores read by shape, for a loss that is not a known classification loss (a custom
+    loss module, a loss written by hand): an ``(N, C)`` floating-point prediction next to ``N``
+    integer labels in ``[0, C)``; ``None`` otherwise."""
+    if isinstance(target, (tuple, list)) and target and isinstance(target[0], Tensor):
+        target = target[0]  # (target, weight)
+    if not (isinstance(pred, Tensor) and isinstance(target, Tensor)) or pred.dim() != 2:
+        return None
+    n, c = pred.shape
+    if not pred.is_floating_point() or target.is_floating_point() or target.numel() != n or c < 2 or n == 0:
+        return None
+    labels = target.reshape(-1)
+    if int(labels.min()) < 0 or int(labels.max()) >= c:
+        return None
+    return ClassScores(pred.detach(), labels, c, 1)
+
+
+def class_view(call: Any) -> ClassScores | None:
+    """:func:`class_scores` of a known classification loss call, else :func:`scores_by_shape` of
+    a module / step loss call's prediction and target."""
     if call is None:
         return None
-    if not isinstance(call, ModuleLossCall):
+    if isinstance(call, LossCall):
         return class_scores(call)
-    try:
+    view = scores_by_shape(call.input, call.target)
+    if view is not None or not isinstance(call, ModuleLossCall) or call.kind == "step":
+        return view
+    try:  # scores in another layout (class dim not last, probabilities): as log-probabilities
         read = _losses.prediction_view(call)
     except Exception:
         return None

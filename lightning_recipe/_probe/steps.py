@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -85,6 +85,25 @@ def peek_train_batch(trainer: Any) -> Any:
         return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
     except Exception:
         return batch
+
+
+def iter_train_batches(trainer: Any) -> Iterator[Any]:
+    """The training batches from a fresh iterator over ``trainer.train_dataloader``, each moved
+    by the strategy's own transfer (for steps that take ``dataloader_iter``). The caller restores
+    the RNG around the loop (:func:`preserved_rng`). Raises :class:`ProbeSkip` when there is no
+    training data to read."""
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:
+        raise ProbeSkip("training_step takes dataloader_iter and the training data could not be read")
+    combined = type(loader).__name__ == "CombinedLoader"
+    for batch in loader:
+        if combined and isinstance(batch, tuple) and len(batch) == 3:
+            batch = batch[0]  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
+        try:
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        except Exception:
+            pass  # kept where the loader put it
+        yield batch
 
 
 def batch_or_peek(trainer: Any, module: nn.Module, batch: Any) -> Any:

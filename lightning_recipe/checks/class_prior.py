@@ -35,31 +35,20 @@ class ClassPriorCheck(RecipeCallback):
 
     Karpathy: "if you have an imbalanced dataset of a ratio 1:10 of positives:negatives, set the
     bias on your logits such that your network predicts probability of 0.1 at initialization".
-    A detector for a 1:50 class whose output starts at 0.5 starts at a loss of ln 2 = 0.69, seven
-    times the 0.097 of predicting the base rate, and spends its first steps learning the prior.
-    The loss-at-init rule compares with the uniform chance loss and cannot see this.
+    A classifier that starts at uniform probabilities spends its first steps learning the prior,
+    and the loss-at-init rule, which compares with the uniform chance loss, cannot see it. On the
+    first training batch the check runs your ``training_step`` on a copy of the untouched model and
+    keeps, per class, the loss the initial predictions give a sample of that class; it then counts
+    the labels of the first ``num_batches`` training batches on the device (summed over DDP ranks)
+    and compares the expected loss at init with the loss of predicting the prior (its entropy),
+    with the loss call's class weights, ``pos_weight`` and label smoothing. One label per sample
+    (or per output of a multi-label head) only; per-token and per-pixel losses are left alone.
 
-    On the first training batch the check runs your ``training_step`` on a copy of the untouched
-    model and keeps, per class, the mean loss the initial predictions would give a sample of that
-    class (``-log softmax`` per class for ``cross_entropy`` / ``nll_loss``, ``-log sigmoid(±x)``
-    per output for ``binary_cross_entropy[_with_logits]``). Then it counts the labels of the
-    first ``num_batches`` training batches (or the first epoch, whichever ends first) on the
-    device, with no host sync, summed over DDP ranks. From the counts it computes the prior
-    ``p`` and compares the expected loss at init ``sum_c p_c * loss_c`` with the loss of
-    predicting the prior, its entropy ``-sum_c p_c ln p_c``. Class weights, ``pos_weight`` and
-    label smoothing of the loss call are taken into account (with ``pos_weight = neg/pos`` the
-    loss is balanced and 0.5 is the right start). Only one label per sample (or per output of a
-    multi-label head) is judged: per-token and per-pixel losses are left alone.
+    Reports ``class-prior-init`` (warning) when the init loss is at least ``max_ratio`` times the
+    prior's loss on at least ``min_labels`` labels, with the bias to set: ``log p`` per class for
+    softmax, ``log(p / (1 - p))`` for a sigmoid output.
 
-    Finding ``class-prior-init`` (warning) when the init loss is at least ``max_ratio`` times the
-    prior's loss (and at least 0.05 nats above it) on at least ``min_labels`` labels; it gives the
-    bias to set: ``log p`` per class for softmax, ``log(p / (1 - p))`` for a sigmoid output.
-
-    The default ``max_ratio=1.75`` was measured (3 seeds each, MLPs, 2048 samples): at default
-    init the ratio is 1.01-1.02 on balanced binary data, 1.01-1.13 on balanced or 40/30/20/10
-    4-class data, 1.38-1.48 on 1:5 binary data (moderate, left alone); 1:10 binary data gives
-    1.93-2.20 (Karpathy's example), 1:50 6.5-6.7, ten classes with one holding 82% 2.5-2.8. With
-    the final bias at the prior every one of them starts at 1.00-1.02.
+    Thresholds: see docs/thresholds.md#class-prior.
 
     Args:
         max_ratio: init loss / prior loss from which it warns (> 1).
@@ -141,7 +130,7 @@ class ClassPriorCheck(RecipeCallback):
         if self.step_fn is None and is_manual_optimization(pl_module):
             self.figures["note"] = "manual optimisation: pass step_fn=lambda model, batch: loss"
             return  # LossAtInitCheck reports the skip (it needs the same step_fn)
-        try:  # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch
+        try:
             batch = batch_or_peek(trainer, pl_module, batch)
             copy = copy_module(pl_module, trainer)
             with preserved_rng(), torch.no_grad():
@@ -176,7 +165,7 @@ class ClassPriorCheck(RecipeCallback):
         self._counts = _counts(init, target)
 
     def _count(self, batch: Any) -> None:
-        if batch is None:  # ``training_step(dataloader_iter)``: only the peeked first batch counts
+        if batch is None:  # ``training_step(self, dataloader_iter)``: the first batch's labels only
             return
         target = self.adapter.target(batch)
         if target is None or self._init is None or self._counts is None:

@@ -31,59 +31,21 @@ class FutureLeakCheck(FirstBatchCheck):
     """Chart the dependencies along the time axis with backprop (Karpathy's recipe).
 
     "An autoregressive model accidentally takes the thing it's trying to predict as an input due
-    to an off-by-one bug": a transformer language model called without its causal mask, logits
-    and targets shifted differently (``logits[:, 1:]`` scored against ``tokens[:, 1:]`` when the
-    model read all of ``tokens``), targets that are the input itself, a forecast window that
-    includes the forecast day. The loss falls below what any honest model can reach and nothing
-    raises. The check finds where each target sits in the input and verifies with gradients
-    that the output scored against it does not depend on that input position.
+    to an off-by-one bug": a transformer language model called without its causal mask, logits and
+    targets shifted differently (``logits[:, 1:]`` scored against ``tokens[:, 1:]`` when the model
+    read all of ``tokens``), targets that are the input itself, a forecast window that includes the
+    forecast day. The loss falls below what any honest model can reach and nothing raises. On the
+    first training batch, on a copy in eval mode, the check finds the shift ``k`` with
+    ``target[t] == input[t + k]`` (token ids at the first ``nn.Embedding``, or a float ``(B, S, F)``
+    input; no alignment, nothing to chart) and back-propagates the scores of a few targets ``t`` to
+    measure how much they depend on input position ``t + k``.
 
-    How it works, on the first training batch (cut to ``max_batch`` samples), on a deep copy of
-    the model in eval mode whose parameters do not require gradients:
+    Reports ``future-leak`` (error) when that dependence exceeds ``tolerance`` for ``k >= 1``: the
+    output sees the future input that holds its own target. For ``k = 0`` (targets equal to the
+    input) only when the model is otherwise causal: an autoregressive model trained without the
+    shift. Bidirectional models with ``k = 0`` (denoisers, masked language models) stay quiet.
 
-    * what the model reads becomes a leaf that takes a gradient: the output of every
-      ``nn.Embedding`` called on a ``(B, S)`` (or time-first ``(S, B)``) tensor of ids, or a float
-      input of shape ``(B, S, F)`` (``(B, S)`` when the targets are a sequence too);
-    * the user's ``training_step`` (or ``step_fn``) runs and the loss call is read: its targets
-      are put on a ``(B, T)`` grid (``(B*T,)`` targets against ``(B*T, V)`` scores in batch- or
-      time-major order, ``(B, T)`` against ``(B, V, T)``, element-wise regression targets);
-    * alignment: the shift ``k >= 0`` such that ``target[b, t] == input[b, t + k]`` on at least
-      ``min_match`` of the positions, clearly above chance (kappa >= 0.5 against the agreement of
-      independently drawn values, at least 16 positions and 3 distinct values; padding, a
-      background class and other values that cover a quarter of the targets are left out; one
-      position per row must match on 99% of the rows, token targets must line up on 2 positions
-      per row, and an input that repeats its previous value half the time -- a persistent series
-      -- is not aligned, since its values carry into the horizon by themselves). No
-      alignment: the targets are not a copy of the input (classifiers, taggers, masked language
-      models whose targets sit under mask tokens, forecasters whose future values are not in the
-      input) and there is nothing to chart;
-    * for ``num_positions`` aligned positions ``t`` per sample it back-propagates a fixed random
-      weighting of the scores of target ``t`` and measures the gradient at input position
-      ``t + k`` as a fraction of the largest gradient over the sample's input.
-
-    ``future-leak`` (error) when that fraction exceeds ``tolerance`` for ``k >= 1``: the output
-    sees the future input that holds its target. For ``k = 0`` (targets equal to the input at
-    the same position on at least 99% of them) the output always depends on its own position, so
-    it is flagged only when the model is otherwise causal (no output depends on a later
-    position): an autoregressive model trained without the shift. Bidirectional models with
-    ``k = 0`` (denoisers, masked language models scoring every position) stay quiet.
-
-    The default ``tolerance=1e-4`` was measured (5 seeds): causal models give exactly 0 at every
-    future position (``nn.TransformerEncoder`` with its causal mask at 16-256 tokens, a
-    hand-written GPT with ``masked_fill(-inf)``, GRU/LSTM language models with the
-    ``x = tokens[:, :-1], y = tokens[:, 1:]`` shift, GRU decoders of encoder-decoders, a causal
-    float GRU). The bugs: the transformer without its mask 0.09-0.22 at 16 tokens, 0.040-0.14 at
-    64, 0.006-0.014 at 256; ``logits[:, 1:]`` scored against ``tokens[:, 1:]`` 1.0; a
-    bidirectional next-step regressor 0.93-1.0; a forecast window ending on the forecast day 1.0.
-    Aligned targets match the shifted input on 100% of the positions in every language model;
-    masked language models reach at most 27% at any shift (87% at ``k = 0`` when every position
-    is scored), taggers 8%.
-
-    Cost: one deep copy, one forward and ``num_positions`` backward passes per alignment (at most
-    3) on ``max_batch`` samples: 0.12 s at 64 tokens and 0.6-0.8 s at 256 for a 2-layer d=64 char
-    transformer (a training step on 32 samples: 0.22 s / 2.4 s) on one busy CPU thread.
-
-    Rank-local under DDP: each rank checks its own first batch and calls no collective.
+    Thresholds: see docs/thresholds.md#future-leak.
 
     Args:
         max_batch: cut the batch to at most this many samples (>= 1).

@@ -28,39 +28,19 @@ class PaddingCheck(FirstBatchCheck):
     """Is the sequence loss averaged over padding positions?
 
     Batches of sequences of different lengths are padded to the longest; unless the loss is told
-    to skip the padding (``ignore_index``, labels padded with -100, or a mask over the per-token
-    losses), it averages over it too. Predicting "padding after padding" is trivial, so the
-    logged loss falls far below what the real tokens allow (a padded language model with three
-    quarters padding logged a loss 4.6 times too low), the real tokens' gradient is diluted, and
-    learning curves and perplexities are meaningless. Nothing raises.
+    to skip the padding (``ignore_index``, labels padded with -100, a mask over the per-token
+    losses), it averages over it too. Predicting "padding after padding" is trivial, so the logged
+    loss falls far below what the real tokens allow, the real tokens' gradient is diluted, and
+    perplexities mean nothing. Nothing raises. On the first training batch, on a copy in eval mode,
+    the check runs your ``training_step`` (or ``step_fn``), reads the class loss call
+    (``cross_entropy`` / ``nll_loss`` with per-position targets), finds the padding (the most
+    frequent target value in runs to the end of each sequence, where the input runs out too) and
+    reads which targets the loss counts from the gradient of the loss with respect to the scores.
 
-    How it works, on the first training batch, on a deep copy of the model in eval mode: the
-    user's ``training_step`` (or ``step_fn``) runs, the class loss call is read (``cross_entropy``
-    / ``nll_loss`` with per-position integer targets, ``(B*T, V)`` or ``(B, V, T)``), and:
+    Reports ``loss-includes-padding`` (warning) when padding makes up at least ``min_share`` of the
+    positions the loss counts, with the loss as logged and over the real tokens only.
 
-    * the padding: the most frequent target value, at the positions where it runs to the end
-      (or from the start) of each sequence; when the batch input is a ``(B, S, ...)`` sequence,
-      the input must run out the same way (a run of one value at the end of the same rows, of
-      the same length within 2), so a background class at the end of a tagged sentence is not
-      taken for padding;
-    * which targets the loss counts: the gradient of the step's loss with respect to the scores
-      is non-zero exactly at the positions it averages over (zero where ``ignore_index`` or a
-      mask removes them), whatever way the loss is written.
-
-    * padding sits only past the end: at least 90% of the padding value's occurrences are in
-      those runs (in unpadded token data the most frequent token is there 7-25% of the time).
-
-    ``loss-includes-padding`` (warning) when padding makes up at least ``min_share`` of the
-    positions the loss counts. Reported: that share, the padding value, the loss as logged and
-    the loss over the real tokens only. Measured: healthy models give exactly 0 (``ignore_index``,
-    -100 labels, a masked mean, a zero class weight, scores selected with the mask before the
-    loss, unpadded data); language models on ids padded to 33 with 4-12 real tokens and no
-    ``ignore_index`` (flat or ``(B, V, T)`` logits, ``reduction='none'`` then ``.mean()``, left
-    padding) give 0.80. ``min_share=0.05``. Cost: one deep copy, one forward and one backward to
-    the scores: 0.07 s at 64 tokens, 0.25 s at 256 on the char transformer of
-    :class:`~lightning_recipe.checks.future_leak.FutureLeakCheck`.
-
-    Rank-local under DDP: each rank checks its own first batch and calls no collective.
+    Thresholds: see docs/thresholds.md#padding.
 
     Args:
         min_share: smallest share of the counted targets that are padding to report (0..1).

@@ -27,35 +27,19 @@ MIN_MINORITY = 8
 class TargetInInputCheck(FirstBatchCheck):
     """Look for the label among the input features ("become one with the data").
 
-    A table that keeps the label column among the features, or a feature computed from the
-    target (a ratio such as price per square foot when the price is the target, a bucketed
-    target), gives validation metrics far beyond what the data allows, and nothing fails.
-    On the first training batches (up to ``num_samples`` samples, ``num_batches`` batches) this
-    check compares every column of a tabular input ``(N, F)`` with every per-sample target:
+    A table that keeps the label column among the features, or a feature computed from the target
+    (a ratio such as price per square foot when the price is the target, a bucketed target), gives
+    validation metrics far beyond what the data allows, and nothing fails. On the first training
+    batches (up to ``num_samples`` samples) the check compares every column of a tabular input
+    ``(N, F)`` with every per-sample target: for classes, a feature whose values and the classes
+    determine each other on at least ``1 - tolerance`` of the samples; for a continuous target, a
+    feature that is an exact affine or monotone function of it, or that makes it exact together
+    with one other column through their product or ratio. Only exactness counts: a legitimately
+    strong predictor has noise. Images, sequences and single-feature regressions are not judged.
 
-    * classes (an integer target, or one with few integral values): a feature whose values and
-      the classes determine each other -- looking up the class from the feature value and the
-      feature value from the class are both right for at least ``1 - tolerance`` of the samples
-      (0.99 by default), with at least 8 labels outside the largest class. A feature that is
-      strongly but not exactly tied to the class (its values vary within a class) is healthy.
-    * a continuous target: a feature that is an affine function of it (``1 - r^2`` below
-      ``1e-6``), an exactly monotone one (sorted by the target, the feature never steps back:
-      ``log(price)``, a bucketed price with 4+ buckets), or, with 3 to 128 columns, a feature that
-      makes the target exact together with one other column through their product or ratio
-      (``y ~ 1 + f + g + f*g`` exact while ``y ~ 1 + f + g`` is not, either way round). Only
-      exactness counts: a legitimately strong predictor has noise, and a sum of lagged values
-      (a sine's recurrence) is left alone. A target that is by definition a product of two
-      inputs looks the same as a leaked ratio; the message says so.
+    Reports ``target-in-input`` (warning) naming the feature (or pair of features) and the relation.
 
-    Images, sequences and other inputs of more than two dimensions are not judged (per pixel
-    such rules mean nothing), nor are single-feature regression inputs (fitting ``y = f(x)``).
-
-    The limits were measured: over 3 seeds, a leaked label column, a standardised copy of a
-    regression target, ``log(target)`` and ``target / other feature`` give a class agreement of
-    1.0, ``1 - r^2`` < 1e-12, 0 monotonicity violations and a pair ``1 - R^2`` < 1e-12; healthy
-    features correlated with the target at r = 0.99-0.999 (Gaussian noise), lag features of a
-    noisy random walk and a sine, and binary features agreeing with a binary label on 95% of
-    the samples give ``1 - r^2`` >= 2e-3, 3+ violations and agreements <= 0.96.
+    Thresholds: see docs/thresholds.md#target-in-input.
 
     Args:
         tolerance: share of samples that may contradict "the feature is the label" (in [0, 0.5)).

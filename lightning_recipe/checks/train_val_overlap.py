@@ -13,8 +13,10 @@ from lightning_recipe._probe import (
     capture_step,
     copy_module,
     has_own_validation_step,
+    iter_train_batches,
     preserved_rng,
     seed_rngs,
+    takes_dataloader_iter,
 )
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
@@ -30,45 +32,32 @@ MAX_POSITIONS = 4096
 _DISCRETE_VALUES = 16
 
 
+#: training samples read from a fresh iterator when ``training_step`` takes ``dataloader_iter``
+DATALOADER_ITER_SAMPLES = 65536
+
+
 class TrainValOverlapCheck(RecipeCallback):
     """Count the validation examples that also occur in the training data.
 
     Karpathy's first step is to "become one with the data" and look for duplicates; the most
     expensive duplicates are those across the split: a minority class upsampled before the
-    train/validation split (every validation minority row is also a training row), a dataset
-    with repeated rows split at random, a validation loader that reads the training set. The
-    validation metrics then measure memorisation and look far better than the data allows.
+    train/validation split, a dataset with repeated rows split at random, a validation loader that
+    reads the training set. The validation metrics then measure memorisation. The check rides along
+    the first training epoch and the first validation run, computing a 62-bit fingerprint of each
+    sample's input on the device (no host sync, no extra pass over your data), and at the end of
+    the first epoch counts the validation samples whose fingerprint is also a training one (under
+    DDP, gathered over the ranks). Only exact copies are found: augmented samples are not.
 
-    The check rides along the first training epoch and the first validation run: for every batch
-    it computes a 62-bit fingerprint per sample on the device (a hash of the exact bits of the
-    sample's input, of up to 4096 fixed random positions of it), with no host sync and no extra
-    pass over your data. At the end of the first epoch (or of the first validation run after
-    it) it counts the distinct validation fingerprints that are also training fingerprints.
-    Under DDP the validation fingerprints are all-gathered and the hits summed over the ranks,
-    on every rank at the same point. Duplicates inside the training set alone (oversampling the
-    training split) are not overlap.
+    Reports ``train-val-overlap`` (warning) when at least ``max_fraction`` of the validation samples
+    (and at least ``min_count``) also occur in training; info for fewer. Discrete inputs (token ids,
+    categorical tables) repeat by nature, so for them the share must also clearly exceed the rate at
+    which the training data repeats itself.
 
-    Finding ``train-val-overlap`` (warning) when at least ``max_fraction`` of the validation
-    samples (and at least ``min_count`` of them) also occur in training; fewer shared
-    samples are an info finding. Discrete inputs repeat by nature -- token ids (short common
-    phrases), tabular data that is entirely categorical -- so for them the shared fraction must
-    also exceed twice the rate at which the training data repeats itself (second half of the
-    first epoch against the first half), and for categorical tables ten times the coincidences
-    expected from the columns' value frequencies. Continuous inputs never repeat by chance, so
-    there every repeat counts (an upsampled training set repeats itself too). Measured:
-    distinct continuous, image and token data share 0 samples across a random split; a 1:20
-    minority upsampled 19x before a 75/25 split shares 48-54% of the validation samples,
-    validating on the training loader 100%; 6-character chunks of a text made of 30 words share
-    55% while training repeats itself at 38% (quiet).
+    A warning is first confirmed on a copy: when on the same shared batch the validation loss
+    compares against targets the training loss never uses, the step splits each sample itself
+    (a forecaster validating on each series' held-out tail): info.
 
-    A warning is confirmed on a copy of the model first: your ``training_step`` and
-    ``validation_step`` run on the same shared validation batch, and when most target values of
-    the validation loss are not among those of the training loss, the step itself splits each
-    sample (a forecasting model that trains on the early part of every series and validates on
-    its held-out tail, with both loaders yielding whole series): an info, not a warning.
-
-    Only exact copies are found: a training pipeline that augments (random crops, noise) hides
-    its samples from the comparison, as does a sample padded to a different length.
+    Thresholds: see docs/thresholds.md#train-val-overlap.
 
     Args:
         max_fraction: share of the validation samples found in training from which it
@@ -127,6 +116,11 @@ class TrainValOverlapCheck(RecipeCallback):
                 self.done = True
                 self._release()
                 return
+            if batch is None and takes_dataloader_iter(pl_module):
+                # ``training_step(self, dataloader_iter)``: Lightning hands callbacks no batch, so
+                # the training data is read once from a fresh iterator (RNG restored)
+                self.run_safely(trainer, "on_train_batch_start", self._read_training_data, trainer)
+                return
             self.run_safely(trainer, "on_train_batch_start", self._first_batch, trainer, batch)
         if not self.done and self._train_seen < self.max_samples:
             self.run_safely(trainer, "on_train_batch_start", self._add, trainer, self._train, batch)
@@ -170,13 +164,6 @@ class TrainValOverlapCheck(RecipeCallback):
 
     # ------------------------------------------------------------------ fingerprints
     def _first_batch(self, trainer: Any, batch: Any) -> None:
-        if batch is None:
-            self._unreadable(
-                trainer,
-                "the trainer handed the callbacks no training batch (training_step(self, "
-                "dataloader_iter) reads its own batches), so the training samples cannot be compared",
-            )
-            return
         try:
             x = self.adapter.input(batch).detach()
         except BatchLayoutError as why:
@@ -185,6 +172,17 @@ class TrainValOverlapCheck(RecipeCallback):
         self._log_coincidence = _log_coincidence(x)
         # continuous values (float images, a table with a continuous column) never repeat by chance
         self._continuous = x.is_floating_point() and self._log_coincidence is None
+
+    def _read_training_data(self, trainer: Any) -> None:
+        limit = min(self.max_samples, DATALOADER_ITER_SAMPLES)
+        with preserved_rng():
+            for i, batch in enumerate(iter_train_batches(trainer)):
+                if i == 0:
+                    self._first_batch(trainer, batch)
+                if self.done or self._train_seen >= limit:
+                    break
+                self._add(trainer, self._train, batch)
+        self.figures["read_from_fresh_iterator"] = self._train_seen
 
     def _add(self, trainer: Any, store: list[Tensor], batch: Any) -> None:
         try:

@@ -45,6 +45,8 @@ class StepCapture:
 
     def __init__(self) -> None:
         self._mode: LossCapture | None = None
+        #: the first floating-point output of the model's forward in the last captured step
+        self.forward_output: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -54,10 +56,7 @@ class StepCapture:
         """Start recording (False for a compiled model, or when already recording)."""
         if self._mode is not None or is_compiled(module):
             return False
-        # the module's loss modules and metrics used as losses, and distribution
-        # log-likelihoods, are recorded too (hooks that only record, tracked so that a copy of
-        # the module made during the step does not carry them)
-        mode = LossCapture(module)
+        mode = LossCapture(module)  # module losses and distribution likelihoods too (``_losses``)
         mode.__enter__()
         for handle in mode.modules._handles:
             track_hook(handle)
@@ -73,9 +72,11 @@ class StepCapture:
         if mode is None or not _remove(mode):
             return None
         self._mode = None
+        self.forward_output = mode.modules.forward_output
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
         result = mode.result(loss if isinstance(loss, Tensor) else None)
-        return StepResult(loss=result.loss, calls=calls, module_calls=result.module_calls)
+        module_calls = [c for c in result.module_calls if c.output.requires_grad] or result.module_calls
+        return StepResult(loss=result.loss, calls=calls, module_calls=module_calls)
 
     def abort(self) -> None:
         """Stop without a result (exceptions, teardown); safe to call any time."""

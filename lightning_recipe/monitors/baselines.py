@@ -24,45 +24,25 @@ class BaselineMonitor(RecipeCallback):
     """Plot the loss and accuracy of a model that ignores its input, and say when yours is no better.
 
     Karpathy: "add significant digits to your eval ... evaluate dumb baselines"; cs231n: compare
-    with chance. The dumb baselines here are the best *constant* predictions: the class prior of
-    the training targets (its accuracy is the majority class's share) for classifiers, the
-    training target mean for regression. Their loss is computed with *your* loss call: the
-    monitor reads the loss calls of your own steps (a recording torch-function mode, no copy, no
-    extra forward) and recomputes each with the constant prediction in place of the model's
-    (same target, class weights, ``ignore_index``, label smoothing, reduction).
+    with chance. The dumb baselines are the best *constant* predictions: the class prior of the
+    training targets (its accuracy is the majority class's share) for classifiers, the training
+    target mean for regression, scored with *your* loss call: the monitor reads the loss calls of
+    your own steps (no copy, no extra forward) and recomputes each with the constant prediction
+    (same target, class weights, ``ignore_index``, label smoothing, reduction). It logs
+    ``recipe/baseline/train_loss`` on the first ``prior_steps`` and every ``every_n_steps``
+    training steps, and on the first ``num_batches`` batches of each validation run
+    ``recipe/baseline/val_loss`` / ``val_acc`` with your model's ``model_val_loss`` /
+    ``model_val_acc``. Custom Scalars gets "Loss vs dumb baseline" (with your ``train_loss`` /
+    ``val_loss`` as copied by :class:`TrainValGapMonitor` and the interval-mean training loss of
+    :class:`LossCurveMonitor`) and "Accuracy vs majority class".
 
-    * Training: on the first ``prior_steps`` steps and then every ``every_n_steps`` steps
-      (default ``Trainer(log_every_n_steps)``) it adds the step's targets to the prior / mean and
-      logs ``recipe/baseline/train_loss`` (the baseline's loss on that batch).
-    * Validation (not the sanity check): on the first ``num_batches`` batches of each validation
-      run it logs ``recipe/baseline/val_loss`` / ``val_acc`` (the baseline's) and
-      ``recipe/baseline/model_val_loss`` / ``model_val_acc`` (yours, read from the same calls).
+    Reports ``no-better-than-baseline`` (warning) when, after ``warmup`` validation runs, on
+    ``patience`` runs in a row the model's validation loss has never been ``min_gap`` (relative)
+    below the baseline's nor, for classifiers, its accuracy ``min_gap`` above the majority class's
+    (a run whose gap is still growing does not count): inputs that do not reach the model, labels
+    that do not depend on them, a learning rate far too low, a model stuck at the prior.
 
-    The Recipe section of Custom Scalars gets "Loss vs dumb baseline" (your ``train_loss`` /
-    ``val_loss`` as copied by :class:`TrainValGapMonitor`, the interval-mean training loss of
-    :class:`LossCurveMonitor`, and the baseline's) and "Accuracy vs majority class".
-
-    Finding ``no-better-than-baseline`` (warning): after ``warmup`` validation runs, on
-    ``patience`` runs in a row the model's validation loss has never been more than ``min_gap``
-    (relative) below the baseline's -- the best gap so far counts, so a model that overfits
-    later is not reported -- and, for classifiers, its accuracy is not ``min_gap`` above the
-    majority class's either. A run whose gap is above ``-min_gap`` and grew by ``min_gap / 2``
-    since the previous one is still learning and does not count (far below the baseline a
-    rising gap is a model still learning the constant, e.g. its output bias). The model has
-    learned nothing a constant could not: inputs that do not reach it, labels that do not depend
-    on them, a learning rate far too low, or on imbalanced classes a model stuck at the prior.
-
-    Measured (gap ``(baseline - model) / baseline`` per validation run, 6 epochs, 2 seeds, 4
-    batches of 64): healthy MLP and CNN on digits 0.25-0.55 at the first run and 0.74-0.84 by
-    the third, an MLP on 85/15 imbalanced blobs 0.66-0.69 then 0.89-0.99, a regression MLP
-    0.60-0.69 then 0.92-0.96; digits with shuffled labels -0.012..+0.004, a model that ignores
-    its input on 90/10 classes -0.92..-0.03 (it learns the prior slowly from below), on a
-    regression -0.008..+0.004. Hence ``min_gap=0.02``. The accuracy gap counts only beyond three
-    binomial standard deviations of the batches read (shuffled digits reach +0.027 by chance).
-
-    Cost: on a captured step the step's torch calls go through a Python function mode (about
-    5 us each); one host transfer per logging step and per validation run; nothing in between.
-    Rank-local under DDP; the per-run verdict is reduced with ``reduce_boolean_decision``.
+    Thresholds: see docs/thresholds.md#dumb-baselines.
 
     Args:
         every_n_steps: capture one training step in this many (``None``: ``log_every_n_steps``).
@@ -76,6 +56,7 @@ class BaselineMonitor(RecipeCallback):
     Example::
 
         trainer = L.Trainer(callbacks=[BaselineMonitor()], logger=TensorBoardLogger("runs"))
+        trainer.fit(model, datamodule)  # warns "[no-better-than-baseline] ..." if it learns nothing
     """
 
     codes = ("no-better-than-baseline",)
@@ -257,7 +238,8 @@ class BaselineMonitor(RecipeCallback):
         return call
 
     def _absorb_targets(self, call: LossCall) -> None:
-        target = call.target.detach()
+        target = call.target[0] if isinstance(call.target, (tuple, list)) else call.target
+        target = target.detach()
         if self._kind == "classification":
             view = class_view(call)
             assert view is not None and view.target is not None
@@ -470,26 +452,23 @@ class BaselineMonitor(RecipeCallback):
 def _kind(call: LossCall | None) -> str | None:
     if call is None:
         return None
-    if isinstance(call, _losses.ModuleLossCall):
-        # a loss module, a metric used as a loss, a distribution's likelihood: the constant is
-        # the class prior for integer targets, the target mean for a target that lines up
-        if call.kind == "step":
-            return None
+    if call.name in CLASS_LOSSES or not isinstance(call, LossCall):
         view = class_view(call)
         if view is not None and view.target is not None:
             return "classification"
-        target = call.target
-        floating = isinstance(target, Tensor) and target.is_floating_point()
-        return "regression" if floating and _losses.prediction_view(call) is not None else None
-    if call.name in CLASS_LOSSES:
-        view = class_view(call)
-        return "classification" if view is not None and view.target is not None else None
+        if call.name in CLASS_LOSSES:
+            return None
     target = call.target
+    if isinstance(target, (tuple, list)) and target and isinstance(target[0], Tensor):
+        target = target[0]
     if not isinstance(target, Tensor) or not target.is_floating_point():
         return None
     if call.name in _BINARY and target.shape == call.input.shape:
         return "binary"
     if call.name in REGRESSION_LOSSES and target.numel() == call.input.numel():
+        return "regression"
+    if not isinstance(call, LossCall) and isinstance(call.input, Tensor) and call.input.is_floating_point():
+        # a module, distribution or hand-written loss: the target mean, fed through that loss
         return "regression"
     return None
 

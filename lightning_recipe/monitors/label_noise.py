@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_recipe import tensorboard
-from lightning_recipe._probe import StepResult, class_view
+from lightning_recipe._probe import ClassScores, LossCall, StepResult, class_scores, scores_by_shape
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
@@ -25,70 +25,29 @@ _PER_STEP = 8
 _MAX_SIDE = 64
 
 
-#: the skip reasons that say the monitor does not apply (no class labels to be noisy, or too few
-#: classes for a confused pair), as opposed to a loss it could not read
-NOT_CLASSIFICATION = "the training step's loss is not a classification loss with integer targets"
-TOO_FEW_CLASSES = "it needs 3 or more classes to tell a pair apart"
-
-
 class LabelNoiseMonitor(RecipeCallback):
     """Find training labels that contradict what the net sees, concentrated in pairs of classes.
 
-    Karpathy: "become one with the data ... mislabeled examples", and the recipe's first example
-    of a silent bug: "you flipped your images left-right during data augmentation" while the
-    labels kept meaning left and right. The net is then trained to say *left* and *right* for the
-    same picture: it learns everything else and stays split between the two on that pair.
+    Karpathy: "become one with the data ... mislabeled examples", and the recipe's first silent
+    bug: "you flipped your images left-right during data augmentation" while the labels kept
+    meaning left and right. The net then learns everything else and stays split on that pair. Late
+    in training (after ``late_fraction`` of the planned steps), every ``every_n_steps`` steps, the
+    monitor reads the class scores and targets that reach your loss in the real training step (no
+    copy, no extra forward, the inputs as your pipeline augmented them) and adds them up into a
+    soft confusion matrix. Per pair of classes it measures ``pair_confusion`` (the share of the
+    pair's probability that goes to the *other* class of the pair: 0.5 for a coin flip) and
+    ``pair_excess`` (how much more of the two classes' errors go to each other than an even spread
+    over all classes would give: 0 for uniform label noise, 1 for a pure pair). Classifiers with
+    one label per sample and at least 3 classes only; others get ``check-skipped``.
 
-    Late in training (after ``late_fraction`` of the planned steps) the monitor reads, every
-    ``every_n_steps`` steps, the class scores and targets that reach your loss in the real
-    training step (a recording torch-function mode from ``on_train_batch_start`` to the
-    backward pass: no copy, no extra forward, the inputs as your pipeline augmented them) and
-    adds up, per labelled class ``i``, the mean probability the model gives each class ``j``
-    (a soft confusion matrix ``M``). For each pair of classes ``(i, j)`` it measures
+    Reports ``label-noise`` (warning, at the end of training) when a pair has ``pair_confusion >=
+    min_pair_confusion`` and ``pair_excess >= min_pair_share``, with ``min_samples`` of each class,
+    naming the pair and the examples the net most confidently puts in the other class
+    (``step``/``batch_idx``/``position``, or the dataset index a dict batch carries under
+    ``index``/``idx``/``indices``/``id``); their images, as they entered the step, go to the
+    TensorBoard image ``recipe/label_noise``.
 
-    * ``pair_confusion``: of the probability the model puts on the pair for samples labelled
-      ``i`` or ``j``, the share that goes to the *other* class of the pair
-      (``(M[i,j] + M[j,i]) / (M[i,i] + M[i,j] + M[j,i] + M[j,j])``): 0.5 when the labels are
-      a coin flip for the net, 0.25 when a quarter of them contradict the input;
-    * ``pair_share``: of all the probability the two classes lose to other classes, the share
-      lost to each other (``(M[i,j] + M[j,i]) / (2 - M[i,i] - M[j,j])``): close to 1 when
-      the errors are a pair's, ``1 / (C - 1)`` for label noise spread over all classes, and
-      ``pair_excess``, the same rescaled so that an even spread is 0 and a pure pair 1.
-
-    Classifiers with one label per sample only (the loss scores as many rows as the batch has
-    samples): a sequence or token model's next token is uncertain by nature, not mislabelled, and
-    is skipped with a ``check-skipped`` info, as are regression and binary tasks.
-
-    Finding ``label-noise`` (warning, at the end of training): with at least 3 classes and
-    ``min_samples`` samples of each class of the pair seen late in training, a pair has
-    ``pair_confusion >= min_pair_confusion`` and ``pair_excess >= min_pair_share``. The finding
-    names the pair, the numbers, and the examples the net most confidently puts in the other
-    class (``step``/``batch_idx``/``position``, or the dataset index when the batch is a dict
-    carrying one under ``index``/``idx``/``indices``/``id``); when the inputs are images, their
-    grid goes to the TensorBoard image ``recipe/label_noise`` (the inputs as they entered the
-    step: augmentations made inside ``training_step`` are not seen).
-
-    Measured (second half of training, 10 epochs, 2 seeds; 6 classes of noisy 12x12 arrows --
-    left, right, up, down and two shapes symmetric under a flip -- with a random horizontal flip
-    of half the training images): the flip that keeps the labels gives ``pair_confusion``
-    0.44-0.45 (MLP) and 0.49-0.50 (CNN) on left/right, ``pair_excess`` 0.72-0.77 and 0.33-0.37;
-    the flip that swaps left/right labels, or no flip, 0.03-0.16; healthy MLP / CNN on digits
-    0.04-0.08; digits flipped with their labels kept (a 3 stays a 3) 0.20; uniform label noise
-    (35% on 4 classes, 45% on 3, 30% on 10 classes of blobs) 0.14-0.32 but with
-    ``pair_excess`` -0.03..0.09, since those errors go to every class alike. Hence
-    ``min_pair_confusion=0.3``, ``min_pair_share=0.25`` (a threshold on ``pair_excess``, the
-    pair's share of the errors above the share an even spread gives: ``(pair_share - 1/(C-1)) /
-    (1 - 1/(C-1))``). A pair of classes with identical inputs is reported too (rightly: its
-    labels cannot be learned); binary tasks are not judged (the whole task is the pair:
-    ``no-better-than-baseline`` and ``input-independent`` see a coin flip there).
-
-    Cost: nothing before ``late_fraction`` of the planned steps and on the steps in between;
-    on a captured step the step's torch calls go through a Python function mode (about 5 us
-    each) and a handful of small kernels (softmax, an index_add into a C x C matrix, a top-k);
-    no host transfer until the verdict at the end of training.
-
-    Rank-local under DDP (each rank sees its own shard); the verdict is reduced with
-    ``trainer.strategy.reduce_boolean_decision(all=True)`` at the end of training, on every rank.
+    Thresholds: see docs/thresholds.md#label-noise.
 
     Args:
         every_n_steps: capture one training step in this many (late in training).
@@ -141,6 +100,8 @@ class LabelNoiseMonitor(RecipeCallback):
         self._pending: tuple[int, int, Any] | None = None  # (step, batch_idx, batch)
         self._last_step = -1
         self._unreadable: str | None = None
+        #: why this run has nothing to judge (a regression or token model): said in figures, no finding
+        self._not_applicable: str | None = None
         self._first_step = float(self.min_steps)
 
     def _forget(self) -> None:
@@ -169,7 +130,7 @@ class LabelNoiseMonitor(RecipeCallback):
         step = int(trainer.global_step)
         if step < self._first_step or step % self.every_n_steps or step == self._last_step:
             return False
-        return self.active and not self._unreadable
+        return self.active and not self._unreadable and not self._not_applicable
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._due(trainer):
@@ -221,37 +182,30 @@ class LabelNoiseMonitor(RecipeCallback):
         self._pool.clear()
 
     # ------------------------------------------------------------------ one captured step
-    def _integer_target(self, batch: Any) -> bool:
-        """The batch carries an integer target by its layout (class labels a loss could read)."""
-        try:
-            target = self.adapter.target(batch)
-        except Exception:
-            return True
-        return target is not None and not target.is_floating_point() and target.dtype is not torch.bool
-
     def _absorb(self, result: StepResult, step: int, batch_idx: int, batch: Any) -> None:
         call = result.main_call
-        view = class_view(call) if call is not None else None
+        view = class_scores(call) if isinstance(call, LossCall) else None
         if view is None or view.target is None:
-            self._unreadable = (
-                NOT_CLASSIFICATION
-                if call is not None or not self._integer_target(batch)
-                else "no loss call (torch.nn.functional loss, loss module, metric or distribution "
-                "log-likelihood) was seen in training_step"
-            )
+            view = _structural_scores(result, self._capture.forward_output, batch)
+        if view is None or view.target is None:
+            if call is not None or self._capture.forward_output is not None:
+                # a regression, multi-label or probability-target loss: nothing to judge here
+                self._not_applicable = "the training loss is not a classification loss with integer labels"
+            else:
+                self._unreadable = "no loss call was seen in training_step and the model's forward never ran"
             return
         c = view.num_classes
         if c < 3:
-            self._unreadable = f"{TOO_FEW_CLASSES} (the loss has {c})"
+            self._not_applicable = f"it needs 3 or more classes to tell a pair apart (the loss has {c})"
             return
         rows_per_batch = int(view.scores.shape[0])
         try:
             samples = self.adapter.batch_size(batch)
         except BatchLayoutError:
-            samples = rows_per_batch if call.input.dim() == 2 else -1
-        if call.input.dim() != 2 or rows_per_batch != samples:
+            samples = rows_per_batch
+        if rows_per_batch != samples:
             # a sequence / token model: the next token is uncertain by nature, not mislabelled
-            self._unreadable = (
+            self._not_applicable = (
                 f"the loss scores {rows_per_batch} rows for a batch of {samples} samples (a sequence or "
                 "token model); label noise is judged for one label per sample"
             )
@@ -318,6 +272,9 @@ class LabelNoiseMonitor(RecipeCallback):
         self.figures = {k: v for k, v in self.figures.items() if k == "skipped"}
         if self._unreadable:
             self._skip(trainer, self._unreadable)
+            return False
+        if self._not_applicable:
+            self.figures["not_applicable"] = self._not_applicable
             return False
         if self._sums is None or self._counts is None:
             self.figures["note"] = "no training step was captured late in training"
@@ -416,6 +373,7 @@ class LabelNoiseMonitor(RecipeCallback):
             "first_captured": self._first_captured,
             "last_step": self._last_step,
             "unreadable": self._unreadable,
+            "not_applicable": self._not_applicable,
             "pool": pool,
         }
 
@@ -430,6 +388,7 @@ class LabelNoiseMonitor(RecipeCallback):
         self._first_captured = None if first is None else int(first)
         self._last_step = int(state_dict.get("last_step", -1))
         self._unreadable = state_dict.get("unreadable")
+        self._not_applicable = state_dict.get("not_applicable")
         for rec in state_dict.get("pool", []):
             self._pool.append({k: (torch.tensor(v) if isinstance(v, list) else v) for k, v in rec.items()})
 
@@ -479,3 +438,19 @@ def _describe(e: dict[str, Any]) -> str:
         f"index {e['index']}" if "index" in e else f"step {e['step']} batch {e['batch_idx']} #{e['position']}"
     )
     return f"{where} label {e['label']} seen as {e['seen_as']} (p={e['p_seen_as']:.2f})"
+
+
+def _structural_scores(result: StepResult, forward_output: Tensor | None, batch: Any) -> ClassScores | None:
+    """Class scores read by shape where no known classification loss was called: a module loss
+    call's prediction, else the model's forward output next to the batch's own target."""
+    for call in result.module_calls:
+        view = scores_by_shape(call.input, call.target)
+        if view is not None:
+            return view
+    if forward_output is None:
+        return None
+    try:
+        target = BatchAdapter().target(batch)
+    except Exception:
+        return None
+    return scores_by_shape(forward_output, target)
