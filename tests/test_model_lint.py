@@ -449,3 +449,20 @@ def test_without_a_trainer_an_auxiliary_loss_trains_its_head():
     check = ModelLintCheck()
     check.static_check(None, AuxHead(), (x[:32], y[:32]))
     assert codes(check, "warning") == [] and check.figures["grad_steps_watched"] == 10
+
+
+def test_a_copy_made_while_the_gradient_watch_is_on_does_not_copy_the_watch():
+    """Probes copy the model during the first steps, while the watch's forward pre-hooks are on
+    every module: the copy must neither fail on the watch's tensors nor carry its hooks."""
+    from lightning_recipe._probe import copy_module
+    from lightning_recipe.checks.model_lint.grad_watch import GradWatch
+
+    model = Classifier(mlp())
+    opt = torch.optim.Adam(model.parameters())
+    watch = GradWatch(model, [opt])
+    out = model.net(torch.randn(4, 16))
+    watch.bad = out  # a non-leaf tensor the watch might hold
+    clone = copy_module(model)
+    assert all(not m._forward_pre_hooks for m in clone.modules())
+    watch.close()
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -44,11 +44,15 @@ class GradWatch:
         self._owner = {id(p): id(m) for m in module.modules() for p in m.parameters(recurse=False)}
         self._ran: set[int] = set()
         self._hooks = HookSet()
-        for m in module.modules():
-            self._hooks.forward(m, self._mark, pre=True)
+        ran = self._ran
 
-    def _mark(self, module: nn.Module, args: Any) -> None:
-        self._ran.add(id(module))
+        def mark(module: nn.Module, args: Any) -> None:
+            # a plain function over a set of ids: a deep copy of the model made while the hooks
+            # are on (a probe) copies functions by reference, never this watch and its tensors
+            ran.add(id(module))
+
+        for m in module.modules():
+            self._hooks.forward(m, mark, pre=True)
 
     def close(self) -> None:
         """Remove the forward pre-hooks (safe to call twice)."""
