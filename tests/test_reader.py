@@ -365,3 +365,19 @@ def test_nested_captures_each_see_module_and_distribution_losses():
         loss = model.training_step((x, x[:, 0]), 0)
     for cap in (outer, inner):
         assert [c.name for c in cap.result(loss).module_calls] == ["CallLoss"]
+
+
+def test_a_ride_along_capture_keeps_no_graph_after_it_stops():
+    """The forward output a capture keeps is detached: the capture lives on a callback the module
+    reaches through its trainer, and a probe's deep copy of the module must not meet a graph."""
+    from lightning_recipe.monitors._ride_along import StepCapture
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    model = KeywordTargetFirst()
+    cap = StepCapture()
+    assert cap.start(model)
+    loss = model.training_step((x, x[:, 0]), 0)
+    result = cap.stop(loss)
+    assert result is not None and result.main_call.name == "CallLoss"
+    assert cap.forward_output is not None and cap.forward_output.grad_fn is None

@@ -72,7 +72,10 @@ class StepCapture:
         if mode is None or not _remove(mode):
             return None
         self._mode = None
-        self.forward_output = mode.modules.forward_output
+        out = mode.modules.forward_output
+        # detached: the capture lives on a callback the module reaches through its trainer, and a
+        # probe's deep copy of the module must not meet a non-leaf tensor there
+        self.forward_output = out.detach() if out is not None else None
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
         result = mode.result(loss if isinstance(loss, Tensor) else None)
         module_calls = [c for c in result.module_calls if c.output.requires_grad] or result.module_calls
