@@ -97,8 +97,27 @@ def _summarise(callbacks: list[Any]) -> dict[str, Any]:
                 {"code": f.code, "severity": f.severity.value, "message": f.message, "step": f.step}
                 for f in found
             ],
+            "figures": _plain(getattr(cb, "figures", {})),
         }
     return out
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON (numbers, strings, short lists, dicts); anything else as a short repr."""
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if depth > 4:
+        return repr(value)[:80]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in list(value.items())[:40]}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in list(value)[:20]]
+    try:
+        return float(value)
+    except Exception:
+        return repr(value)[:80]
 
 
 def run(library: str, model: str, dists: list[str], fit: Callable[[Callable[..., list]], None]) -> None:

@@ -83,6 +83,13 @@ def _is_prediction(t: Tensor) -> bool:
     return t.is_floating_point() and t.numel() > 1
 
 
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 @dataclass
 class ModuleLossCall:
     """A loss computed by a module (or a distribution's ``log_prob``), read like ``LossCall``.
@@ -126,20 +133,46 @@ class ModuleLossCall:
             out = lp.mean() if self.reduce == "mean" else lp.sum()
             return self.sign * out
         args = list(self.args)
-        args[0] = new_input
         kwargs = dict(self.kwargs)
+        at = self.extra.get("pred_at", 0)
+        if isinstance(at, str):
+            kwargs[at] = new_input
+        else:
+            args[at] = new_input
         if new_target is not None and isinstance(self.target, Tensor):
             args = [_replace_tensor(a, self.target, new_target) for a in args]
             kwargs = {k: _replace_tensor(v, self.target, new_target) for k, v in kwargs.items()}
         return self.fn(*args, **kwargs)
 
     def _with_mean(self, mean: Tensor) -> Any:
+        """The same distribution with its mean moved to ``mean``: the parameter that is the mean
+        replaced, or else a parameter of the mean's shape scaled, shifted or log-shifted so that
+        the rebuilt distribution's mean is ``mean`` (checked: a zero-inflated count model's mean
+        is ``mu * (1 - pi)``, a log-normal's ``exp(loc + scale**2 / 2)``)."""
         dist = self.distribution
-        params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+        params = _distribution_params(dist)
         for name, value in params.items():
             if value is self.input:
                 params[name] = mean
                 return type(dist)(**params)
+        old = self.input.detach()
+        moves = (
+            lambda p: p * (mean / old),
+            lambda p: p + (mean - old),
+            lambda p: p + (mean.clamp_min(1e-12).log() - old.clamp_min(1e-12).log()),
+        )
+        with torch.no_grad():
+            for name, value in params.items():
+                if not isinstance(value, Tensor) or value.shape != old.shape:
+                    continue
+                for move in moves:
+                    try:
+                        rebuilt = type(dist)(**{**params, name: move(value)})
+                        got = _distribution_mean(rebuilt)
+                    except Exception:
+                        continue
+                    if got is not None and bool(torch.allclose(got, mean, rtol=1e-3, atol=1e-6)):
+                        return rebuilt
         raise ValueError(f"the mean of {type(dist).__name__} is not one of its parameters")
 
 
@@ -153,14 +186,18 @@ def _wrap_log_prob(original: Any) -> Any:
     def log_prob(dist: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
         if not _ACTIVE:
             return original(dist, value, *args, **kwargs)
-        recorder = _ACTIVE[-1]
-        recorder._lp_depth += 1
+        recorders = list(_ACTIVE)  # every active recorder sees the call (captures may nest)
+        for r in recorders:
+            r._lp_depth += 1
         try:
             out = original(dist, value, *args, **kwargs)
         finally:
-            recorder._lp_depth -= 1
-        if recorder._lp_depth == 0 and isinstance(out, Tensor) and isinstance(value, Tensor):
-            recorder.log_probs.append((dist, value, out))
+            for r in recorders:
+                r._lp_depth -= 1
+        if isinstance(out, Tensor) and isinstance(value, Tensor):
+            for r in recorders:
+                if r._lp_depth == 0:
+                    r.log_probs.append((dist, value, out))
         return out
 
     setattr(log_prob, _WRAPPED, original)
@@ -188,6 +225,50 @@ def _wrap_distributions() -> None:
         original = cls.__dict__.get("log_prob")
         if original is not None and callable(original) and not hasattr(original, _WRAPPED):
             type.__setattr__(cls, "log_prob", _wrap_log_prob(original))
+
+
+#: marks a ``__call__`` this module wrapped
+_CALL_WRAPPED = "_lightning_recipe_call"
+
+
+def _own_call(cls: type) -> type | None:
+    """The class in ``cls``'s MRO (before ``nn.Module``) that defines its own ``__call__``."""
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            return None
+        if "__call__" in klass.__dict__:
+            return klass
+    return None
+
+
+def _wrap_call(cls: type) -> None:
+    """Wrap the overridden ``__call__`` of a loss module class once (some libraries' losses
+    override ``__call__``, so forward hooks never see them); outside a recorder, or for a module
+    the active recorder does not watch, the wrapper only calls the original."""
+    owner = _own_call(cls)
+    if owner is None:
+        return
+    original = owner.__dict__["__call__"]
+    if hasattr(original, _CALL_WRAPPED):
+        return
+
+    def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+        watching = [r for r in _ACTIVE if id(self) in r._called]
+        if not watching:
+            return original(self, *args, **kwargs)
+        for r in watching:
+            r._pre(self, args)
+        out = None
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            for r in watching:
+                r._post(self, args, kwargs, out)
+        return out
+
+    setattr(__call__, _CALL_WRAPPED, original)
+    __call__.__doc__ = original.__doc__
+    type.__setattr__(owner, "__call__", __call__)
 
 
 def loss_module_candidates(model: nn.Module | None) -> list[nn.Module]:
@@ -231,6 +312,8 @@ class ModuleLossRecorder:
         self._handles: list[Any] = []
         self._depth = 0
         self._lp_depth = 0
+        #: ids of loss modules whose class overrides ``__call__`` (recorded by :func:`_wrap_call`)
+        self._called: set[int] = set()
 
     # ------------------------------------------------------------------ modules
     def _pre(self, module: nn.Module, args: tuple) -> None:
@@ -240,18 +323,45 @@ class ModuleLossRecorder:
         self._depth -= 1
         if self._depth != 0 or not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != 1:
             return
-        if args:
-            pred = args[0]
-        else:
-            pred = next(iter(kwargs.values()), None)
-            args = tuple(kwargs.values())
-            kwargs = {}
-        if not isinstance(pred, Tensor) or not pred.is_floating_point() or pred.numel() < 2:
+        at = self._prediction_at(args, kwargs)
+        if at is None:
             return
-        target = _first_tensor(list(args[1:]) + list(kwargs.values()), lambda t: t is not pred)
+        pred = kwargs[at] if isinstance(at, str) else args[at]
+        others = [v for i, v in enumerate(args) if i != at] + [v for k, v in kwargs.items() if k != at]
+        target = _first_tensor(others, lambda t: t is not pred)
         self.calls.append(
-            ModuleLossCall(type(module).__name__, pred, target, dict(kwargs), out, tuple(args), fn=module)
+            ModuleLossCall(
+                type(module).__name__,
+                pred,
+                target,
+                dict(kwargs),
+                out,
+                tuple(args),
+                fn=module,
+                extra={"pred_at": at},
+            )
         )
+
+    def _prediction_at(self, args: tuple, kwargs: dict[str, Any]) -> int | str | None:
+        """Where the prediction was passed (a position or a keyword): the model's own forward
+        output if it is one of the arguments, else the only floating-point argument with a
+        gradient, else the first floating-point argument (``loss(pred, target)``); never
+        guessed from argument names (``loss(y=target, y_hat=pred)`` is read the same way)."""
+        slots: list[tuple[int | str, Tensor]] = [
+            (i, v) for i, v in enumerate(args) if isinstance(v, Tensor) and _is_prediction(v)
+        ]
+        slots += [(k, v) for k, v in kwargs.items() if isinstance(v, Tensor) and _is_prediction(v)]
+        if not slots:
+            return None
+        out = self.forward_output
+        if out is not None:
+            for at, v in slots:
+                if v is out or (v.numel() == out.numel() and _same_storage(v, out)):
+                    return at
+        grads = [at for at, v in slots if v.requires_grad]
+        if len(grads) == 1:
+            return grads[0]
+        return slots[0][0]
 
     # ------------------------------------------------------------------ context
     def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
@@ -262,6 +372,10 @@ class ModuleLossRecorder:
         if self.model is not None:
             self._handles.append(self.model.register_forward_hook(self._on_forward))
         for m in loss_module_candidates(self.model):
+            if _own_call(type(m)) is not None:  # __call__ overridden: forward hooks never run
+                _wrap_call(type(m))
+                self._called.add(id(m))
+                continue
             self._handles.append(m.register_forward_pre_hook(self._pre))
             self._handles.append(m.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         _wrap_distributions()
@@ -277,7 +391,16 @@ class ModuleLossRecorder:
 
     def distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
         """The recorded ``log_prob`` calls whose ``-mean`` / ``-sum`` (or ``+``) is ``loss``
-        (the step's loss), as loss calls; without a loss, the ``-mean`` of each."""
+        (the step's loss), as loss calls; without a loss, the ``-mean`` of each. When none
+        matches the loss (a likelihood term plus a KL term, a penalty added), the ``-mean`` of
+        each: the terms that may make the loss (the same with or without gradients, so a probe
+        under ``no_grad`` reads the same loss call as one with them)."""
+        out = self._distribution_calls(loss)
+        if not out and loss is not None:
+            out = self._distribution_calls(None)
+        return out
+
+    def _distribution_calls(self, loss: Tensor | None) -> list[ModuleLossCall]:
         out: list[ModuleLossCall] = []
         target = None if loss is None or loss.numel() != 1 else float(loss.detach().float().reshape(()))
         for dist, value, lp in self.log_probs:
@@ -311,6 +434,7 @@ class ModuleLossRecorder:
                     distribution=dist,
                     reduce=match[0],
                     sign=match[1],
+                    extra={"log_prob": lp},
                 )
             )
         return out
@@ -400,7 +524,7 @@ def know_nothing_candidates(call: Any) -> list[tuple[Any, str]]:
 
 def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
     dist, value = call.distribution, call.args[1]
-    params = {n: dist.__dict__[n] for n in getattr(dist, "arg_constraints", {}) if n in dist.__dict__}
+    params = _distribution_params(dist)
     out: list[tuple[Any, str]] = []
     if not params or not all(isinstance(v, Tensor) for v in params.values()):
         return out
@@ -421,6 +545,26 @@ def _distribution_candidates(call: ModuleLossCall) -> list[tuple[Any, str]]:
         out.append((type(dist)(**averaged), CONSTANT))
     except Exception:
         pass
+    return out
+
+
+def _distribution_params(dist: Any) -> dict[str, Any]:
+    """The constructor parameters of a distribution, read by ``arg_constraints``: stored ones,
+    or properties (a ``TransformedDistribution`` such as ``LogNormal`` keeps them in its base).
+    A distribution built from one of two alternative parameters (``probs`` / ``logits``) keeps
+    the one it was given."""
+    names = list(getattr(dist, "arg_constraints", {}))
+    stored = {n: dist.__dict__[n] for n in names if n in dist.__dict__}
+    if stored:
+        return stored
+    out: dict[str, Any] = {}
+    for n in names:
+        try:
+            value = getattr(dist, n)
+        except Exception:
+            continue
+        if isinstance(value, Tensor):
+            out[n] = value
     return out
 
 

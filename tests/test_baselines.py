@@ -131,6 +131,44 @@ def test_a_blind_regression_model_is_flagged(tmp_path):
     assert mon.findings[0].evidence["baseline"] == "target mean"
 
 
+class LikelihoodModel(L.LightningModule):
+    """The negative log-likelihood of a predicted distribution whose mean is not one of its
+    parameters (a log-normal: mean = exp(loc + scale**2 / 2)), as forecasting and single-cell
+    models predict; ``blind`` ignores the input."""
+
+    def __init__(self, blind=False):
+        super().__init__()
+        self.net, self.blind = mlp(16, 2), blind
+
+    def training_step(self, batch, batch_idx):
+        return self._nll(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._nll(batch))
+
+    def _nll(self, batch):
+        x, y = batch
+        out = self.net(x * 0 if self.blind else x)
+        dist = torch.distributions.LogNormal(out[:, 0], F.softplus(out[:, 1]) + 1e-3)
+        return -dist.log_prob(y).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_a_distribution_loss_is_compared_with_the_know_nothing_distribution(tmp_path, blind):
+    xr, _ = blobs(n=512)
+    yr = (0.5 * xr[:, :3].sum(1) + 0.1 * torch.randn(512)).exp()
+    mon = BaselineMonitor()
+    fit(tmp_path, LikelihoodModel(blind), xr, yr, mon, epochs=8)
+    assert "val_loss" in mon.figures and "gap" not in mon.figures.get("skipped", "")
+    if blind:
+        assert codes(mon) == ["no-better-than-baseline"], mon.findings
+    else:
+        assert codes(mon) == [] and mon.figures["best_gap"] > 0.3, mon.figures
+
+
 def test_the_real_run_is_bit_identical(tmp_path):
     x, y = digits()
     states = []

@@ -82,6 +82,41 @@ def test_vanishing_gradients_in_a_deep_sigmoid_mlp(tmp_path):
     assert f"{f.evidence['ratio']:.2g}x" in f.message
 
 
+class QueryBlock(nn.Module):
+    """A residual block whose first projection (``q``, an attention query's stand-in) gets a
+    tiny gradient in every block alike, as attention query/key weights do at init."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.q, self.v = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(1e-5 * self.q(x) + self.v(x))
+
+
+class Blocks(nn.Module):
+    def __init__(self, n=3, sigmoid_stack=0):
+        super().__init__()
+        self.blocks = nn.ModuleList([QueryBlock() for _ in range(n)])
+        self.tail = deep(nn.Sigmoid, depth=sigmoid_stack, width=16) if sigmoid_stack else nn.Linear(16, 4)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.tail(x)
+
+
+def test_a_kind_of_parameter_small_in_every_block_alike_is_not_vanishing(tmp_path):
+    """The first layer (``blocks.0.q``) gets ~1e-5x the last hidden layer's gradient, but so does
+    every block's ``q``: no depth trend, no finding (a tiny BERT's attention query, issue 13)."""
+    torch.manual_seed(0)
+    mon = fit(tmp_path, Blocks(), lr=1e-3)
+    profile = mon.figures["depth_profile"]["opt0"]
+    assert profile["first"] == "net.blocks.0.q" and profile["ratio"] < 1e-3  # the plain rule would fire
+    assert 0.1 < profile["same_kind_ratio"] < 10
+    assert codes(mon) == []
+
+
 def test_exploding_gradients_in_a_deep_tanh_net_with_large_init(tmp_path):
     torch.manual_seed(0)
     mon = fit(tmp_path, deep(nn.Tanh, depth=20, gain=3.0), lr=1e-3)

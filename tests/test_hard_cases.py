@@ -220,8 +220,7 @@ def test_gan_two_optimizers_manual(tmp_path):
         "FirstLayerFilterMonitor",
         "LossCurveMonitor",  # training_step returns None: no loss to read
         "TrainValGapMonitor",  # no train/val pair of metrics
-        "LabelNoiseMonitor",  # binary cross-entropy: no pair of classes among others
-    }
+    }  # LabelNoiseMonitor: binary cross-entropy has no pair of classes among others (not applicable, no skip)
     assert_healthy(
         run, skipped, missing={"input_independent", "prediction_dynamics", "loss_curve", "train_val"}
     )

@@ -123,6 +123,78 @@ def test_healthy_models_are_silent(tmp_path, kind):
     assert mon.figures["gap"] > 0.3
 
 
+class NeedsItsInput(nn.Module):
+    """A model that cannot run without its input (a forecasting model windowing a series by the
+    mask it carries raises "no windows available" on an all-zero batch)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if not bool(x.abs().sum(dim=1).gt(0).any()):
+            raise ValueError("No windows available for training")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("labels", ["real", "shuffled"])
+def test_a_model_that_cannot_run_on_zeros_is_judged_against_the_know_nothing_loss(tmp_path, labels):
+    x, y = blobs(n=256) if labels == "real" else shuffled_blobs()
+    mon = InputIndependentBaseline()
+    fit(tmp_path, Classifier(NeedsItsInput(mlp())), x, y, mon)
+    assert "know-nothing loss" in mon.figures["zeroed"] and "No windows" in mon.figures["zeroed"]
+    assert mon.figures["zero_loss"] == pytest.approx(math.log(4), rel=1e-5)
+    if labels == "real":
+        assert codes(mon) == [] and mon.figures["gap"] > 0.3
+    else:  # the broken case still fires
+        assert codes(mon) == ["input-independent"]
+
+
+class WindowForecaster(L.LightningModule):
+    """Forecasts the last value of a series from a window it cuts out of the series (a copy, as
+    forecasting libraries build windows): the target comes from the input, and no layer reads
+    the input tensor itself. ``blind`` ignores the window."""
+
+    def __init__(self, blind=False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(15, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.blind = blind
+
+    def _loss(self, batch):
+        (series,) = batch
+        window, target = series[:, :-1].clone(), series[:, -1]
+        out = self.net(window * 0 if self.blind else window).squeeze(-1)
+        return F.mse_loss(out, target)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_targets_cut_from_the_input_with_no_reader_use_the_know_nothing_loss(tmp_path, blind):
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(16.0)
+    series = torch.sin(0.4 * t + 6.28 * torch.rand(320, 1, generator=g)) + 0.05 * torch.randn(
+        320, 16, generator=g
+    )
+    train = DataLoader(TensorDataset(series[:256]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(series[256:]), batch_size=32)
+    mon = InputIndependentBaseline()
+    L.seed_everything(0, verbose=False)
+    trainer(tmp_path, [mon], logger=None, max_epochs=5).fit(WindowForecaster(blind), train, val)
+    assert "know-nothing loss" in mon.figures["zeroed"], mon.findings
+    if blind:
+        assert codes(mon) == ["input-independent"]
+    else:
+        assert codes(mon) == [] and mon.figures["gap"] > 0.3
+
+
 def test_tensorboard_holds_the_measured_losses_and_the_chart(tmp_path):
     x, y = blobs(n=256)
     model = Classifier(mlp())

@@ -235,6 +235,34 @@ def test_params_without_gradient(tmp_path):
     assert "all zeros" in f.message
 
 
+class SpareBranch(Classifier):
+    """A submodule that never runs a forward (an optional encoder switched off, as in a library
+    model): an info, not a warning; a module that runs but gets no gradient stays a warning."""
+
+    def __init__(self, detach=False):
+        super().__init__(mlp())
+        self.spare = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.detach_body = detach
+
+    def forward(self, x):
+        if self.detach_body:
+            return self.net[-1](self.net[:-1](x).detach())
+        return self.net(x)
+
+
+def test_params_of_modules_that_never_ran_are_an_info(tmp_path):
+    check = fit(tmp_path / "spare", SpareBranch())
+    assert [f.severity for f in check.findings if f.code == "params-not-updating"] == [lr.Severity.INFO]
+    f = finding(check, "params-not-updating", "never-ran")
+    assert f.evidence["names"] == ["spare.0.weight", "spare.0.bias", "spare.2.weight", "spare.2.bias"]
+    assert "never ran a forward" in f.message
+    # the broken case next to it still warns: the body runs, its gradient is cut by detach()
+    check = fit(tmp_path / "detach", SpareBranch(detach=True))
+    f = finding(check, "params-not-updating", "no-gradient")
+    assert f.severity is lr.Severity.WARNING and f.evidence["names"][0] == "net.0.weight"
+    assert "spare.0.weight" not in f.evidence["names"]
+
+
 class TrainInValidation(Classifier):
     def validation_step(self, batch, batch_idx):
         self.train()
@@ -421,3 +449,20 @@ def test_without_a_trainer_an_auxiliary_loss_trains_its_head():
     check = ModelLintCheck()
     check.static_check(None, AuxHead(), (x[:32], y[:32]))
     assert codes(check, "warning") == [] and check.figures["grad_steps_watched"] == 10
+
+
+def test_a_copy_made_while_the_gradient_watch_is_on_does_not_copy_the_watch():
+    """Probes copy the model during the first steps, while the watch's forward pre-hooks are on
+    every module: the copy must neither fail on the watch's tensors nor carry its hooks."""
+    from lightning_recipe._probe import copy_module
+    from lightning_recipe.checks.model_lint.grad_watch import GradWatch
+
+    model = Classifier(mlp())
+    opt = torch.optim.Adam(model.parameters())
+    watch = GradWatch(model, [opt])
+    out = model.net(torch.randn(4, 16))
+    watch.bad = out  # a non-leaf tensor the watch might hold
+    clone = copy_module(model)
+    assert all(not m._forward_pre_hooks for m in clone.modules())
+    watch.close()
+    assert all(not m._forward_pre_hooks for m in model.modules())

@@ -447,3 +447,30 @@ def test_the_floor_also_reads_one_token_tensor_split_inside_the_step():
         F.cross_entropy(torch.zeros(4, 8), seqs[:, 1:].reshape(-1))
     floor, _ = ambiguity_floor(cap.calls[0], seqs)
     assert floor == pytest.approx(2 * math.log(2) / 4)  # BOS -> 5 or 7; then unambiguous
+
+
+class L1Linear(L.LightningModule):
+    """A linear model with an L1 loss on targets with noise it cannot fit (8 weights, 20
+    samples): healthy, fits most of the way, and stops short of the 1%."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.l1_loss(self.net(x).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_a_model_stuck_most_of_the_way_down_is_an_info():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 8, generator=g)
+    y = x @ torch.randn(8, generator=g) + 0.15 * torch.randn(20, generator=g)
+    check = run(L1Linear(), (x, y))
+    assert codes(check) == ["overfit-batch-failed"], check.findings
+    f = check.findings[0]
+    assert f.severity is lr.Severity.INFO and "most of the way" in f.message
+    assert 0.01 < f.evidence["relative_gap"] <= 0.2

@@ -169,6 +169,53 @@ def test_a_distribution_likelihood_is_a_loss_call():
     assert ref[1] == MEAN_PREDICTOR and abs(float(ref[0]) - float(expected)) < 0.05
 
 
+class CallLoss(torch.nn.Module):
+    """A loss that overrides ``__call__`` (forward hooks never see it) and takes the target
+    first, by keyword: ``loss(y=target, y_hat=prediction, mask=...)``, as neuralforecast's
+    losses do."""
+
+    def __call__(self, y, y_hat, mask=None):
+        mask = torch.ones_like(y) if mask is None else mask
+        return ((y - y_hat).abs() * mask).sum() / mask.sum()
+
+
+class KeywordTargetFirst(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.loss = CallLoss()
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss(y=y, y_hat=self(x), mask=torch.ones_like(y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_loss_overriding_call_with_the_target_first_is_read(grad):
+    """The prediction is where the model's own output went (or the one argument with a
+    gradient), not the first argument, and not guessed from the names ``y`` / ``y_hat``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    batch = (x, x[:, 0] * 2 + 1)
+    with torch.set_grad_enabled(grad):
+        result = run_step(KeywordTargetFirst(), batch)
+    call = result.main_call
+    assert call.name == "CallLoss" and call.extra["pred_at"] == "y_hat"
+    assert call.target is batch[1]
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach())
+        ref = know_nothing_loss(call)
+    assert ref[1] == MEAN_PREDICTOR
+    expected = (batch[1] - batch[1].mean()).abs().mean()
+    assert abs(float(ref[0]) - float(expected)) < 1e-5
+
+
 def test_loss_computed_inside_forward_hf_style():
     batch = first(token_loaders)
     result = run_step(HFStyle(), batch)
@@ -266,3 +313,71 @@ def test_userdict_batches_keep_their_type():
     a = BatchAdapter()
     assert a.input(batch) is batch["input_ids"] and a.target(batch) is batch["labels"]
     assert type(a.slice(batch, 2)) is Encoding and a.slice(batch, 2)["input_ids"].shape == (2, 5)
+
+
+class LogNormalNLL(L.LightningModule):
+    """A likelihood whose mean is no parameter: a log-normal's mean is exp(loc + scale**2 / 2)
+    (a zero-inflated count model's is mu * (1 - pi))."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        scale = torch.nn.functional.softplus(out[:, 1]) + 0.1
+        return -torch.distributions.LogNormal(out[:, 0], scale).log_prob(y).mean()
+
+
+def test_a_distribution_whose_mean_is_no_parameter_takes_a_new_mean():
+    """Averaged or constant predictions (ensembles, baselines) replace a distribution's mean: the
+    parameter that moves it is found and checked, never an internal error."""
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 4, generator=g), torch.rand(16, generator=g) + 0.5)
+    result = run_step(LogNormalNLL(), batch)
+    call = result.main_call
+    assert call.kind == "distribution" and call.name == "LogNormal.log_prob"
+    with torch.no_grad():
+        assert torch.allclose(call.recompute(call.input.detach()), result.loss.detach())
+        mean = torch.full_like(call.input, float(call.input.mean()))
+        assert torch.allclose(call._with_mean(mean).mean, mean, rtol=1e-4)
+        assert torch.isfinite(call.recompute(mean))
+        ref = know_nothing_loss(call)
+    assert ref is not None and bool(torch.isfinite(ref[0]))
+
+
+def test_nested_captures_each_see_module_and_distribution_losses():
+    """Two monitors capturing the same real step (ride-along captures nest): both read the
+    distribution likelihood and the loss module that overrides ``__call__``."""
+    from lightning_recipe._probe import LossCapture
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 4, generator=g), torch.rand(16, generator=g) + 0.5)
+    model = LogNormalNLL()
+    with LossCapture(model) as outer, LossCapture(model) as inner:
+        loss = model.training_step(batch, 0)
+    for cap in (outer, inner):
+        assert [c.name for c in cap.result(loss).module_calls] == ["LogNormal.log_prob"]
+    x = torch.randn(32, 8, generator=g)
+    model = KeywordTargetFirst()
+    with LossCapture(model) as outer, LossCapture(model) as inner:
+        loss = model.training_step((x, x[:, 0]), 0)
+    for cap in (outer, inner):
+        assert [c.name for c in cap.result(loss).module_calls] == ["CallLoss"]
+
+
+def test_a_ride_along_capture_keeps_no_graph_after_it_stops():
+    """The forward output a capture keeps is detached: the capture lives on a callback the module
+    reaches through its trainer, and a probe's deep copy of the module must not meet a graph."""
+    from lightning_recipe.monitors._ride_along import StepCapture
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g)
+    model = KeywordTargetFirst()
+    cap = StepCapture()
+    assert cap.start(model)
+    loss = model.training_step((x, x[:, 0]), 0)
+    result = cap.stop(loss)
+    assert result is not None and result.main_call.name == "CallLoss"
+    assert cap.forward_output is not None and cap.forward_output.grad_fn is None

@@ -111,6 +111,61 @@ def test_an_input_dependent_auxiliary_loss_is_not_judged(tmp_path):
     assert "auxiliary" in check.figures["note"]
 
 
+class PinballLoss(nn.Module):
+    """A custom loss module (no parameters) that calls a functional loss inside: read as one
+    loss, not two."""
+
+    def forward(self, pred, target):
+        err = target.unsqueeze(-1) - pred
+        q = torch.tensor([0.1, 0.5, 0.9])
+        return torch.maximum(q * err, (q - 1) * err).mean() + 0.0 * F.l1_loss(pred[..., 1], target)
+
+
+class LibraryLoss(L.LightningModule):
+    """The data loss comes from a loss module or a distribution's log-likelihood, the penalty is
+    added by hand (``lam * sum(w ** 2)``)."""
+
+    def __init__(self, kind, lam=0.0):
+        super().__init__()
+        self.kind, self.lam = kind, lam
+        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 3 if kind == "module" else 2))
+        self.loss = PinballLoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x)
+        target = y.float() / 9.0
+        if self.kind == "module":
+            loss = self.loss(out, target)
+        else:
+            dist = torch.distributions.Normal(out[:, 0], F.softplus(out[:, 1]) + 1e-3)
+            loss = -dist.log_prob(target).mean()
+        if self.lam:
+            loss = loss + self.lam * sum(
+                (p**2).sum() for n, p in self.net.named_parameters() if "weight" in n
+            )
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["module", "distribution"])
+def test_loss_modules_and_distributions_are_data_losses(tmp_path, kind):
+    """A loss module (counted once, not with the functional loss it calls) or a distribution's
+    negative log-likelihood is the data loss: no penalty without one, and the issue's penalty
+    is still flagged."""
+    x, y = digits()
+    check = run(tmp_path, LibraryLoss(kind), x, y)
+    assert codes(check) == [], check.findings
+    assert check.figures["penalty_fraction"] == 0.0
+    with pytest.warns(lr.RecipeWarning, match=r"\[regularization-dominates\]"):
+        check = run(tmp_path, LibraryLoss(kind, lam=0.5), x, y)
+    assert codes(check) == ["regularization-dominates"]
+    f = check.findings[0]
+    assert f.evidence["penalty"] + f.evidence["data_loss"] == pytest.approx(f.evidence["loss"], rel=1e-5)
+
+
 def test_the_real_run_is_untouched(tmp_path):
     x, y = digits()
     states = []

@@ -221,6 +221,68 @@ def test_overfitting_from_losses_alone(tmp_path):
     assert "validation loss rose" in f.message
 
 
+class WordNames(Classifier):
+    """Logs its metrics under names no guess covers, the way libraries do: the split word stands
+    anywhere (``valid_`` / ``validation`` prefixes, ``_train`` suffixes), plus decoys that have no
+    training twin (``ptl/val_loss``) or are not a loss (``kl_validation``)."""
+
+    def __init__(self, net, train_word="train", val_word="valid", suffix=False, **kw):
+        super().__init__(net, **kw)
+        self.words = (train_word, val_word, suffix)
+
+    def _name(self, word, what):
+        return f"{what}_{word}" if self.words[2] else f"{word}_{what}"
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        loss = F.cross_entropy(out, y)
+        self.log(self._name(self.words[0], "loss"), loss, on_step=True, on_epoch=True)
+        self.log(self._name(self.words[0], "accuracy"), (out.argmax(-1) == y).float().mean(), on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        self.log("ptl/val_loss", F.cross_entropy(out, y))
+        self.log("kl_validation", torch.tensor(0.0))
+        self.log(self._name(self.words[1], "loss"), F.cross_entropy(out, y))
+        self.log(self._name(self.words[1], "accuracy"), (out.argmax(-1) == y).float().mean())
+
+
+@pytest.mark.parametrize(
+    "train_word, val_word, suffix",
+    [
+        ("train", "valid", False),
+        ("train", "validation", False),
+        ("train", "validation", True),
+        ("training", "val", True),
+    ],
+)
+def test_pairs_are_read_by_the_words_in_their_names(tmp_path, train_word, val_word, suffix):
+    """Metric pairs that differ only in a train / val word, wherever it stands, are found
+    without naming them (pytorch-tabular's ``valid_loss``, scvi-tools' ``elbo_validation``)."""
+    mon = TrainValGapMonitor()
+    model = WordNames(mlp(), train_word=train_word, val_word=val_word, suffix=suffix)
+    fit(tmp_path, model, *blobs(), mon, epochs=2)
+    assert codes(mon) == [] and len(mon.history) == 2, mon.findings
+    val_loss = f"loss_{val_word}" if suffix else f"{val_word}_loss"
+    assert mon.figures["val_loss_name"] == val_loss
+    assert mon.figures["train_loss_name"].startswith(f"loss_{train_word}" if suffix else f"{train_word}_loss")
+    assert mon.figures["val_acc_name"].endswith(val_word) or mon.figures["val_acc_name"].startswith(val_word)
+
+
+def test_memorised_set_is_overfitting_under_library_names(tmp_path):
+    """The broken case stays caught when the names are read by their words."""
+    x, y = noisy_blobs(48 + 256)
+
+    mon = TrainValGapMonitor()
+    model = WordNames(mlp(d=32, hidden=512), lr=1e-3, train_word="train", val_word="validation")
+    fit(tmp_path, model, x, y, mon, epochs=12, val_fraction=256 / 304)
+    assert "overfitting" in codes(mon), mon.findings
+    assert mon.figures["val_loss_name"] == "validation_loss"
+
+
 def test_run_is_bit_identical_with_the_monitor(tmp_path):
     def weights(callbacks):
         L.seed_everything(1, verbose=False)

@@ -213,3 +213,53 @@ def test_short_token_chunks_repeat_by_nature(tmp_path):
     assert check.figures["fraction"] < 2 * check.figures["train_repeat_rate"]
     check = fit(tmp_path / "b", CharLM(), train, DataLoader(train.dataset, batch_size=64))
     assert loud(check) == ["train-val-overlap"]
+
+
+class TailForecaster(L.LightningModule):
+    """Both loaders yield whole series; the step trains on windows of the early part and
+    validates on the held-out tail (neuralforecast's layout). ``leaky`` validates on the same
+    part it trains on (a real leak: the same samples and the same targets)."""
+
+    def __init__(self, leaky=False):
+        super().__init__()
+        self.net = torch.nn.Linear(8, 1)
+        self.leaky = leaky
+
+    def _windows(self, series, end):
+        starts = range(0, end - 8)
+        x = torch.stack([series[:, s : s + 8] for s in starts], 1).reshape(-1, 8)
+        y = torch.stack([series[:, s + 8] for s in starts], 1).reshape(-1)
+        return x, y
+
+    def training_step(self, batch, batch_idx):
+        (series,) = batch
+        x, y = self._windows(series, series.shape[1] - 4)
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y)
+
+    def validation_step(self, batch, batch_idx):
+        (series,) = batch
+        if self.leaky:
+            x, y = self._windows(series, series.shape[1] - 4)
+        else:  # the last 4 values, never a training target
+            x = torch.stack([series[:, s - 8 : s] for s in range(series.shape[1] - 4, series.shape[1])], 1)
+            x, y = x.reshape(-1, 8), series[:, -4:].reshape(-1)
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x).squeeze(-1), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_a_split_made_inside_the_step_is_info_a_real_leak_warns(tmp_path, leaky):
+    g = torch.Generator().manual_seed(0)
+    series = torch.randn(64, 1, generator=g) + 0.3 * torch.randn(64, 32, generator=g).cumsum(1)
+    loader = DataLoader(TensorDataset(series), batch_size=16)
+    check = fit(tmp_path, TailForecaster(leaky), loader, DataLoader(TensorDataset(series), batch_size=16))
+    assert check.figures["fraction"] == 1.0  # the same series in both loaders
+    if leaky:
+        assert loud(check) == ["train-val-overlap"]
+        assert check.figures["validation_targets_seen_in_training"] == 1.0
+    else:
+        assert loud(check) == [] and [f.code for f in check.findings] == ["train-val-overlap"]
+        assert check.figures["validation_targets_seen_in_training"] == 0.0
+        assert "inside the step" in check.findings[0].message

@@ -154,7 +154,9 @@ class StepResult:
     def main_call(self) -> LossCall | ModuleLossCall | None:
         """The data loss: the functional loss call whose value equals the step's loss if there
         is one (no regulariser added), else a module loss call whose value equals it, else the
-        first scalar functional loss call, else a module loss call on the loss's graph."""
+        first scalar functional loss call, else a module loss call on the loss's graph (under
+        ``no_grad``: the first module loss call), else (a step that returned no loss) its only
+        module loss call."""
         scalar = [c for c in self.calls if c.output.dim() == 0]
         lv = None
         if self.loss is not None and self.loss.numel() == 1:
@@ -174,6 +176,15 @@ class StepResult:
             return self.calls[0]
         if self.loss is not None and self.loss.requires_grad:
             return next((m for m in self.module_calls if m.output.requires_grad), None)
+        if self.loss is None and len(self.module_calls) == 1:
+            # a step that returns no loss (a validation_step that only logs) and made exactly
+            # one module / distribution loss call: that call is its loss
+            return self.module_calls[0]
+        if self.loss is not None and not self.loss.requires_grad and self.module_calls:
+            # a probe under no_grad, where the graph cannot say which call made the loss (a
+            # likelihood term plus a KL term): the first module / distribution loss call, as a
+            # step with gradients would read it
+            return self.module_calls[0]
         return None
 
     @property

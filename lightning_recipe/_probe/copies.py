@@ -228,6 +228,9 @@ def copy_module(module: nn.Module, trainer: Any | None = None) -> nn.Module:
             memo[id(value)] = value
     if trainer is not None:
         memo[id(trainer)] = trainer
+    own = module.__dict__.get("_trainer")
+    if own is not None:  # the trainer the module points at is shared, never deep-copied
+        memo[id(own)] = own
     _losses.detach_non_leaf_state(module, memo)
     try:
         with preserved_rng():

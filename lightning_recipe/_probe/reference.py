@@ -71,7 +71,17 @@ def class_view(call: Any) -> ClassScores | None:
         return None
     if isinstance(call, LossCall):
         return class_scores(call)
-    return scores_by_shape(call.input, call.target)
+    view = scores_by_shape(call.input, call.target)
+    if view is not None or not isinstance(call, ModuleLossCall) or call.kind == "step":
+        return view
+    try:  # scores in another layout (class dim not last, probabilities): as log-probabilities
+        read = _losses.prediction_view(call)
+    except Exception:
+        return None
+    if read is None or read[0] != "classification":
+        return None
+    _, probs, target = read
+    return ClassScores(probs.clamp_min(1e-12).log(), target, int(probs.shape[1]), 1)
 
 
 #: the reference kinds :func:`know_nothing` returns

@@ -296,8 +296,9 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 def _first_layer_input(
     module: nn.Module, batch: Any, step_fn: Any, trainer: Any | None
 ) -> tuple[str, nn.Module, Tensor | None] | None:
-    """(name, module, first tensor argument) of the first module with parameters of its own that
-    runs in the user's step, on a copy of the model; ``None`` if that cannot be seen."""
+    """(name, module, first tensor argument) of the first layer (a module with parameters of its
+    own and no parametrised submodule) that runs in the user's step with a tensor argument, on a
+    copy of the model; ``None`` if that cannot be seen."""
     try:
         model = copy_module(module, trainer)
     except ProbeSkip:
@@ -308,11 +309,17 @@ def _first_layer_input(
     def hook(mod: nn.Module, args: Any) -> None:
         if not first:
             t = next((a for a in args if isinstance(a, Tensor)), None)
-            first.append((names.get(id(mod), type(mod).__name__), mod, t))
+            if t is not None:
+                first.append((names.get(id(mod), type(mod).__name__), mod, t))
+
+    def own(m: nn.Module) -> bool:
+        return any(True for _ in m.parameters(recurse=False))
 
     with HookSet() as hooks, preserved_rng(), torch.no_grad():
         for m in model.modules():
-            if any(True for _ in m.parameters(recurse=False)):
+            # a layer: parameters of its own and no parametrised submodule (a whole model that
+            # also holds a parameter of its own, e.g. a dispersion, is not where the input enters)
+            if own(m) and not any(own(c) for c in m.modules() if c is not m):
                 hooks.forward(m, hook, pre=True)
         try:
             run_step(model, batch, step_fn)

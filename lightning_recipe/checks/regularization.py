@@ -103,15 +103,19 @@ class RegularizationCheck(FirstBatchCheck):
         loss = loss.reshape(())
         explained = _explains(result.main_call, loss)
         calls = [c for c in [*result.calls, *result.module_calls] if c.output.requires_grad]
-        if not calls and explained:
+        # a distribution loss by the log_prob tensor that is in the graph; a loss module that
+        # calls a functional loss (or a log_prob) inside counts once, as the outermost
+        outs = _outermost([getattr(c, "extra", {}).get("log_prob", c.output) for c in calls])
+        if not outs and explained:
             return loss, loss, loss - loss  # the loss is its loss call's value: nothing added to it
-        if not calls:
+        if not outs:
             raise ProbeSkip(
-                "no torch.nn.functional loss (or nn.*Loss) reaching the loss was seen in training_step, "
-                "so the data loss cannot be told apart from a penalty"
+                "no loss call (torch.nn.functional loss, loss module, metric or distribution "
+                "log-likelihood) reaching the loss was seen in training_step, so the data loss cannot "
+                "be told apart from a penalty"
             )
-        weights = torch.autograd.grad(loss, [c.output for c in calls], retain_graph=True, allow_unused=True)
-        parts = [(w.detach() * c.output).sum() for w, c in zip(weights, calls) if w is not None]
+        weights = torch.autograd.grad(loss, outs, retain_graph=True, allow_unused=True)
+        parts = [(w.detach() * o).sum() for w, o in zip(weights, outs) if w is not None]
         if not parts and explained:
             return loss, loss, loss - loss
         if not parts:
@@ -197,3 +201,27 @@ def _explains(call: Any, loss: Tensor) -> bool:
         return False
     a, b = float(call.output.detach().reshape(())), float(loss.detach())
     return abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+def _outermost(outs: list[Tensor]) -> list[Tensor]:
+    """``outs`` without the ones computed inside another (a loss module that calls a functional
+    loss or a ``log_prob``: counting both would count the data loss twice)."""
+    if len(outs) < 2:
+        return outs
+    inner: set[Any] = set()
+    for o in outs:
+        todo = [fn for fn, _ in o.grad_fn.next_functions] if o.grad_fn is not None else []
+        seen: set[Any] = set()
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+        inner |= seen
+    kept, ids = [], set()
+    for o in outs:
+        if o.grad_fn not in inner and id(o) not in ids:
+            kept.append(o)
+            ids.add(id(o))
+    return kept

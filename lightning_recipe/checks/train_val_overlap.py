@@ -9,9 +9,17 @@ import torch
 from torch import Tensor
 
 from lightning_recipe import _context
-from lightning_recipe._probe import iter_train_batches, preserved_rng, takes_dataloader_iter
+from lightning_recipe._probe import (
+    capture_step,
+    copy_module,
+    has_own_validation_step,
+    iter_train_batches,
+    preserved_rng,
+    seed_rngs,
+    takes_dataloader_iter,
+)
 from lightning_recipe._validate import check_int, check_number
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
 
@@ -45,6 +53,10 @@ class TrainValOverlapCheck(RecipeCallback):
     categorical tables) repeat by nature, so for them the share must also clearly exceed the rate at
     which the training data repeats itself.
 
+    A warning is first confirmed on a copy: when on the same shared batch the validation loss
+    compares against targets the training loss never uses, the step splits each sample itself
+    (a forecaster validating on each series' held-out tail): info.
+
     Thresholds: see docs/thresholds.md#train-val-overlap.
 
     Args:
@@ -63,7 +75,8 @@ class TrainValOverlapCheck(RecipeCallback):
 
     codes = ("train-val-overlap",)
     what = "compare training and validation samples"
-    needs_full_copy = False  # never runs the model on a copy
+    # runs the model on a copy only to confirm an overlap (a copy that fails keeps the warning)
+    needs_full_copy = False
 
     def __init__(
         self,
@@ -91,6 +104,7 @@ class TrainValOverlapCheck(RecipeCallback):
         self._log_coincidence: float | None = None
         self._continuous = True
         self._coeffs: dict[tuple[int, str], tuple[Tensor | None, Tensor, Tensor]] = {}
+        self._val_batch: Any = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -119,6 +133,7 @@ class TrainValOverlapCheck(RecipeCallback):
         if not self._val_full and not getattr(trainer, "sanity_checking", False):
             self._val_full = True  # the full run sees the sanity check's batches again
             self._val = []
+            self._val_batch = detach_clone(batch)  # kept to confirm an overlap (one batch)
         self.run_safely(trainer, "on_validation_batch_start", self._add, trainer, self._val, batch)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
@@ -145,6 +160,7 @@ class TrainValOverlapCheck(RecipeCallback):
 
     def _release(self) -> None:
         self._train, self._val, self._coeffs = [], [], {}
+        self._val_batch = None
 
     # ------------------------------------------------------------------ fingerprints
     def _first_batch(self, trainer: Any, batch: Any) -> None:
@@ -248,6 +264,7 @@ class TrainValOverlapCheck(RecipeCallback):
         device = getattr(getattr(trainer, "strategy", None), "root_device", torch.device("cpu"))
         train = _cat(self._train, device)
         val = _cat(self._val, device)
+        batch = self._val_batch
         self._release()
         world = _context.world_size(trainer)
         if world > 1:
@@ -269,9 +286,11 @@ class TrainValOverlapCheck(RecipeCallback):
         if world > 1:
             hits = trainer.strategy.reduce(hits, reduce_op="sum")
             stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        self.run_safely(trainer, "judge", self._verdict, trainer, hits > 0, val_counts, stats)
+        self.run_safely(trainer, "judge", self._verdict, trainer, hits > 0, val_counts, stats, batch)
 
-    def _verdict(self, trainer: Any, hits: Tensor, val_counts: Tensor, stats: Tensor) -> None:
+    def _verdict(
+        self, trainer: Any, hits: Tensor, val_counts: Tensor, stats: Tensor, batch: Any = None
+    ) -> None:
         val_distinct = int(hits.numel())
         val_samples = int(val_counts.sum())
         shared_distinct = int(hits.sum())
@@ -314,7 +333,17 @@ class TrainValOverlapCheck(RecipeCallback):
             and shared >= self.min_count
             and shared > 10 * expected + 2
         )
-        if loud:
+        inside = self._split_inside(trainer, batch) if loud else None
+        if inside is not None:
+            self.figures["split_inside_the_step"] = inside
+            self.report(
+                trainer,
+                "train-val-overlap",
+                Severity.INFO,
+                f"{where}, but {inside}: the split is made inside the step, not between the loaders.",
+                {**evidence, "split_inside_the_step": inside},
+            )
+        elif loud:
             self.report(
                 trainer,
                 "train-val-overlap",
@@ -341,6 +370,43 @@ class TrainValOverlapCheck(RecipeCallback):
                 f"{self.min_count} samples.",
                 evidence,
             )
+
+    def _split_inside(self, trainer: Any, batch: Any) -> str | None:
+        """Why a shared sample is no leak, or ``None``: the user's ``training_step`` and
+        ``validation_step`` run on a copy on the same (shared) validation batch, and the targets
+        that reach the validation loss are mostly values the training loss never compares
+        against -- the step splits each sample itself (a forecasting model trains on the early
+        part of each series and validates on its held-out tail). A loader that reads the
+        training data validates on the very targets it trains on, so the warning stands."""
+        module = getattr(trainer, "lightning_module", None)
+        if batch is None or module is None or not has_own_validation_step(module):
+            return None
+        try:
+            clone = copy_module(module, trainer)
+            with preserved_rng(), torch.no_grad():
+                seed_rngs(0)
+                train = capture_step(clone, "training_step", batch).main_call
+                seed_rngs(0)
+                val = capture_step(clone, "validation_step", batch).main_call
+        except Exception:
+            return None
+        a = getattr(train, "target", None)
+        b = getattr(val, "target", None)
+        if (
+            not (isinstance(a, Tensor) and isinstance(b, Tensor))
+            or not b.is_floating_point()
+            or b.numel() == 0
+        ):
+            return None  # class labels repeat by nature: the same labels say nothing
+        seen = torch.isin(b.detach().reshape(-1), a.detach().reshape(-1).to(b.device)).float().mean()
+        share = float(seen)
+        self.figures["validation_targets_seen_in_training"] = share
+        if share >= 0.5:
+            return None
+        return (
+            f"on the same batch only {share:.0%} of the target values of the validation loss are "
+            "among those of the training loss"
+        )
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

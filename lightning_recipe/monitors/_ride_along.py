@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe._probe import LossCall, LossCapture, StepResult
+from lightning_recipe._probe import LossCall, LossCapture, StepResult, track_hook
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -58,6 +58,8 @@ class StepCapture:
             return False
         mode = LossCapture(module)  # module losses and distribution likelihoods too (``_losses``)
         mode.__enter__()
+        for handle in mode.modules._handles:
+            track_hook(handle)
         self._mode = mode
         _LIVE.add(mode)
         return True
@@ -70,7 +72,10 @@ class StepCapture:
         if mode is None or not _remove(mode):
             return None
         self._mode = None
-        self.forward_output = mode.modules.forward_output
+        out = mode.modules.forward_output
+        # detached: the capture lives on a callback the module reaches through its trainer, and a
+        # probe's deep copy of the module must not meet a non-leaf tensor there
+        self.forward_output = out.detach() if out is not None else None
         calls: list[LossCall] = [c for c in mode.calls if c.output.requires_grad] or mode.calls
         result = mode.result(loss if isinstance(loss, Tensor) else None)
         module_calls = [c for c in result.module_calls if c.output.requires_grad] or result.module_calls

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_recipe import stats, tensorboard
+from lightning_recipe import _losses, stats, tensorboard
 from lightning_recipe._probe import CLASS_LOSSES, REGRESSION_LOSSES, LossCall, StepResult, class_view
 from lightning_recipe._validate import check_int, check_number
 from lightning_recipe.callback import RecipeCallback
@@ -285,10 +285,35 @@ class BaselineMonitor(RecipeCallback):
         )
 
     def _baseline_loss(self, call: LossCall) -> Tensor | None:
+        if getattr(call, "kind", "") == "distribution":
+            # a predicted distribution: the better know-nothing distribution through the same
+            # log-likelihood (fitted to the targets when it has loc/scale, the batch-mean
+            # parameters), not a tensor put in place of one of its parameters
+            ref = _losses.know_nothing_loss(call)
+            if ref is None:
+                self._unreadable = f"no know-nothing distribution could be built for a {call.name} loss"
+                return None
+            return ref[0].detach().float().reshape(())
         base = self._constant(call)
         if base is None:
             return None
-        out = call.recompute(base).detach().float()
+        try:
+            out = call.recompute(base).detach().float()
+        except Exception as exc:  # a loss module that refuses the target mean as its input
+            if not isinstance(call, _losses.ModuleLossCall):
+                raise
+            # its input is not a prediction of the target itself (distribution parameters, a
+            # loc and a raw scale): the batch-mean prediction, the output layer reduced to its
+            # bias, is the constant baseline then
+            ref = _losses.know_nothing_loss(call, prefer=_losses.CONSTANT)
+            if ref is None or ref[1] != _losses.CONSTANT:
+                why = f"{type(exc).__name__}: {exc}"
+                self._unreadable = (
+                    f"the {call.name} loss could not be computed on a constant prediction ({why})"
+                )
+                return None
+            self.figures["baseline_kind"] = "batch-mean prediction (the output layer reduced to its bias)"
+            return ref[0].detach().float().reshape(())
         return out.mean() if out.dim() else out
 
     def _compare(self, call: LossCall) -> Tensor | None:

@@ -4,6 +4,7 @@ gradients through depth, and NaN/Inf gradients."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -412,9 +413,16 @@ class GradientMonitor(TrendMonitor):
             "ratio": ratio,
             "layers": len(profile),
         }
+        # the first layer's own kind deeper down (the same projection of a repeated block):
+        # a gradient small in one kind of parameter in every block alike (attention query/key
+        # weights at init) is not a depth trend, so vanishing needs both ratios below the limit
+        kind_ratio = self._kind_ratio(profile, host)
+        if kind_ratio is not None:
+            self.figures["depth_profile"][opt]["same_kind_ratio"] = kind_ratio
+        vanishing = ratio < self.vanishing_ratio and (kind_ratio is None or kind_ratio < self.vanishing_ratio)
         step = self._step
         for code, cond in (
-            ("vanishing-gradients", ratio < self.vanishing_ratio),
+            ("vanishing-gradients", vanishing),
             ("exploding-gradients", ratio > self.exploding_ratio),
         ):
             k = f"{code}:{opt}"
@@ -424,6 +432,20 @@ class GradientMonitor(TrendMonitor):
             if self.streaks.update(k, cond) >= self.patience and not self.has_reported(code):
                 self._report_depth(trainer, code, first, last, list(hist), len(profile), opt, several)
         return ratio
+
+    def _kind_ratio(self, profile: list[str], host: dict[str, float]) -> float | None:
+        """Relative gradient of the first profile layer over that of the deepest hidden layer of
+        the same kind (same name up to block indices, same module type); ``None`` when the first
+        layer's kind does not repeat."""
+        first = profile[0]
+        kind = _kind(first, self._modules.get(first))
+        same = [p for p in profile[1:-1] if _kind(p, self._modules.get(p)) == kind]
+        if not same:
+            return None
+        rf, rl = host[f"recipe/grad_relative/{first}"], host[f"recipe/grad_relative/{same[-1]}"]
+        if not (math.isfinite(rf) and math.isfinite(rl)) or rf <= 0 or rl <= 0:
+            return None
+        return rf / rl
 
     def _report_depth(
         self,
@@ -604,3 +626,8 @@ def _any_non_finite(tensors: list[Tensor]) -> Tensor:
             norms = [torch.linalg.vector_norm(g.float()) for g in group]
         flags.append(torch.stack(norms).isfinite().all().to(device))
     return torch.stack(flags).all().logical_not()
+
+
+def _kind(layer: str, module: Any) -> tuple[str, str]:
+    """A layer's kind: its name with block indices replaced by ``#``, and its module type."""
+    return re.sub(r"\d+", "#", layer), type(module).__name__

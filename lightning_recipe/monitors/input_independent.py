@@ -241,7 +241,23 @@ class InputIndependentBaseline(RecipeCallback):
                     chance = _chance_loss(result.main_call)
                     if chance is not None:
                         chances.append(chance)
-                    zero = self._zero_run(model, batch)
+                    if self._zero_mode == "reference" and chance is not None:
+                        zeros.append(chance.detach().float().reshape(()))
+                        continue
+                    try:
+                        zero = self._zero_run(model, batch)
+                    except _CannotZero as why:
+                        if chance is None:
+                            raise ProbeSkip(str(why)) from why
+                        # the model cannot run without its input (a forecasting model windowing
+                        # a series by the mask it carries): the user's own loss of a
+                        # know-nothing prediction is the baseline
+                        self._zero_mode = "reference"
+                        self.figures["zeroed"] = (
+                            f"{why}; the baseline is the know-nothing loss of the same loss call"
+                        )
+                        zeros.append(chance.detach().float().reshape(()))
+                        continue
                     zeros.append(zero.data_loss.detach().float().reshape(()))
                     moved.append(self._target_moved(batch, result.main_call, zero.main_call))
         finally:
@@ -249,14 +265,22 @@ class InputIndependentBaseline(RecipeCallback):
         values = {"real_loss": torch.stack(reals).mean(), "zero_loss": torch.stack(zeros).mean()}
         if len(chances) == len(reals):
             values["chance_loss"] = torch.stack(chances).mean()
-        values[_TARGET_MOVED] = torch.stack([m.float().to(reals[0].device) for m in moved]).amax()
+        if moved:
+            values[_TARGET_MOVED] = torch.stack([m.float().to(reals[0].device) for m in moved]).amax()
         host = stats.to_host(values)  # the one host transfer of this validation run
-        if host.pop(_TARGET_MOVED) > 0:
-            raise ProbeSkip(
+        if host.pop(_TARGET_MOVED, 0.0) > 0:
+            why = (
                 "the loss target changes when the input is zeroed (the targets are computed from the "
                 "input: an autoencoder, a language model, a self-supervised loss), so the zero-input "
-                "loss is no baseline; pass get_input/get_target if the input was guessed wrong"
+                "loss is no baseline"
             )
+            if "chance_loss" not in host:
+                raise ProbeSkip(f"{why}; pass get_input/get_target if the input was guessed wrong")
+            # no layer reads the input as such (the model cuts windows out of it first): the
+            # user's own loss of a know-nothing prediction is the baseline from now on
+            self._zero_mode = "reference"
+            self.figures["zeroed"] = f"{why}; the baseline is the know-nothing loss of the same loss call"
+            host["zero_loss"] = host["chance_loss"]
         return host
 
     def _verify_input(self, model: Any, batch: Any) -> None:
@@ -270,7 +294,10 @@ class InputIndependentBaseline(RecipeCallback):
         really ignores its batch and is judged as it is."""
         self._input_verified = True
         real = self._eval_step(model, batch)
-        zero = self._zero_run(model, batch)
+        try:
+            zero = self._zero_run(model, batch)
+        except _CannotZero:
+            return  # judged against the know-nothing loss (or skipped) by the caller
         if bool(self._target_moved(batch, real.main_call, zero.main_call)):
             self._use_reader(model, batch, real)
             return
@@ -327,7 +354,7 @@ class InputIndependentBaseline(RecipeCallback):
             else:
                 result = self._eval_step(model, self.adapter.zero_inputs(batch))
         except Exception as exc:
-            raise ProbeSkip(
+            raise _CannotZero(
                 f"the model could not run on zeroed inputs ({type(exc).__name__}: {exc}); pass "
                 "get_input=lambda batch: ... if the guessed input is not the model's input"
             ) from exc
@@ -443,6 +470,10 @@ def _differs(a: Any, b: Any) -> Tensor:
     if a.is_floating_point():
         diff &= ~(a.isnan() & b.to(a.device).isnan())
     return diff.any()
+
+
+class _CannotZero(ProbeSkip):
+    """The step failed on zeroed inputs."""
 
 
 class _ZeroReader:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor
@@ -29,6 +30,13 @@ LOSS_GUESSES: tuple[tuple[str, str], ...] = (
     ("train/loss", "val/loss"),
     ("loss", "val_loss"),
 )
+
+#: the words that mark a training / a validation metric in a name, wherever they stand
+#: (``train_loss``/``valid_loss``, ``elbo_train``/``elbo_validation``, ``train/acc``/``val/acc``)
+TRAIN_WORDS: tuple[str, ...] = ("train", "training")
+VAL_WORDS: tuple[str, ...] = ("val", "valid", "validation")
+#: the words that say what a metric is
+KIND_WORDS: dict[str, tuple[str, ...]] = {"acc": ("acc", "accuracy"), "loss": ("loss",)}
 
 
 class TrainValGapMonitor(RecipeCallback):
@@ -141,6 +149,8 @@ class TrainValGapMonitor(RecipeCallback):
         self._val: dict[str, Tensor | float] | None = None
         self._skipped = False
         self._lr_peak: dict[str, float] = {}
+        #: per kind, validation metrics found by the words in their names (no guessed name logged)
+        self._by_words: dict[str, list[tuple[str, Any]]] = {}
 
     # ------------------------------------------------------------------ hooks
     @guarded
@@ -158,6 +168,9 @@ class TrainValGapMonitor(RecipeCallback):
                     found[f"val_{kind}"] = metrics[val_name]
                     self.figures[f"val_{kind}_name"] = val_name
                     break
+            else:
+                if not names and not self.acc_names and not self.loss_names:
+                    self._by_words[kind] = [(n, metrics[n]) for n in _val_by_words(metrics, kind)]
         self._val = found
 
     @guarded
@@ -174,6 +187,14 @@ class TrainValGapMonitor(RecipeCallback):
         val, self._val = self._val, None
         metrics = getattr(trainer, "callback_metrics", {}) or {}
         values = dict(val)
+        for kind, named in self._by_words.items():  # names read by their words: the pair's twin
+            for val_name, value in named:
+                twin = next((t for t in _candidates(_train_twins(val_name)) if t in metrics), None)
+                if twin is not None:
+                    values[f"val_{kind}"], values[f"train_{kind}"] = value, metrics[twin]
+                    self.figures[f"val_{kind}_name"], self.figures[f"train_{kind}_name"] = val_name, twin
+                    break
+        self._by_words = {}
         for kind, names, guesses in (
             ("acc", self.acc_names, ACCURACY_GUESSES),
             ("loss", self.loss_names, LOSS_GUESSES),
@@ -391,7 +412,8 @@ class TrainValGapMonitor(RecipeCallback):
         self.skip(
             trainer,
             f"found no pair of train/val metrics in callback_metrics (tried "
-            f"{', '.join(sorted(set(tried)))}, each also with '_epoch' and '/dataloader_idx_0'; "
+            f"{', '.join(sorted(set(tried)))}, each also with '_epoch' and '/dataloader_idx_0', and any "
+            f"name pair that differs only in {'/'.join(TRAIN_WORDS)} vs {'/'.join(VAL_WORDS)}; "
             f"logged: {', '.join(present) or 'none'}); "
             "log them with self.log(..., on_epoch=True) or pass train_metric/val_metric",
             tried=sorted(set(tried)),
@@ -451,3 +473,32 @@ def _measured_classes(trainer: Any) -> int | None:
 def _brief(history: list[dict[str, float]]) -> list[dict[str, float]]:
     keys = ("epoch", "train_acc", "val_acc", "train_loss", "val_loss")
     return [{k: h[k] for k in keys if k in h} for h in history]
+
+
+_SUFFIX = re.compile(r"(_epoch|_step)?(/dataloader_idx_\d+)?$")
+_SPLIT = re.compile(r"([_/.\-])")
+
+
+def _val_by_words(metrics: Mapping[str, Any], kind: str) -> list[str]:
+    """Logged names that read as a validation metric of ``kind`` by their words (a word of
+    :data:`VAL_WORDS` and one of :data:`KIND_WORDS`, split on ``_ / . -``), shortest first
+    (``valid_loss`` before ``valid_loss_0``)."""
+    out = []
+    for name in metrics:
+        if not isinstance(name, str):
+            continue
+        words = [w.lower() for w in _SPLIT.split(_SUFFIX.sub("", name))[::2]]
+        if any(w in VAL_WORDS for w in words) and any(w in KIND_WORDS[kind] for w in words):
+            out.append(name)
+    return sorted(out, key=lambda n: (len(n), n))
+
+
+def _train_twins(val_name: str) -> list[str]:
+    """The training names that pair with ``val_name``: its validation word replaced by each of
+    :data:`TRAIN_WORDS` (case kept as lower case), without Lightning's suffixes."""
+    parts = _SPLIT.split(_SUFFIX.sub("", val_name))
+    out = []
+    for i in range(0, len(parts), 2):
+        if parts[i].lower() in VAL_WORDS:
+            out += ["".join([*parts[:i], word, *parts[i + 1 :]]) for word in TRAIN_WORDS]
+    return out

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_recipe import _sharded, stats, tensorboard
+from lightning_recipe._probe import track_hook, untrack_hook
 from lightning_recipe.callback import guarded
 from lightning_recipe.findings import Severity
 from lightning_recipe.monitors.base import StepMonitor, Streaks
@@ -160,6 +161,8 @@ class UpdateRatioMonitor(StepMonitor):
         self.histogram = histogram
         self.streaks = Streaks()
         self._reported_params: set[str] = set()
+        #: module name -> (its one-shot forward pre-hook, [ran since]) for parameters seen unchanged
+        self._watched: dict[str, tuple[Any, list[bool]]] = {}
         self._moved: set[str] = set()  # parameters seen changing: a gradient reaches them
         self._offsets: dict[int, int] = {}
         self._peak_lr: dict[str, float] = {}
@@ -221,6 +224,8 @@ class UpdateRatioMonitor(StepMonitor):
     def teardown_diagnostics(self) -> None:
         self._pending = {}
         self._samples = []
+        for handle, _ in self._watched.values():
+            untrack_hook(handle)
 
     # ------------------------------------------------------------------ when
     def _due_now(self, trainer: Any) -> bool:
@@ -504,11 +509,30 @@ class UpdateRatioMonitor(StepMonitor):
             if u != 0.0:
                 self._moved.add(name)
             count = self.streaks.update(f"zero:{name}", u == 0.0)
+            if count == 1 and u == 0.0:
+                self._watch_module(trainer, name)
             if count >= self.patience and name not in self._reported_params:
                 newly.append(name)
         if not newly:
             return
         self._reported_params.update(newly)
+        # a parameter whose module never ran a forward since it was first seen still is not a
+        # training failure (a branch unused by design, an option turned off): an info
+        idle = [n for n in newly if self._module_of(n) in self._idle_modules]
+        newly = [n for n in newly if n not in idle]
+        if idle:
+            self.report(
+                trainer,
+                "params-not-updating",
+                Severity.INFO,
+                f"{len(idle)} trainable parameter tensor(s) never changed because their modules never ran a "
+                f"forward ({', '.join(idle[:MAX_NAMES_IN_MESSAGE])}"
+                f"{' and more' if len(idle) > MAX_NAMES_IN_MESSAGE else ''}): unused by design they only "
+                "cost memory; if they should be part of the model, call them in forward.",
+                {"parameters": idle, "kind": "never-ran"},
+            )
+        if not newly:
+            return
         shown = ", ".join(newly[:MAX_NAMES_IN_MESSAGE]) + (
             f" and {len(newly) - MAX_NAMES_IN_MESSAGE} more" if len(newly) > MAX_NAMES_IN_MESSAGE else ""
         )
@@ -523,6 +547,32 @@ class UpdateRatioMonitor(StepMonitor):
             "check the forward pass and the optimizer's param groups.",
             {"parameters": newly, "measured": total, "logging_steps": self.patience},
         )
+
+    @staticmethod
+    def _module_of(name: str) -> str:
+        return name.rpartition(".")[0]
+
+    @property
+    def _idle_modules(self) -> set[str]:
+        return {n for n, (_, ran) in self._watched.items() if not ran[0]}
+
+    def _watch_module(self, trainer: Any, name: str) -> None:
+        """A one-shot forward pre-hook on the module owning ``name``: did it run at all?"""
+        owner = self._module_of(name)
+        if owner in self._watched:
+            return
+        try:
+            module = trainer.lightning_module.get_submodule(owner) if owner else trainer.lightning_module
+        except Exception:
+            return
+        ran = [False]
+
+        def mark(mod: Any, args: Any) -> None:
+            ran[0] = True
+            untrack_hook(handle)
+
+        handle = track_hook(module.register_forward_pre_hook(mark))
+        self._watched[owner] = (handle, ran)
 
     def _note_skipped(self, trainer: Any, m: _Measured) -> None:
         if not m.skipped:

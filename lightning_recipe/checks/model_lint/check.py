@@ -21,6 +21,7 @@ from lightning_recipe.checks.model_lint.output_no_bias import output_no_bias, so
 from lightning_recipe.checks.model_lint.params_not_updating import (
     find_optimizers,
     gradients_unreadable,
+    never_ran,
     no_gradient,
     not_in_optimizer,
     on_module,
@@ -112,6 +113,8 @@ class ModelLintCheck(RecipeCallback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)
         self._train_batches = 0
+        if self._grads is not None:
+            self._grads.close()
         self._grads = None
         why = gradients_unreadable(trainer, pl_module, trainer.optimizers)
         if why:
@@ -120,6 +123,8 @@ class ModelLintCheck(RecipeCallback):
             self._grads = GradWatch(pl_module, trainer.optimizers)
 
     def teardown_diagnostics(self) -> None:
+        if self._grads is not None:
+            self._grads.close()
         self._grads = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -162,6 +167,8 @@ class ModelLintCheck(RecipeCallback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._grads is not None and self._grads.steps >= 2:
             self._finish_grads(trainer)
+        if self._grads is not None:
+            self._grads.close()
         self._grads = None
 
     @guarded
@@ -325,6 +332,7 @@ class ModelLintCheck(RecipeCallback):
         result = watch.result()
         self.figures["grad_steps_watched"] = watch.steps
         self._report_lint(trainer, no_gradient(result.no_grad, watch.steps))
+        self._report_lint(trainer, never_ran(result.never_ran, watch.steps))
         self._report_lint(trainer, carried_over(result.carried, watch.steps))
 
     # ------------------------------------------------------------------ helpers

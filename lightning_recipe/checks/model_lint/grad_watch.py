@@ -7,13 +7,14 @@ at a step and which were stepped without their gradient being cleared since the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_recipe import stats
+from lightning_recipe._probe import HookSet
 from lightning_recipe.checks.model_lint._common import opt_params
 
 
@@ -21,6 +22,9 @@ from lightning_recipe.checks.model_lint._common import opt_params
 class GradResult:
     no_grad: list[tuple[str, int, bool]]  # (name, numel, ever had a grad tensor)
     carried: list[str]
+    #: (name, numel) of parameters without a gradient whose module never ran a forward while
+    #: watched: unused by design (an optional branch, an option turned off) or forgotten
+    never_ran: list[tuple[str, int]] = field(default_factory=list)
 
 
 class GradWatch:
@@ -36,6 +40,23 @@ class GradWatch:
             if params:
                 self.groups[id(_unwrap(opt))] = _OptState(params)
         self.steps = 0
+        # which modules run a forward while watched (pre-hooks, removed by :meth:`result`)
+        self._owner = {id(p): id(m) for m in module.modules() for p in m.parameters(recurse=False)}
+        self._ran: set[int] = set()
+        self._hooks = HookSet()
+        ran = self._ran
+
+        def mark(module: nn.Module, args: Any) -> None:
+            # a plain function over a set of ids: a deep copy of the model made while the hooks
+            # are on (a probe) copies functions by reference, never this watch and its tensors
+            ran.add(id(module))
+
+        for m in module.modules():
+            self._hooks.forward(m, mark, pre=True)
+
+    def close(self) -> None:
+        """Remove the forward pre-hooks (safe to call twice)."""
+        self._hooks.remove()
 
     def before_backward(self) -> None:
         for state in self.groups.values():
@@ -50,12 +71,13 @@ class GradWatch:
 
     def result(self) -> GradResult:
         """Read the flags (one transfer) and name the parameters."""
+        self.close()
         states = [s for s in self.groups.values() if s.steps]
         if not states:
             return GradResult([], [])
         device = states[0].device
         host = stats.vector_to_host(torch.cat([s.flags().to(device) for s in states]))
-        no_grad, carried, offset = [], [], 0
+        no_grad, carried, never_ran, offset = [], [], [], 0
         for state in states:
             n = len(state.params)
             got, bad = host[offset : offset + n], host[offset + n : offset + 2 * n]
@@ -63,10 +85,13 @@ class GradWatch:
             for p, g, c, seen in zip(state.params, got, bad, state.had_grad):
                 name = self.names.get(id(p), f"<unnamed {tuple(p.shape)}>")
                 if g == 0 and p.requires_grad:  # frozen since the fit started (BaseFinetuning)
-                    no_grad.append((name, p.numel(), seen))
+                    if not seen and self._owner.get(id(p)) not in self._ran:
+                        never_ran.append((name, p.numel()))
+                    else:
+                        no_grad.append((name, p.numel(), seen))
                 if c != 0:
                     carried.append(name)
-        return GradResult(no_grad, carried)
+        return GradResult(no_grad, carried, never_ran)
 
 
 def _unwrap(optimizer: Any) -> Any:

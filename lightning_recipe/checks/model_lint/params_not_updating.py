@@ -140,3 +140,24 @@ def no_gradient(no_grad: list[tuple[str, int, bool]], steps: int) -> Lint | None
         },
         key="params-not-updating:gradient",
     )
+
+
+def never_ran(unused: list[tuple[str, int]], steps: int) -> Lint | None:
+    """The info for trainable parameters whose module never ran a forward in the first ``steps``
+    steps: nothing the optimizer or the backward did wrong (the model computes what its forward
+    says), so an info, not a warning: a branch unused by design (an option turned off in a
+    library model) needs nothing, a layer forgotten in ``forward`` needs calling."""
+    if not unused:
+        return None
+    names = [n for n, _ in unused]
+    values = sum(v for _, v in unused)
+    return Lint(
+        "params-not-updating",
+        Severity.INFO,
+        f"{len(names)} trainable parameter(s) ({values:,} values) belong to modules that never ran a "
+        f"forward in the first {steps} optimizer steps, so they never train: {name_list(names)}. "
+        "Unused by design (an optional branch, an option turned off) they only cost memory; if they "
+        "should be part of the model, call them in forward.",
+        {"kind": "never-ran", "count": len(names), "values": values, "names": names, "steps": steps},
+        key="params-not-updating:never-ran",
+    )
