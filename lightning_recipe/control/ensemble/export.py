@@ -33,6 +33,11 @@ def user_copy(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     for m in clone.modules():
         m.__dict__.pop("log", None)
         m.__dict__.pop("log_dict", None)
+    # Lightning's forward redirection (DDP, FSDP, DeepSpeed) leaves the module's own ``forward``
+    # bound on the instance; dropped, so a subclass's forward (the snapshot ensemble's) is used
+    bound = clone.__dict__.get("forward")
+    if getattr(bound, "__func__", None) is getattr(type(clone), "forward", None):
+        del clone.__dict__["forward"]
     clone.load_state_dict(state)
     return clone
 

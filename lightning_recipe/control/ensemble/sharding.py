@@ -59,9 +59,9 @@ def plan(trainer: Any, module: nn.Module, copies: int) -> Plan:
     budget = _sharded.copy_budget_mb()
     evidence: dict[str, Any] = {
         "sharding": kind,
-        "full_weights_mb": round(full_mb, 3),
+        "full_weights_mb": round(full_mb, 6),
         "unsharded_copies": copies,
-        "needed_mb": round(need, 3),
+        "needed_mb": round(need, 6),
         "budget_mb": budget,
         "world_size": _context.world_size(trainer),
     }
@@ -178,9 +178,9 @@ def memory(
     kept sharded between evaluations (the snapshots held in memory, the EMA)."""
     held = sum(sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in copies)
     return {
-        "evaluation_copies_mb": round(held / MB, 3),
-        "snapshot_shards_mb": round(sum(local_nbytes(s) for s in snapshots) / MB, 3),
-        "ema_shards_mb": round(local_nbytes(ema) / MB, 3),
+        "evaluation_copies_mb": round(held / MB, 6),
+        "snapshot_shards_mb": round(sum(local_nbytes(s) for s in snapshots) / MB, 6),
+        "ema_shards_mb": round(local_nbytes(ema) / MB, 6),
     }
 
 
