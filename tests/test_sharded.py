@@ -212,7 +212,7 @@ def test_fsdp2_detached_block_same_verdict_as_ddp(tmp_path):
 
 def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
     cfg = {"strategy": "fsdp2", "model": "cnn", "suite": SUITE}
-    first = run(tmp_path / "first", {**cfg, "epochs": 1, "ckpt_dir": str(tmp_path / "ckpt")})
+    first = run(tmp_path / "first", {**cfg, "epochs": 1, "ckpt_dir": str(tmp_path / "ckpt"), "exports": True})
     resumed = run(
         tmp_path / "resumed", {**cfg, "epochs": 2, "ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")}
     )
@@ -221,6 +221,13 @@ def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
             assert codes(ranks[r]) == set(), ranks[r]["findings"]
             assert ranks[r]["figures"]["FirstLayerFilterMonitor"]["type"] == "Conv2d"
     assert resumed[0]["global_step"] == 2 * first[0]["global_step"]
+    # BatchNorm statistics differ between FSDP2 ranks: the ensemble takes rank zero's, as a
+    # distributed checkpoint does, so every rank hands back the same models
+    assert first[0]["exports"] == first[1]["exports"] and first[0]["exports"]["unsharded"]
+    for r in (0, 1):
+        assert verdict(resumed[r])["evidence"]["step"] == resumed[r]["global_step"]
+        # the shards were not in the checkpoint: said once, the ensemble starts again
+        assert "resumed from a sharded run" in skipped(resumed[r])["CheckpointEnsemble"]
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
 
 

@@ -215,6 +215,7 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
         self._shard: str | None = None  # the model's sharding (``_sharded.kind``), same on every rank
         self._ema: sharding.ShardedAverage | None = None  # sharded: the EMA of this rank's shards
         self._sharded_lost: str | None = None  # resumed from a sharded run: what the checkpoint lacks
+        self._in_fit = False  # between fit start and fit end (a checkpoint may be restored in between)
 
     # ------------------------------------------------------------------ layout
     def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
@@ -244,13 +245,19 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
             self._start_sharded(trainer, pl_module)  # every rank: one all-reduce
         else:
             self.run_safely(trainer, "create the averaged model", self._create_average, trainer, pl_module)
+        self._in_fit = True
+        self._report_resume(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._report_resume(trainer)  # strategies that restore the checkpoint after fit start
+
+    def _report_resume(self, trainer: Any) -> None:
         if self._sharded_lost:
             self.report(
                 trainer,
                 "check-skipped",
                 Severity.INFO,
-                f"CheckpointEnsemble resumed from a sharded run: {self._sharded_lost}; the ensemble and "
-                "the average start again from here.",
+                f"CheckpointEnsemble resumed from a sharded run: {self._sharded_lost}.",
                 {"why": "sharded resume"},
             )
             self._sharded_lost = None
@@ -354,6 +361,7 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
         self._verdict(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._in_fit = False
         if self._avg is not None and self.ema_device is None:
             self._avg.module.to("cpu")  # free the accelerator; moved back if fit is called again
         if self._ema is not None and self.ema_device is None:
@@ -668,7 +676,7 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
         self._stash = []
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._eval = None
+        self._eval, self._in_fit = None, False
         super().on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:
@@ -703,8 +711,16 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
         # a checkpoint written at the end of training (ModelCheckpoint's save_last does that, after
         # every on_train_end) holds that fit's end-of-training verdict; the resumed fit gives its own
         self._findings = [f for f in self._findings if not end_of_fit(f)]
-        self._avg_loaded = state_dict.get("averaged")
-        self._avg = None
+        loaded = state_dict.get("averaged")
+        if self._in_fit:
+            # restored after fit start (strategies that restore after setup: FSDP, ModelParallel,
+            # DeepSpeed): the average made at fit start takes the checkpoint's, or restarts
+            if self._avg is not None and loaded is not None:
+                averaging.load_average(self._avg, loaded)
+            if self._ema is not None:
+                self._ema.n_averaged = 0  # the first update copies the restored weights
+        else:
+            self._avg_loaded, self._avg, self._ema = loaded, None, None
         self._n_updates = int(state_dict.get("n_updates", 0))
         self._last_update_step = int(state_dict.get("last_update_step", 0))
         snaps = [Snapshot.from_state(d) for d in state_dict.get("snapshots", [])]
@@ -715,13 +731,15 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
         self.history = list(state_dict.get("history", []))
         self._loss_name = state_dict.get("loss_name")
         self._use_training_step = state_dict.get("use_training_step")
-        self._ema = None
         lost = int(state_dict.get("sharded_snapshots", 0) or 0)
         if state_dict.get("sharded_average") or lost:
             self._n_updates = 0  # the average starts again: so does its warm-up
+            what = (
+                f"its averaged weights and {lost} snapshot(s) were" if lost else "its averaged weights were"
+            )
+            again = "the ensemble and the average start" if lost else "the average starts"
             self._sharded_lost = (
-                f"its averaged weights and {lost} snapshot(s) were kept as each rank's shards, which "
-                "are not in the checkpoint"
+                f"{what} kept as each rank's shards, which are not in the checkpoint; {again} again from here"
             )
 
 

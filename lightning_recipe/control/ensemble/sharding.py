@@ -142,7 +142,10 @@ def rebuild(
     out: list[T] = []
     error: BaseException | None = None
     for state, sharded in items:
-        whole = _sharded.full_state(module, state) if sharded else dict(state)
+        whole = dict(state)
+        if sharded:
+            whole = _sharded.full_state(module, state)
+            from_rank_zero(module, whole)
         if error is None:
             try:
                 out.append(make(whole))
@@ -152,6 +155,31 @@ def rebuild(
     if error is not None:
         raise error
     return out
+
+
+def from_rank_zero(module: nn.Module, whole: dict[str, Tensor]) -> None:
+    """Replace the tensors of ``whole`` that are not sharded (buffers: FSDP2 keeps each rank's own
+    BatchNorm statistics, it does not broadcast them as DDP does) by rank zero's, as a
+    distributed checkpoint keeps them, so every rank rebuilds the same model: one broadcast per
+    dtype, on every rank (the same names and dtypes everywhere: the model's). In place of the
+    dict's entries; the tensors it held are not modified."""
+    if _sharded.world_size() <= 1:
+        return
+    sharded = {n for n, p in module.named_parameters() if _sharded.is_dtensor(p)}
+    groups: dict[torch.dtype, list[str]] = {}
+    for n, t in whole.items():  # the module's order, the same on every rank
+        if n not in sharded:
+            groups.setdefault(t.dtype, []).append(n)
+    device = module_device(module)
+    for dtype, names in groups.items():
+        wire = torch.uint8 if dtype == torch.bool else dtype
+        flat = torch.cat([whole[n].detach().reshape(-1).to(device, wire) for n in names])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for n in names:
+            k = whole[n].numel()
+            whole[n] = flat[offset : offset + k].view(whole[n].shape).to(whole[n].device, dtype)
+            offset += k
 
 
 def unsharded_copy(module: nn.Module, trainer: Any, state: Mapping[str, Tensor]) -> nn.Module:
