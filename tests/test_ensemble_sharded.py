@@ -91,3 +91,16 @@ def test_sharded_ensemble_beyond_the_budget_says_what_it_needs(tmp_path, process
     assert not ens.history and "ensemble-evaluated" not in {f.code for f in ens.findings}
     with pytest.raises(RuntimeError, match="no snapshot"):
         ens.ensemble()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"evaluate": "fit_end"}, {"selection": "top"}, {"storage": "disk"}],
+    ids=["fit_end", "top", "disk"],
+)
+def test_sharded_ensemble_modes(tmp_path, process_group, kwargs):
+    ens = CheckpointEnsemble(num_snapshots=2, averaged_path=False, snapshot_dir=tmp_path / "snaps", **kwargs)
+    t, _, val = fit_sharded(tmp_path, ens, epochs=3)
+    assert [f.code for f in ens.findings] == ["ensemble-evaluated"]
+    assert ens.figures["single_loss"] == pytest.approx(float(t.callback_metrics["val_loss"]), rel=1e-6)
+    assert val_loss(ens.ensemble(), val) == pytest.approx(ens.figures["snapshot_ensemble_loss"], rel=1e-5)
