@@ -32,6 +32,7 @@ from lightning_recipe import _sharded
 from lightning_recipe.control.ensemble import CheckpointEnsemble
 
 MB = 2**20
+VERDICT_KEYS = ("single_loss", "snapshot_ensemble_loss", "averaged_loss")
 
 
 def peak_mb() -> float:
@@ -133,7 +134,7 @@ def main() -> None:
                 "evaluation_copies_mb": figures.get("sharded", {}).get("evaluation_copies_mb"),
                 "peak_rss_mb": round(peak_mb(), 1),
                 "seconds": round(seconds, 1),
-                "verdict": {k: figures.get(k) for k in ("single_loss", "snapshot_ensemble_loss", "averaged_loss")},
+                "verdict": {k: figures.get(k) for k in VERDICT_KEYS},
             }
         )
     )
