@@ -73,14 +73,7 @@ class CheckpointEnsemble(ShardedMode, RecipeCallback):
     Lightning's ``WeightAveraging`` it never touches your model, optimizer or RNG.
 
     Reports ``ensemble-evaluated`` (info, at the end of training): the measured numbers and which
-    one wins by how much.
-
-    Sharded models (FSDP2 / ``ModelParallelStrategy``): the snapshots and the EMA are kept as each
-    rank's own shards (1/world of the model each, no communication while training); at each
-    evaluation every rank rebuilds the members' whole weights together and evaluates unsharded
-    copies on its validation shard, as under DDP (see ``ensemble.sharding``). Under FSDP (flat
-    parameters) or DeepSpeed stage 3, or when the copies exceed ``LIGHTNING_RECIPE_SHARDED_COPY_MB``,
-    it reports a ``check-skipped`` with the reason and the memory it would need.
+    one wins by how much. FSDP2: snapshots and EMA kept sharded (``ensemble.sharding``).
 
     Thresholds: see docs/thresholds.md#checkpoint-ensemble.
 
