@@ -6,7 +6,14 @@ during training. At an evaluation every rank rebuilds each member's whole tensor
 point (:func:`~lightning_recipe._sharded.full_state`: one all-gather per sharded tensor per
 member) and makes a plain unsharded copy from them without communication
 (:func:`~lightning_recipe._sharded.adopted` + ``copy_module``), so each rank evaluates its own
-validation shard as under DDP, with the same reduction.
+validation shard as under DDP, with the same reduction. Replicated tensors (BatchNorm statistics,
+which FSDP2 keeps per rank) are rank zero's. At the end of training the average and the kept
+snapshots are made whole, for ``averaged_model()``, ``ensemble()`` and the averaged checkpoint.
+
+Under FSDP (flat parameters) or DeepSpeed stage 3 whole tensors cannot be rebuilt from the shards,
+and ``num_snapshots + 1`` unsharded copies may exceed ``LIGHTNING_RECIPE_SHARDED_COPY_MB``: then
+the callback turns itself off at fit start with one ``check-skipped`` that gives the reason and
+the memory it would need, the same on every rank.
 
 Every function here that communicates says so; the callback calls them only where every rank is
 at the same point with the same agreed decision (:func:`agree`).
