@@ -34,7 +34,14 @@ def process_group():
         torch.distributed.destroy_process_group()
 
 
-def fit_sharded(tmp_path, ens: CheckpointEnsemble, epochs: int = 2) -> tuple[Any, Classifier, Any]:
+def fit_sharded(
+    tmp_path,
+    ens: CheckpointEnsemble,
+    epochs: int = 2,
+    extra: list | None = None,
+    checkpointing: bool = False,
+    ckpt_path: str | None = None,
+) -> tuple[Any, Classifier, Any]:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     torch.manual_seed(0)
@@ -42,8 +49,15 @@ def fit_sharded(tmp_path, ens: CheckpointEnsemble, epochs: int = 2) -> tuple[Any
     train, val = loaders(x, y, batch_size=16, shuffle=False)
     model = FullyShardedClassifier(mlp(hidden=32), lr=1e-2)
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
-    t = trainer(tmp_path, [ens], logger=None, max_epochs=epochs, strategy=strategy)
-    t.fit(model, train, val)
+    t = trainer(
+        tmp_path,
+        [ens, *(extra or [])],
+        logger=None,
+        max_epochs=epochs,
+        strategy=strategy,
+        enable_checkpointing=checkpointing,
+    )
+    t.fit(model, train, val, ckpt_path=ckpt_path)
     return t, model, val
 
 
@@ -104,3 +118,18 @@ def test_sharded_ensemble_modes(tmp_path, process_group, kwargs):
     assert [f.code for f in ens.findings] == ["ensemble-evaluated"]
     assert ens.figures["single_loss"] == pytest.approx(float(t.callback_metrics["val_loss"]), rel=1e-6)
     assert val_loss(ens.ensemble(), val) == pytest.approx(ens.figures["snapshot_ensemble_loss"], rel=1e-5)
+
+
+def test_sharded_resume_restored_after_fit_start_keeps_evaluating(tmp_path, process_group):
+    # ModelParallelStrategy restores the checkpoint after fit start: the average made there stays
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    first = CheckpointEnsemble(num_snapshots=2, averaged_path=False)
+    fit_sharded(tmp_path / "a", first, epochs=1, extra=[ckpt], checkpointing=True)
+    ens = CheckpointEnsemble(num_snapshots=2, averaged_path=False)
+    t, _, _ = fit_sharded(tmp_path / "b", ens, epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert {f.code for f in ens.findings} == {"ensemble-evaluated", "check-skipped"}
+    (note,) = [f for f in ens.findings if f.code == "check-skipped"]
+    assert "resumed from a sharded run" in note.message
+    assert ens.history[-1]["step"] == t.global_step and len(ens.history) == 2
