@@ -124,6 +124,21 @@ def test_the_users_run_stays_bit_identical(tmp_path, selection):
             assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k
 
 
+def test_ensemble_forward_survives_lightnings_forward_redirection(tmp_path):
+    # DDP, FSDP and DeepSpeed run training_step through the wrapper's forward and leave the module's
+    # own forward bound on the instance, which a copy inherits: ensemble() must still average
+    ens = CheckpointEnsemble(num_snapshots=2, averaged_path=False)
+    _, model, val = fit_noisy(tmp_path, [ens], epochs=2, logger=None)
+    model.forward = model.forward
+    snap = ens.ensemble()
+    x, y = torch.cat([b[0] for b in val]), torch.cat([b[1] for b in val])
+    with torch.no_grad():
+        loss = float(torch.nn.functional.cross_entropy(snap(x), y))
+        newest = float(torch.nn.functional.cross_entropy(snap.recipe_members[-1](x), y))
+    assert loss == pytest.approx(ens.figures["snapshot_ensemble_loss"], rel=1e-5)
+    assert loss != pytest.approx(newest, rel=1e-3)
+
+
 def test_top_selection_keeps_the_best_measured_snapshots(tmp_path):
     ens = CheckpointEnsemble(num_snapshots=3, selection="top")
     fit_noisy(tmp_path, [ens], logger=None)

@@ -21,9 +21,8 @@ import torch
 SCRIPT = Path(__file__).parent / "sharded" / "run_suite.py"
 pytestmark = pytest.mark.slow
 
-#: the suite as the scenarios run it: early stopping on; the checkpoint ensemble keeps unsharded
-#: copies of the weights and is hooked in separately (see lightning_recipe._sharded)
-SUITE = {"monitor": "val_loss", "checkpoint_ensemble": False}
+#: the suite as the scenarios run it: everything, early stopping on
+SUITE = {"monitor": "val_loss"}
 #: checks that run the model on an unsharded copy: none may skip under FSDP2
 COPY_CHECKS = (
     "LossAtInitCheck",
@@ -33,6 +32,7 @@ COPY_CHECKS = (
     "ModelLintCheck",
     "InputIndependentBaseline",
     "PredictionDynamicsMonitor",
+    "CheckpointEnsemble",
 )
 
 
@@ -65,8 +65,8 @@ def skipped(rank: dict) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory):
     base = tmp_path_factory.mktemp("sharded")
-    fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE, "check_helpers": True})
-    ddp = run(base / "ddp", {"strategy": "ddp", "suite": SUITE})
+    fsdp = run(base / "fsdp2", {"strategy": "fsdp2", "suite": SUITE, "check_helpers": True, "exports": True})
+    ddp = run(base / "ddp", {"strategy": "ddp", "suite": SUITE, "exports": True})
     return fsdp, ddp, base
 
 
@@ -119,6 +119,55 @@ def test_fsdp2_measures_what_ddp_measures(healthy):
     assert codes(fsdp[0], loud=False) == codes(ddp[0], loud=False)
 
 
+def verdict(rank: dict) -> dict:
+    (found,) = [f for f in rank["findings"] if f["code"] == "ensemble-evaluated"]
+    return found
+
+
+def test_fsdp2_checkpoint_ensemble_measures_what_ddp_measures(healthy):
+    fsdp, ddp, _ = healthy
+    # the same verdict, in the same words and numbers, on both ranks
+    assert verdict(fsdp[0]) == verdict(fsdp[1])
+    ours, theirs = verdict(fsdp[0])["evidence"], verdict(ddp[0])["evidence"]
+    assert ours["members"] == theirs["members"] >= 2 and ours["epoch"] == theirs["epoch"]
+    for key in ("single", "snapshot_ensemble", "averaged"):
+        for metric in ("loss", "accuracy"):
+            assert ours[f"{key}_{metric}"] == pytest.approx(theirs[f"{key}_{metric}"], rel=1e-5), key
+    # kept sharded between evaluations: each rank holds half of every snapshot and of the EMA
+    for r in (0, 1):
+        mem = fsdp[r]["figures"]["CheckpointEnsemble"]["sharded"]
+        assert mem["ema_shards_mb"] == pytest.approx(mem["full_weights_mb"] / 2, rel=0.1)
+        stored = ours["members"] - 1  # at the evaluation: the current model is not stored yet
+        assert mem["snapshot_shards_mb"] == pytest.approx(stored * mem["full_weights_mb"] / 2, rel=0.1)
+        # handed back unsharded, built from whole tensors: they measure what DDP's measure
+        out, ref = fsdp[r]["exports"], ddp[r]["exports"]
+        assert out["unsharded"] and out["checkpoint_matches"] and out["members"] == ref["members"]
+        for key in ("averaged_loss", "ensemble_loss"):
+            assert out[key] == pytest.approx(ref[key], rel=1e-5), key
+        # ensemble() averages the members the last evaluation averaged, under both strategies
+        for got, measured in ((out, ours), (ref, theirs)):
+            assert got["ensemble_loss"] == pytest.approx(measured["snapshot_ensemble_loss"], rel=1e-5)
+            assert got["averaged_loss"] == pytest.approx(measured["averaged_loss"], rel=1e-5)
+
+
+def test_fsdp2_checkpoint_ensemble_beyond_the_budget_is_skipped_alike(tmp_path):
+    # room for the one-shot checks' copy (1x the weights), not for the ensemble's 4 copies
+    cfg = {
+        "strategy": "fsdp2",
+        "suite": SUITE,
+        "epochs": 1,
+        "env": {"LIGHTNING_RECIPE_SHARDED_COPY_MB": "0.015"},
+    }
+    ranks = run(tmp_path, cfg)
+    skips = [skipped(ranks[r]) for r in (0, 1)]
+    assert skips[0] == skips[1]
+    message = skips[0]["CheckpointEnsemble"]
+    assert "4 unsharded copies" in message and "MB" in message, message
+    assert not any(k in COPY_CHECKS[:-1] for k in skips[0]), skips[0]  # the checks still ran
+    for r in (0, 1):
+        assert "ensemble-evaluated" not in codes(ranks[r], loud=False)
+
+
 def test_sharded_states_and_ema_rebuild_whole_tensors(healthy):
     fsdp, _, _ = healthy
     for r in (0, 1):
@@ -163,7 +212,7 @@ def test_fsdp2_detached_block_same_verdict_as_ddp(tmp_path):
 
 def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
     cfg = {"strategy": "fsdp2", "model": "cnn", "suite": SUITE}
-    first = run(tmp_path / "first", {**cfg, "epochs": 1, "ckpt_dir": str(tmp_path / "ckpt")})
+    first = run(tmp_path / "first", {**cfg, "epochs": 1, "ckpt_dir": str(tmp_path / "ckpt"), "exports": True})
     resumed = run(
         tmp_path / "resumed", {**cfg, "epochs": 2, "ckpt_path": str(tmp_path / "ckpt" / "last.ckpt")}
     )
@@ -172,6 +221,13 @@ def test_fsdp2_cnn_resumes_from_sharded_checkpoint(tmp_path):
             assert codes(ranks[r]) == set(), ranks[r]["findings"]
             assert ranks[r]["figures"]["FirstLayerFilterMonitor"]["type"] == "Conv2d"
     assert resumed[0]["global_step"] == 2 * first[0]["global_step"]
+    # BatchNorm statistics differ between FSDP2 ranks: the ensemble takes rank zero's, as a
+    # distributed checkpoint does, so every rank hands back the same models
+    assert first[0]["exports"] == first[1]["exports"] and first[0]["exports"]["unsharded"]
+    for r in (0, 1):
+        assert verdict(resumed[r])["evidence"]["step"] == resumed[r]["global_step"]
+        # the shards were not in the checkpoint: said once, the ensemble starts again
+        assert "resumed from a sharded run" in skipped(resumed[r])["CheckpointEnsemble"]
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -107,9 +108,35 @@ def check_helpers(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def ensemble_exports(trainer: Any, val: Any) -> dict[str, Any] | None:
+    """What CheckpointEnsemble hands back after fit (every rank): the averaged model, the snapshot
+    ensemble and the averaged checkpoint, evaluated on the whole validation set in this process."""
+    ens = next((cb for cb in trainer.callbacks if type(cb).__name__ == "CheckpointEnsemble"), None)
+    if ens is None or not ens.history:
+        return None
+    x = torch.cat([b[0] for b in val])
+    y = torch.cat([b[1] for b in val])
+    avg, snap = ens.averaged_model(), ens.ensemble()
+    ckpt = (
+        torch.load(ens.averaged_path, map_location="cpu", weights_only=False) if ens.averaged_path else None
+    )
+    with torch.no_grad():
+        return {
+            "averaged_loss": float(torch.nn.functional.cross_entropy(avg(x), y)),
+            "ensemble_loss": float(torch.nn.functional.cross_entropy(snap(x), y)),
+            "members": len(snap.recipe_members),
+            "member_losses": [float(torch.nn.functional.cross_entropy(m(x), y)) for m in snap.recipe_members],
+            "member_epochs": [s.epoch for s in ens._snapshots],
+            "unsharded": not any(hasattr(p, "placements") for m in (avg, snap) for p in m.parameters()),
+            "checkpoint_matches": ckpt is not None
+            and all(torch.equal(ckpt["state_dict"][k], v) for k, v in avg.state_dict().items()),
+        }
+
+
 def main() -> None:
     out, cfg = Path(sys.argv[1]), json.loads(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(cfg.get("env", {}))  # before the trainer: the ranks it starts inherit it
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     L.seed_everything(cfg.get("seed", 0), verbose=False)
     strategy = cfg.get("strategy", "fsdp2")
@@ -168,8 +195,10 @@ def main() -> None:
         )
     )
     helpers = check_helpers(model) if cfg.get("check_helpers") else None
+    exports = ensemble_exports(trainer, val) if cfg.get("exports") and raised is None else None
     result = {
         "helpers": helpers,
+        "exports": exports,
         "rank": rank,
         "world_size": trainer.world_size,
         "seconds": time.perf_counter() - start,

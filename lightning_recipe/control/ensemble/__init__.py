@@ -9,6 +9,8 @@ By concern:
 * ``evaluation``: one evaluation's state, its reduction over the ranks, the verdict;
 * ``batchnorm``: BatchNorm statistics for the averaged weights (and their DDP average);
 * ``export``: what you get back (the ensemble module, the averaged model and checkpoint).
+* ``sharding``: the same under FSDP2: snapshots and EMA kept as each rank's shards, members
+  rebuilt whole at each evaluation, or a skip with the memory it would need.
 """
 
 from lightning_recipe.control.ensemble.callback import CheckpointEnsemble

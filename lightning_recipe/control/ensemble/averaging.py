@@ -28,9 +28,14 @@ def new_average(
     avg = AveragedModel(nn.Module(), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
     avg.module = clone  # AveragedModel would deep-copy again; ours is already a safe copy
     if loaded is not None:
-        avg.module.load_state_dict(loaded["module"])
-        avg.n_averaged.fill_(int(loaded["n_averaged"]))
+        load_average(avg, loaded)
     return avg
+
+
+def load_average(avg: AveragedModel, loaded: dict[str, Any]) -> None:
+    """Restore an :func:`average_state` into ``avg``."""
+    avg.module.load_state_dict(loaded["module"])
+    avg.n_averaged.fill_(int(loaded["n_averaged"]))
 
 
 def warmed_up_decay(decay: float, n_updates: int, warmup: bool) -> float:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from lightning_recipe import _context, tensorboard
+from lightning_recipe import _context, _sharded, tensorboard
 from lightning_recipe._probe import (
     LossCall,
     ProbeSkip,
@@ -31,7 +31,7 @@ from lightning_recipe._probe import (
 from lightning_recipe._validate import check_int
 from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback
-from lightning_recipe.control.ensemble import averaging, batchnorm, export
+from lightning_recipe.control.ensemble import averaging, batchnorm, export, sharding
 from lightning_recipe.control.ensemble import snapshots as store
 from lightning_recipe.control.ensemble.evaluation import (
     NO_EVALUATION,
@@ -49,6 +49,7 @@ from lightning_recipe.control.ensemble.evaluation import (
     winner,
 )
 from lightning_recipe.control.ensemble.predictions import batch_rows
+from lightning_recipe.control.ensemble.sharding import ShardedMode
 from lightning_recipe.control.ensemble.snapshots import Snapshot
 from lightning_recipe.findings import Severity
 
@@ -58,7 +59,7 @@ STORAGES = ("cpu", "disk")
 EVALUATE = ("validation", "fit_end")
 
 
-class CheckpointEnsemble(RecipeCallback):
+class CheckpointEnsemble(ShardedMode, RecipeCallback):
     """Two cheap ensembles from a single run, evaluated against the model you are training.
 
     cs231n (Model Ensembles): "different checkpoints of a single model" and a "running average of
@@ -72,7 +73,7 @@ class CheckpointEnsemble(RecipeCallback):
     Lightning's ``WeightAveraging`` it never touches your model, optimizer or RNG.
 
     Reports ``ensemble-evaluated`` (info, at the end of training): the measured numbers and which
-    one wins by how much.
+    one wins by how much. FSDP2: snapshots and EMA kept sharded (``ensemble.sharding``).
 
     Thresholds: see docs/thresholds.md#checkpoint-ensemble.
 
@@ -106,6 +107,9 @@ class CheckpointEnsemble(RecipeCallback):
     """
 
     codes = (VERDICT_CODE,)
+    #: a sharded model's members are rebuilt whole at each evaluation (``ensemble.sharding``), so
+    #: no full copy is needed at fit start
+    needs_full_copy = False
 
     #: place of this callback's charts in the Recipe section (lower first)
     chart_rank = 60
@@ -201,6 +205,10 @@ class CheckpointEnsemble(RecipeCallback):
         self._eval: Evaluation | None = None
         self._disabled = False  # agreed on every rank (through a collective)
         self._missing_on_resume: list[str | None] = []
+        self._shard: str | None = None  # the model's sharding (``_sharded.kind``), same on every rank
+        self._ema: sharding.ShardedAverage | None = None  # sharded: the EMA of this rank's shards
+        self._sharded_lost: str | None = None  # resumed from a sharded run: what the checkpoint lacks
+        self._in_fit = False  # between fit start and fit end (a checkpoint may be restored in between)
 
     # ------------------------------------------------------------------ layout
     def tensorboard_charts(self) -> dict[str, dict[str, tuple[str, list[str]]]]:
@@ -225,7 +233,27 @@ class CheckpointEnsemble(RecipeCallback):
         self._stash = []
         self._disabled = False
         self._has_bn = batchnorm.has_batchnorm(pl_module)
-        self.run_safely(trainer, "create the averaged model", self._create_average, trainer, pl_module)
+        self._shard = _sharded.kind(pl_module, trainer)
+        if self._shard is not None:
+            self._start_sharded(trainer, pl_module)  # every rank: one all-reduce
+        else:
+            self.run_safely(trainer, "create the averaged model", self._create_average, trainer, pl_module)
+        self._in_fit = True
+        self._report_resume(trainer)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._report_resume(trainer)  # strategies that restore the checkpoint after fit start
+
+    def _report_resume(self, trainer: Any) -> None:
+        if self._sharded_lost:
+            self.report(
+                trainer,
+                "check-skipped",
+                Severity.INFO,
+                f"CheckpointEnsemble resumed from a sharded run: {self._sharded_lost}.",
+                {"why": "sharded resume"},
+            )
+            self._sharded_lost = None
         if self._missing_on_resume:
             self.report(
                 trainer,
@@ -248,9 +276,12 @@ class CheckpointEnsemble(RecipeCallback):
         )
         self._avg_loaded = None
 
+    def _has_average(self) -> bool:
+        return self._avg is not None or self._ema is not None
+
     # ------------------------------------------------------------------ training: stash + EMA
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._has_bn and len(self._stash) < self.bn_batches and self.active and self._avg is not None:
+        if self._has_bn and len(self._stash) < self.bn_batches and self.active and self._has_average():
             self.run_safely(
                 trainer, "stash a training batch", lambda: self._stash.append(detach_clone(batch))
             )
@@ -259,16 +290,19 @@ class CheckpointEnsemble(RecipeCallback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = int(trainer.global_step)
-        if self._avg is None or not self.active or step <= self._last_update_step:
+        if not self._has_average() or not self.active or step <= self._last_update_step:
             return
         if step % self.ema_every_n_steps:
             return
         self.run_safely(trainer, "update the averaged weights", self._update_average, pl_module, step)
 
     def _update_average(self, pl_module: nn.Module, step: int) -> None:
-        assert self._avg is not None
         decay = averaging.warmed_up_decay(self.ema_decay, self._n_updates, self.ema_warmup)
-        averaging.update_average(self._avg, pl_module, decay)
+        if self._ema is not None:
+            self._ema.update(pl_module, decay)  # sharded: this rank's shards, no collective
+        else:
+            assert self._avg is not None
+            averaging.update_average(self._avg, pl_module, decay)
         self._n_updates += 1
         self._last_update_step = step
         self._bn_fresh = False
@@ -320,8 +354,11 @@ class CheckpointEnsemble(RecipeCallback):
         self._verdict(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._in_fit = False
         if self._avg is not None and self.ema_device is None:
             self._avg.module.to("cpu")  # free the accelerator; moved back if fit is called again
+        if self._ema is not None and self.ema_device is None:
+            self._ema.to("cpu")
         super().on_fit_end(trainer, pl_module)
 
     def _evaluate_at_end(self, trainer: Any, pl_module: Any) -> None:
@@ -362,8 +399,10 @@ class CheckpointEnsemble(RecipeCallback):
         stored = self._members_for_eval(int(trainer.global_step))
         n_members = len(stored) + 1
         ev = Evaluation(stored=stored, subsets=subsets_for(self.selection, n_members, self.num_snapshots))
-        ev.ok = self.active and self._avg is not None
-        if ev.ok:
+        ev.ok = self.active and self._has_average()
+        if self._shard is not None:
+            self._rebuild_members(trainer, pl_module, ev)  # every rank: contains the collectives
+        elif ev.ok:
             ev.ok = bool(
                 self._guard(trainer, "copy the ensemble members", self._load_members, trainer, pl_module, ev)
             )
@@ -399,21 +438,27 @@ class CheckpointEnsemble(RecipeCallback):
             member = copy_module(pl_module, trainer)
             member.load_state_dict(snap.load())
             models.append(member.eval())
-        ev.models = models
+        assert self._avg is not None
+        ev.models, ev.averaged = models, self._avg.module
+        self._stamp(trainer, ev)
+        return True
+
+    def _stamp(self, trainer: Any, ev: Evaluation) -> None:
         ev.step, ev.epoch = int(trainer.global_step), int(trainer.current_epoch)
         newest = self._snapshots[-1] if self._snapshots else None
         if newest is not None and newest.step == ev.step:  # at the end of fit: the epoch just finished
             ev.epoch = newest.epoch
-        return True
 
     def _refresh_bn(self, trainer: Any, ev: Evaluation) -> None:
         """Recompute the averaged model's BatchNorm statistics from the stashed training batches."""
         if not (self._has_bn and self.bn_batches > 0):
             return
-        ok = ev.ok and self._avg is not None and bool(self._stash)
+        ok = ev.ok and ev.averaged is not None and bool(self._stash)
         if ok and not self._bn_fresh:
-            ok = bool(self.run_safely(trainer, "recompute BatchNorm statistics", self._update_bn))
-        target = self._avg.module if ok and self._avg is not None else None
+            ok = bool(
+                self.run_safely(trainer, "recompute BatchNorm statistics", self._update_bn, ev.averaged)
+            )
+        target = ev.averaged if ok else None
         batchnorm.sync_bn(trainer, trainer.lightning_module, target, ok)  # every rank, when world_size > 1
         if ev.ok and not self._stash:
             ev.bn_note = (
@@ -421,19 +466,18 @@ class CheckpointEnsemble(RecipeCallback):
             )
         self._bn_fresh = ok
 
-    def _update_bn(self) -> bool:
-        assert self._avg is not None
-        return batchnorm.recompute_bn(self._avg.module, self._stash, self._bn_step)
+    def _update_bn(self, model: nn.Module) -> bool:
+        return batchnorm.recompute_bn(model, self._stash, self._bn_step)
 
     def _bn_step(self, model: nn.Module, batch: Any) -> None:
         batchnorm.forward_batch(model, batch, self.step_fn, self.adapter)
 
     # ------------------------------------------------------------------ per batch
     def _eval_batch(self, ev: Evaluation, batch: Any, batch_idx: int) -> bool:
-        assert self._avg is not None
-        self._avg.module.eval()
+        assert ev.averaged is not None
+        ev.averaged.eval()
         calls = [self._run_eval(m, batch, batch_idx) for m in ev.models]
-        calls.append(self._run_eval(self._avg.module, batch, batch_idx))
+        calls.append(self._run_eval(ev.averaged, batch, batch_idx))
         with torch.no_grad():
             rows = batch_rows(calls, ev.subsets)
         ev.acc = rows if ev.acc is None else ev.acc + rows
@@ -469,7 +513,7 @@ class CheckpointEnsemble(RecipeCallback):
     def _finish(self, trainer: Any, ev: Evaluation) -> None:
         """Reduce the sums over every rank (always, on every rank), then summarise."""
         stats, ranks_ok = reduce_over_ranks(trainer, ev, self.num_snapshots)
-        ev.models = []
+        ev.models, ev.averaged = [], None
         if stats is None:
             self._disabled = True
             if self.active:
@@ -529,29 +573,34 @@ class CheckpointEnsemble(RecipeCallback):
         path = None
         if self.storage == "disk":
             path = store.snapshot_path(trainer, self.snapshot_dir, self._run_id, self._serial)
-        self._snapshots.append(store.take_snapshot(module, self._serial, epoch, step, scores, path))
+        sharded = self._shard is not None  # this rank's shards, no collective
+        self._snapshots.append(store.take_snapshot(module, self._serial, epoch, step, scores, path, sharded))
         while len(self._snapshots) > self.num_snapshots:
             store.remove_file(self._snapshots.pop(0))
 
     # ------------------------------------------------------------------ final average + verdict
     def _finalize_average(self, trainer: Any) -> None:
         ev = Evaluation(stored=[], subsets=[])
-        ev.ok = self.active and self._avg is not None
+        ev.ok = self.active and self._has_average()
+        if self._shard is not None:
+            self._unshard_results(trainer, ev)  # every rank: contains the collectives
+        elif ev.ok and self._avg is not None:
+            ev.averaged = self._avg.module
         self._refresh_bn(trainer, ev)  # a collective under DDP when there is BatchNorm: every rank
         if ev.ok:
-            self.run_safely(trainer, "save the averaged weights", self._save_average, trainer)
+            self.run_safely(trainer, "save the averaged weights", self._save_average, trainer, ev)
         if _context.world_size(trainer) > 1:  # every rank learns where rank zero saved it
             self.averaged_path = trainer.strategy.broadcast(self.averaged_path, 0)
         if self.averaged_path:
             self.figures["averaged_checkpoint"] = self.averaged_path
 
-    def _save_average(self, trainer: Any) -> None:
-        assert self._avg is not None
-        state = store.cpu_state(self._avg.module)
+    def _save_average(self, trainer: Any, ev: Evaluation) -> None:
+        assert ev.averaged is not None
+        state = store.cpu_state(ev.averaged)
         self._final_avg_state = state
         if self._averaged_path_arg is False or not _context.is_global_zero(trainer):
             return
-        self.averaged_path = export.save_averaged(trainer, self._avg.module, state, self._averaged_path_arg)
+        self.averaged_path = export.save_averaged(trainer, ev.averaged, state, self._averaged_path_arg)
 
     def _verdict(self, trainer: Any) -> None:
         if not self.history:
@@ -574,6 +623,12 @@ class CheckpointEnsemble(RecipeCallback):
         them), in eval mode, on the device of the model you trained."""
         state = self._final_avg_state
         if state is None:
+            if self._ema is not None:
+                raise RuntimeError(
+                    "averaged_model(): the average of a sharded model is kept as each rank's shards and "
+                    "made whole at the end of a fit in which the ensemble ran on every rank; not yet here "
+                    "(call it after trainer.fit, and see the findings)"
+                )
             if self._avg is None:
                 raise RuntimeError("averaged_model(): nothing averaged yet; call it after trainer.fit")
             state = self._avg.module.state_dict()
@@ -587,6 +642,12 @@ class CheckpointEnsemble(RecipeCallback):
         ensemble, steps that call a submodule directly use the newest snapshot's weights."""
         if not self._snapshots:
             raise RuntimeError("ensemble(): no snapshot was taken yet; call it after trainer.fit")
+        if any(s.sharded for s in self._snapshots):
+            raise RuntimeError(
+                "ensemble(): the snapshots of a sharded model are kept as each rank's shards and made "
+                "whole at the end of a fit in which the ensemble ran on every rank; not yet here (call it "
+                "after trainer.fit, and see the findings)"
+            )
         return export.snapshot_ensemble(self._template_module(), self._snapshots, self._loss_name)
 
     def _template_module(self) -> nn.Module:
@@ -604,11 +665,11 @@ class CheckpointEnsemble(RecipeCallback):
 
     def teardown_diagnostics(self) -> None:
         if self._eval is not None:
-            self._eval.models = []
+            self._eval.models, self._eval.averaged = [], None
         self._stash = []
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._eval = None
+        self._eval, self._in_fit = None, False
         super().on_exception(trainer, pl_module, exception)
 
     def state_dict(self) -> dict[str, Any]:
@@ -618,12 +679,17 @@ class CheckpointEnsemble(RecipeCallback):
             avg = averaging.average_state(self._avg)
         elif self._avg_loaded is not None:
             avg = self._avg_loaded
+        # sharded: each rank's shards differ and a checkpoint holds one rank's callback state, so
+        # the shards stay out of it (whole snapshots, made at the end of training, go in)
+        kept = [s for s in self._snapshots if not s.sharded]
         state.update(
             {
                 "averaged": avg,
+                "sharded_average": self._ema is not None,
+                "sharded_snapshots": len(self._snapshots) - len(kept),
                 "n_updates": self._n_updates,
                 "last_update_step": self._last_update_step,
-                "snapshots": [s.to_state() for s in self._snapshots],
+                "snapshots": [s.to_state() for s in kept],
                 "serial": self._serial,
                 "run_id": self._run_id,
                 "history": list(self.history),
@@ -638,8 +704,16 @@ class CheckpointEnsemble(RecipeCallback):
         # a checkpoint written at the end of training (ModelCheckpoint's save_last does that, after
         # every on_train_end) holds that fit's end-of-training verdict; the resumed fit gives its own
         self._findings = [f for f in self._findings if not end_of_fit(f)]
-        self._avg_loaded = state_dict.get("averaged")
-        self._avg = None
+        loaded = state_dict.get("averaged")
+        if self._in_fit:
+            # restored after fit start (strategies that restore after setup: FSDP, ModelParallel,
+            # DeepSpeed): the average made at fit start takes the checkpoint's, or restarts
+            if self._avg is not None and loaded is not None:
+                averaging.load_average(self._avg, loaded)
+            if self._ema is not None:
+                self._ema.n_averaged = 0  # the first update copies the restored weights
+        else:
+            self._avg_loaded, self._avg, self._ema = loaded, None, None
         self._n_updates = int(state_dict.get("n_updates", 0))
         self._last_update_step = int(state_dict.get("last_update_step", 0))
         snaps = [Snapshot.from_state(d) for d in state_dict.get("snapshots", [])]
@@ -650,6 +724,16 @@ class CheckpointEnsemble(RecipeCallback):
         self.history = list(state_dict.get("history", []))
         self._loss_name = state_dict.get("loss_name")
         self._use_training_step = state_dict.get("use_training_step")
+        lost = int(state_dict.get("sharded_snapshots", 0) or 0)
+        if state_dict.get("sharded_average") or lost:
+            self._n_updates = 0  # the average starts again: so does its warm-up
+            what = (
+                f"its averaged weights and {lost} snapshot(s) were" if lost else "its averaged weights were"
+            )
+            again = "the ensemble and the average start" if lost else "the average starts"
+            self._sharded_lost = (
+                f"{what} kept as each rank's shards, which are not in the checkpoint; {again} again from here"
+            )
 
 
 __all__ = ["CheckpointEnsemble"]

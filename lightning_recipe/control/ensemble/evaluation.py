@@ -31,6 +31,7 @@ class Evaluation:
     stored: list[Snapshot]
     subsets: list[list[int]]
     models: list[nn.Module] = field(default_factory=list)
+    averaged: nn.Module | None = None  # the averaged weights' model evaluated with the members
     acc: Tensor | None = None
     ok: bool = False
     step: int = 0

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe import _sharded
 from lightning_recipe._probe import copy_module
 from lightning_recipe.control.ensemble.predictions import LOG_PROB, average, to_log_space
 from lightning_recipe.control.ensemble.snapshots import Snapshot
@@ -22,11 +23,21 @@ AVERAGED_FILE = "recipe_averaged.ckpt"
 
 
 def user_copy(template: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
-    """A copy of the user's module (its own class, ``log`` working, no trainer) with ``state``."""
-    clone = copy_module(template)
+    """A copy of the user's module (its own class, ``log`` working, no trainer) with ``state``
+    (whole tensors; a sharded ``template`` is copied unsharded from them, without communication)."""
+    if _sharded.kind(template) is not None:
+        with _sharded.adopted(template, state):
+            clone = copy_module(template)
+    else:
+        clone = copy_module(template)
     for m in clone.modules():
         m.__dict__.pop("log", None)
         m.__dict__.pop("log_dict", None)
+    # Lightning's forward redirection (DDP, FSDP, DeepSpeed) leaves the module's own ``forward``
+    # bound on the instance; dropped, so a subclass's forward (the snapshot ensemble's) is used
+    bound = clone.__dict__.get("forward")
+    if getattr(bound, "__func__", None) is getattr(type(clone), "forward", None):
+        del clone.__dict__["forward"]
     clone.load_state_dict(state)
     return clone
 

@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe import _context
+from lightning_recipe import _context, _sharded
 
 
 @dataclass
 class Snapshot:
-    """One kept checkpoint of the run (its weights in CPU memory or in a file)."""
+    """One kept checkpoint of the run (its weights in CPU memory or in a file); ``sharded``: the
+    weights are this rank's shards of a sharded model (see ``ensemble.sharding``)."""
 
     serial: int
     epoch: int
@@ -25,6 +26,7 @@ class Snapshot:
     state: dict[str, Tensor] | None = None
     path: str | None = None
     scores: dict[str, float] = field(default_factory=dict)
+    sharded: bool = False
 
     def load(self) -> dict[str, Tensor]:
         if self.state is not None:
@@ -41,6 +43,7 @@ class Snapshot:
             "state": self.state,
             "path": self.path,
             "scores": dict(self.scores),
+            "sharded": self.sharded,
         }
 
     @classmethod
@@ -52,6 +55,7 @@ class Snapshot:
             d.get("state"),
             d.get("path"),
             dict(d.get("scores") or {}),
+            bool(d.get("sharded", False)),
         )
 
     @property
@@ -71,19 +75,33 @@ def known_scores(scores: Mapping[str, float | None]) -> dict[str, float]:
 
 
 def take_snapshot(
-    module: nn.Module, serial: int, epoch: int, step: int, scores: Mapping[str, Any], path: str | None
+    module: nn.Module,
+    serial: int,
+    epoch: int,
+    step: int,
+    scores: Mapping[str, Any],
+    path: str | None,
+    sharded: bool = False,
 ) -> Snapshot:
-    """Copy ``module``'s weights: into the file ``path`` (``storage="disk"``) or, for ``None``,
-    into CPU memory."""
-    state = cpu_state(module)
-    snap = Snapshot(serial, epoch, step, scores=known_scores(scores))
+    """Copy ``module``'s weights (``sharded``: this rank's shards of them, no communication): into
+    the file ``path`` (``storage="disk"``) or, for ``None``, into CPU memory."""
+    if sharded:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in _sharded.local_state(module).items()}
+    else:
+        state = cpu_state(module)
+    snap = Snapshot(serial, epoch, step, scores=known_scores(scores), sharded=sharded)
+    store(snap, state, path)
+    return snap
+
+
+def store(snap: Snapshot, state: dict[str, Tensor], path: str | None) -> None:
+    """Keep ``state`` as the snapshot's weights: in the file ``path``, or in CPU memory."""
     if path is not None:
-        snap.path = path
+        snap.path, snap.state = path, None
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
     else:
         snap.state = state
-    return snap
 
 
 def snapshot_path(trainer: Any, snapshot_dir: str | None, run_id: str, serial: int) -> str:
