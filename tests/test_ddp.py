@@ -7,6 +7,7 @@ every rank saw from the JSON files it writes.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ def run_ddp(
     out: Path, cfg: dict, timeout: int = 300, internal_error_expected: bool = False
 ) -> tuple[subprocess.CompletedProcess, dict[int, dict]]:
     """Run one scenario; fail if a diagnostic on any rank turned itself off (``internal-error``)."""
+    # a fresh rendezvous: never a MASTER_PORT/rank another test of this process left in the env
+    dist = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), json.dumps(cfg)],
+        env={k: v for k, v in os.environ.items() if k not in dist},
         capture_output=True,
         text=True,
         timeout=timeout,

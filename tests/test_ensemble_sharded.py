@@ -3,6 +3,7 @@ CPU device: DTensor weights, a world of one): shards kept, members rebuilt whole
 numbers as Lightning's own validation, unsharded results handed back, and a skip with the memory
 it would need beyond the budget. The 2-process runs against DDP are in tests/test_sharded.py."""
 
+import os
 from typing import Any
 
 import pytest
@@ -28,10 +29,15 @@ class FullyShardedClassifier(Classifier):
 
 @pytest.fixture
 def process_group():
-    """ModelParallelStrategy starts a (one-process) process group; leave none behind."""
+    """ModelParallelStrategy starts a (one-process) process group and writes MASTER_PORT & co.
+    into ``os.environ``; leave neither behind (the 2-process tests' ranks inherit the environment,
+    and a port the store of this process may still hold fails them with EADDRINUSE)."""
+    saved = dict(os.environ)
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def fit_sharded(

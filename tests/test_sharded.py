@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,16 @@ import torch
 SCRIPT = Path(__file__).parent / "sharded" / "run_suite.py"
 pytestmark = pytest.mark.slow
 
+#: rendezvous variables an in-process test may leave in os.environ (never handed to the ranks)
+_DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+)
 #: the suite as the scenarios run it: everything, early stopping on
 SUITE = {"monitor": "val_loss"}
 #: checks that run the model on an unsharded copy: none may skip under FSDP2
@@ -37,8 +48,11 @@ COPY_CHECKS = (
 
 
 def run(out: Path, cfg: dict, timeout: int = 300) -> dict[int, dict]:
+    # a fresh rendezvous: never a MASTER_PORT/rank another test of this process left in the env
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(out), json.dumps(cfg)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
