@@ -258,6 +258,15 @@ def test_the_full_suite_measures_on_healthy_third_party_patterns(tmp_path, patte
     for check, figure in CHECK_FIGURES.items():
         assert figure in run.by_name(check).figures, (check, run.by_name(check).figures)
     assert "gap" in run.by_name("InputIndependentBaseline").figures
+    # the ride-along monitors and the penalty check read these losses too
+    assert "grad_ratio" in run.by_name("RegularizationCheck").figures
+    label_noise = run.by_name("LabelNoiseMonitor").figures
+    if pattern in ("graph", "hf"):  # classifiers through a custom loss module / a loss in forward
+        assert label_noise["captured_steps"] > 0 and "not_applicable" not in label_noise, label_noise
+    else:
+        assert "classification" in label_noise["not_applicable"]
+    if pattern not in ("distribution", "function"):  # their validation loss is read by no call
+        assert "gap" in run.by_name("BaselineMonitor").figures
     if pattern != "hf":
         loss_at_init = run.by_name("LossAtInitCheck").figures
         assert "reference" in loss_at_init or "mean_predictor_loss" in loss_at_init

@@ -56,6 +56,9 @@ def test_step_signatures_get_measured(tmp_path, cls):
     figures = {type(cb).__name__: cb.figures for cb in callbacks}
     assert figures["LossAtInitCheck"]["num_classes"] == 4
     assert figures["OverfitBatchCheck"] and figures["BatchIndependenceCheck"]
+    assert figures["ClassPriorCheck"]["labels_from"] in ("batches", "first batch")
+    if cls is DataloaderIter:  # callbacks get no batch: the training data is read by the check
+        assert figures["TrainValOverlapCheck"]["read_from_fresh_iterator"] == len(t.train_dataloader.dataset)
     skipped = {f.source: f.message for f in lr.findings(t) if f.code == "check-skipped"}
     skipped.pop("FirstLayerFilterMonitor", None)  # an MLP on non-image data
     assert skipped == {}

@@ -65,26 +65,19 @@ def takes_dataloader_iter(module: nn.Module, hook: str = "training_step") -> boo
 
 def peek_train_batch(trainer: Any) -> Any:
     """The first batch of the training data, on the device, read without disturbing the run:
-    for steps that take ``dataloader_iter``, where the callbacks get no batch. A fresh iterator
-    over ``trainer.train_dataloader`` (the RNG restored afterwards, so the run's own shuffling is
-    unchanged) and the strategy's own transfer. Raises :class:`ProbeSkip` when there is none."""
-    loader = getattr(trainer, "train_dataloader", None)
-    if loader is None:
-        raise ProbeSkip("training_step takes dataloader_iter and the training data could not be read")
+    for steps that take ``dataloader_iter``, where the callbacks get no batch. The first batch of
+    :func:`iter_train_batches`, with the RNG restored afterwards (so the run's own shuffling is
+    unchanged). Raises :class:`ProbeSkip` when there is none."""
     try:
         with preserved_rng():
-            batch = next(iter(loader))
+            return next(iter_train_batches(trainer))
+    except ProbeSkip:
+        raise
     except Exception as exc:
         raise ProbeSkip(
             "training_step takes dataloader_iter and reading a first batch failed "
             f"({type(exc).__name__}: {exc})"
         ) from exc
-    if isinstance(batch, tuple) and len(batch) == 3 and type(loader).__name__ == "CombinedLoader":
-        batch = batch[0]  # CombinedLoader yields (batch, batch_idx, dataloader_idx)
-    try:
-        return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
-    except Exception:
-        return batch
 
 
 def iter_train_batches(trainer: Any) -> Iterator[Any]:

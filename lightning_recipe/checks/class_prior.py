@@ -22,7 +22,7 @@ from lightning_recipe._probe import (
     run_step,
 )
 from lightning_recipe._validate import check_int, check_number
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter
+from lightning_recipe.batch import BatchLayoutError, Getter
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
 
@@ -80,12 +80,7 @@ class ClassPriorCheck(RecipeCallback):
         self.max_ratio = check_number("max_ratio", max_ratio, 1.0, low_open=True)
         self.min_labels = check_int("min_labels", min_labels)
         self.num_batches = check_int("num_batches", num_batches)
-        if step_fn is not None and not callable(step_fn):
-            raise TypeError(
-                f"`step_fn` must be a callable (model, batch) -> loss, got {type(step_fn).__name__}"
-            )
-        self.adapter = BatchAdapter(get_input, get_target)
-        self.step_fn = step_fn
+        self.read_batches_with(get_input, get_target, step_fn)
         self.done = False
         self._batches = 0
         self._init: dict[str, Any] | None = None  # per-class init losses and the loss call's options

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_recipe import _context
 from lightning_recipe._probe import (
+    ProbeSkip,
     capture_step,
     copy_module,
     has_own_validation_step,
@@ -19,7 +20,7 @@ from lightning_recipe._probe import (
     takes_dataloader_iter,
 )
 from lightning_recipe._validate import check_int, check_number
-from lightning_recipe.batch import BatchAdapter, BatchLayoutError, Getter, detach_clone
+from lightning_recipe.batch import BatchLayoutError, Getter, detach_clone
 from lightning_recipe.callback import RecipeCallback
 from lightning_recipe.findings import Severity
 
@@ -91,7 +92,7 @@ class TrainValOverlapCheck(RecipeCallback):
         self.max_fraction = check_number("max_fraction", max_fraction, 0.0, 1.0, low_open=True)
         self.min_count = check_int("min_count", min_count)
         self.max_samples = check_int("max_samples", max_samples)
-        self.adapter = BatchAdapter(get_input, None)
+        self.read_batches_with(get_input)
         self.done = False
         self._started = False
         self._train: list[Tensor] = []
@@ -175,13 +176,17 @@ class TrainValOverlapCheck(RecipeCallback):
 
     def _read_training_data(self, trainer: Any) -> None:
         limit = min(self.max_samples, DATALOADER_ITER_SAMPLES)
-        with preserved_rng():
-            for i, batch in enumerate(iter_train_batches(trainer)):
-                if i == 0:
-                    self._first_batch(trainer, batch)
-                if self.done or self._train_seen >= limit:
-                    break
-                self._add(trainer, self._train, batch)
+        try:
+            with preserved_rng():
+                for i, batch in enumerate(iter_train_batches(trainer)):
+                    if i == 0:
+                        self._first_batch(trainer, batch)
+                    if self.done or self._train_seen >= limit:
+                        break
+                    self._add(trainer, self._train, batch)
+        except ProbeSkip as why:
+            self._unreadable(trainer, str(why))
+            return
         self.figures["read_from_fresh_iterator"] = self._train_seen
 
     def _add(self, trainer: Any, store: list[Tensor], batch: Any) -> None:

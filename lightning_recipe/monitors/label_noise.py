@@ -90,7 +90,7 @@ class LabelNoiseMonitor(RecipeCallback):
         self.min_pair_share = check_number("min_pair_share", min_pair_share, 0, 1)
         self.min_samples = check_int("min_samples", min_samples, 1)
         self.min_steps = check_int("min_steps", min_steps, 0)
-        self.adapter = BatchAdapter(get_input, None)
+        self.read_batches_with(get_input)
         self._capture = StepCapture()
         self._reset()
 
