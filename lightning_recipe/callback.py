@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_recipe import _context, _sharded, tensorboard
 from lightning_recipe import report as _report
+from lightning_recipe._probe.base import ProbeSkip
 from lightning_recipe._validate import check_callable
 from lightning_recipe.batch import BatchAdapter, Getter
 from lightning_recipe.findings import Finding, RecipeError, RecipeWarning, Severity, _jsonable, check_code
@@ -215,13 +217,30 @@ class RecipeCallback(Callback):
     # ------------------------------------------------------------------ guarding
     def run_safely(self, trainer: Any | None, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn(*args)``; on an internal failure report ``internal-error``, turn this
-        callback off and return ``None``. :class:`RecipeError` passes through."""
+        callback off and return ``None``. A :class:`ProbeSkip` that reaches here (the user's own
+        step raised on the probe's copy) is a ``check-skipped`` with the reason instead, and the
+        callback stops too. :class:`RecipeError` passes through."""
         if getattr(self, "_broken", False):
             return None
         try:
+            if torch.is_anomaly_enabled():
+                # Trainer(detect_anomaly=True) is for the run's own backward; a probe's backward on
+                # a copy measures NaN gradients instead of raising on them (and runs at full speed)
+                with torch.autograd.set_detect_anomaly(False):
+                    return fn(*args)
             return fn(*args)
         except RecipeError:
             raise
+        except ProbeSkip as why:
+            # the user's step raised on the probe's copy (UserStepError), or a probe could not run
+            # on this model: not a failure of the diagnostic, a precise skip; the callback stops
+            self._broken = True
+            try:
+                self.teardown_diagnostics()
+            except Exception:
+                pass
+            self.skip(trainer, f"{why} (in {what})", once=True)
+            return None
         except Exception as exc:
             self._broken = True
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from lightning_recipe._probe.base import (  # noqa: F401
     ProbeSkip,
     StepFn,
+    UserStepError,
 )
 from lightning_recipe._probe.capture import (  # noqa: F401
     _LOSS_BY_NAME,
@@ -79,4 +80,5 @@ from lightning_recipe._probe.steps import (  # noqa: F401
     peek_train_batch,
     run_step,
     takes_dataloader_iter,
+    user_call,
 )

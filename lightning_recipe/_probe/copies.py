@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import Tensor, nn
@@ -161,17 +161,44 @@ class _LocalStrategy:
         return decision
 
 
+class _Absorb:
+    """The logger a step sees on a copy: every attribute, call, item and ``with`` is taken and
+    does nothing, so ``self.logger.experiment.add_image(...)`` in a step runs on a probe without
+    writing to the user's logs."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        return self
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *args: Any) -> bool:
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+
 class _SilentTrainer:
     """Stands in for the trainer on a module copy: everything reads through, but no logger is
-    reachable (user code on the copy cannot write to the user's logs) and the copy lives in a
-    world of one process (rank 0 of 1, a strategy whose collectives stay local), so a probe
-    cannot hang the other ranks. ``torch.distributed`` called directly is out of reach."""
+    reachable (``logger`` takes every call and does nothing; ``loggers`` is empty: user code on the
+    copy cannot write to the user's logs) and the copy lives in a world of one process (rank 0 of
+    1, a strategy whose collectives stay local), so a probe cannot hang the other ranks.
+    ``torch.distributed`` called directly is out of reach."""
 
     def __init__(self, trainer: Any) -> None:
         object.__setattr__(self, "_trainer", trainer)
         object.__setattr__(self, "strategy", _LocalStrategy(trainer.strategy))
 
-    logger = None
+    logger = _Absorb()
     loggers: tuple = ()
     world_size = 1
     num_nodes = 1

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from lightning_recipe import _context, _losses
-from lightning_recipe._probe.base import ProbeSkip, StepFn
+from lightning_recipe._probe.base import ProbeSkip, StepFn, UserStepError
 from lightning_recipe._probe.capture import LossCapture, StepResult
 from lightning_recipe._probe.state import preserved_rng
 
@@ -25,13 +27,56 @@ def call_step(module: nn.Module, hook: str, batch: Any, batch_idx: int = 0, data
     * ``step(dataloader_iter)``: the step gets an iterator yielding ``(batch, batch_idx,
       dataloader_idx)`` once, as Lightning's ``dataloader_iter`` does for one batch.
 
-    Raises :class:`ProbeSkip` when the module has no such step.
+    Raises :class:`ProbeSkip` when the module has no such step, and :class:`UserStepError` (a
+    :class:`ProbeSkip`) when the step itself raises.
     """
     if hook not in STEP_HOOKS:
         raise ValueError(f"`hook` must be one of {STEP_HOOKS}, got {hook!r}")
     step = getattr(module, hook, None)
     if step is None:
         raise ProbeSkip(f"the module has no {hook}; pass step_fn=(model, batch) -> loss")
+    return user_call(hook, _call_step, step, batch, batch_idx, dataloader_idx)
+
+
+def user_call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, where ``fn`` is the user's code (a step, ``step_fn``): an exception it
+    raises becomes :class:`UserStepError` naming ``name`` (a :class:`ProbeSkip` passes as it is)."""
+    try:
+        return fn(*args)
+    except ProbeSkip:
+        raise
+    except Exception as exc:
+        if _raised_by_us(exc):
+            raise  # one of our hooks on the copy failed inside the step: an internal error
+        raise UserStepError(name, exc) from exc
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+#: our frames that only hand a call on (the loss capture's torch-function mode): an error raised
+#: below them is the call's own
+_PASS_THROUGH = frozenset({"__torch_function__", "__torch_dispatch__"})
+
+
+def _raised_by_us(exc: BaseException) -> bool:
+    """True when the deepest frame of ``exc``'s traceback outside torch is this package's (a
+    hook of ours that the step ran into), not the user's code."""
+    tb = exc.__traceback__
+    deepest = None
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        filename = os.path.abspath(code.co_filename)
+        if not filename.startswith(_TORCH_DIR) and code.co_name not in _PASS_THROUGH:
+            deepest = filename
+        tb = tb.tb_next
+    return (
+        deepest is not None
+        and deepest.startswith(_PACKAGE_DIR + os.sep)
+        and not deepest.endswith(os.path.join("_probe", "steps.py"))
+    )
+
+
+def _call_step(step: Callable[..., Any], batch: Any, batch_idx: int, dataloader_idx: int) -> Any:
     try:
         params = inspect.signature(step).parameters
     except (TypeError, ValueError):
@@ -149,7 +194,9 @@ def run_step(module: nn.Module, batch: Any, step_fn: StepFn | None = None, batch
     ``recompute`` reruns the step with it replaced (never on a model whose loss call was seen)."""
 
     def step() -> Any:
-        return step_fn(module, batch) if step_fn is not None else call_training_step(module, batch, batch_idx)
+        if step_fn is not None:
+            return user_call("step_fn", step_fn, module, batch)
+        return call_training_step(module, batch, batch_idx)
 
     with LossCapture(module) as capture:
         out = step()
@@ -177,7 +224,9 @@ def capture_step(
     """
 
     def step() -> Any:
-        return step_fn(module, batch) if step_fn is not None else call_step(module, hook, batch, batch_idx)
+        if step_fn is not None:
+            return user_call("step_fn", step_fn, module, batch)
+        return call_step(module, hook, batch, batch_idx)
 
     with LossCapture(module) as capture:
         out = step()
