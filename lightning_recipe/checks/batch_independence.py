@@ -16,6 +16,7 @@ from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
     StepResult,
+    UserStepError,
     copy_module,
     is_manual_optimization,
     preserved_rng,
@@ -127,7 +128,9 @@ class BatchIndependenceCheck(FirstBatchCheck):
             sub = self.adapter.slice(batch, size) if size < n else batch
             try:
                 return self._chart_on(model, sub, size)
-            except ProbeSkip:
+            except ProbeSkip as why:
+                if isinstance(why, UserStepError) and attempt + 1 < len(sizes):
+                    continue  # the model may need the full batch (a hard-coded batch size)
                 raise
             except Exception as exc:
                 if attempt + 1 < len(sizes):

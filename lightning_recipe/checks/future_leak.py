@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
+    UserStepError,
     copy_module,
     is_manual_optimization,
     preserved_rng,
@@ -129,7 +130,9 @@ class FutureLeakCheck(FirstBatchCheck):
             sub = self.adapter.slice(batch, size) if size < n else batch
             try:
                 return self._chart_on(model, sub, size)
-            except ProbeSkip:
+            except ProbeSkip as why:
+                if isinstance(why, UserStepError) and attempt + 1 < len(sizes):
+                    continue  # the model may need the full batch (a hard-coded batch size)
                 raise
             except Exception as exc:
                 if attempt + 1 < len(sizes):

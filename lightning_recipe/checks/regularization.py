@@ -12,6 +12,7 @@ from lightning_recipe import stats
 from lightning_recipe._probe import (
     ProbeSkip,
     StepFn,
+    UserStepError,
     copy_module,
     is_manual_optimization,
     preserved_rng,
@@ -158,6 +159,11 @@ class RegularizationCheck(FirstBatchCheck):
         try:
             zeroed = self.adapter.zero_inputs(batch)
             _, _, other = self._split(model, zeroed)
+        except UserStepError as why:
+            raise ProbeSkip(
+                f"the model could not run on zeroed inputs ({why}), so the penalty could not be told "
+                "apart from an auxiliary loss; pass get_input=lambda batch: ..."
+            ) from why
         except (ProbeSkip, BatchLayoutError) as why:
             raise ProbeSkip(f"the penalty could not be told apart from an auxiliary loss ({why})") from why
         except Exception as exc:
