@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format bench clean setup browser clients
+.PHONY: demo test lint format bench clean setup browser clients lightning-tests
 
 setup: $(STAMP)
 
@@ -73,6 +73,28 @@ $(CLIENTS_STAMP): pyproject.toml clients/requirements.txt
 
 clients: $(CLIENTS_STAMP)
 	$(CLIENTS_BIN)/python clients/run.py $(CLIENTS_ARGS)
+
+# Lightning's own tests (loops, trainer, loggers) with the full suite added to every Trainer
+# (clients/lightning_tests/): 0 internal-error findings is the target. They need a checkout of
+# Lightning's repository (the PyPI packages ship no tests): cloned into $(LIGHTNING_SRC) at
+# $(LIGHTNING_REF) when missing (github.com must be reachable then), or pass LIGHTNING_SRC=<checkout>.
+LIGHTNING_SRC ?= .lightning-src
+LIGHTNING_REF ?= 2.6.5
+LT_VENV ?= .venv-lightning-tests
+LT_STAMP := $(LT_VENV)/.installed
+
+$(LT_STAMP): $(STAMP)
+	@test -x $(LT_VENV)/bin/python || $(PYTHON) -m venv $(LT_VENV)
+	$(LT_VENV)/bin/python -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(LT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(LT_VENV)/bin/python -m pip install -q -e . "lightning==$$($(BIN)/python -c 'import lightning; print(lightning.__version__)')" \
+	  pytest pytest-timeout cloudpickle scikit-learn pandas psutil tensorboard torchmetrics
+	@touch $(LT_STAMP)
+
+lightning-tests: $(LT_STAMP)
+	@test -d $(LIGHTNING_SRC)/tests/tests_pytorch || git clone -q --depth 1 --branch $(LIGHTNING_REF) \
+	  https://github.com/Lightning-AI/pytorch-lightning $(LIGHTNING_SRC)
+	$(LT_VENV)/bin/python clients/lightning_tests/run.py --src $(LIGHTNING_SRC)
 
 clean:
 	rm -rf $(VENV) recipe_runs lightning_logs .pytest_cache

@@ -266,7 +266,7 @@ def gather_point(trainer: Any, module: nn.Module, need: bool = True) -> bool:
     nbytes = full_nbytes(module, trainer)
     mb = nbytes / 2**20
     budget = copy_budget_mb()
-    free_mb = _free_device_mb(module)
+    free_mb = free_device_mb(module)
     if mb > budget or (free_mb is not None and mb > free_mb / 2):
         limit = budget if mb > budget else free_mb / 2
         _REFUSED[module] = (
@@ -374,7 +374,8 @@ def is_gathered(module: nn.Module) -> bool:
     return module in _GATHERED
 
 
-def _free_device_mb(module: nn.Module) -> float | None:
+def free_device_mb(module: nn.Module) -> float | None:
+    """Free memory in MB of the CUDA device holding ``module``'s parameters; ``None`` off CUDA."""
     p = next(iter(module.parameters()), None)
     if p is None or p.device.type != "cuda":
         return None

@@ -92,20 +92,9 @@ def plan(trainer: Any, module: nn.Module, copies: int) -> Plan:
             f"CheckpointEnsemble is off: {what}, beyond the {budget:.0f} MB allowed (set "
             f"{_sharded.ENV_BUDGET} to raise it, or lower num_snapshots)"
         )
-    free = _free_mb(module)
+    free = _sharded.free_device_mb(module)
     out.fits_free = free is None or need <= free / 2
     return out
-
-
-def _free_mb(module: nn.Module) -> float | None:
-    p = next(iter(module.parameters()), None)
-    if p is None or p.device.type != "cuda":
-        return None
-    try:
-        free, _ = torch.cuda.mem_get_info(p.device)
-    except RuntimeError:
-        return None
-    return free / MB
 
 
 def _summed(trainer: Any, values: Sequence[float]) -> tuple[Tensor, Tensor]:
