@@ -263,3 +263,62 @@ def test_a_split_made_inside_the_step_is_info_a_real_leak_warns(tmp_path, leaky)
         assert loud(check) == [] and [f.code for f in check.findings] == ["train-val-overlap"]
         assert check.figures["validation_targets_seen_in_training"] == 0.0
         assert "inside the step" in check.findings[0].message
+
+
+class MaskedNodes(L.LightningModule):
+    """Transductive node classification (PyG's Planetoid layout, without PyG): every batch is the
+    one graph, the loss reads the training nodes' predictions, validation the validation nodes'.
+    ``leaky`` validates on the training nodes (a real leak: the same samples, the same labels)."""
+
+    def __init__(self, leaky=False):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+        self.leaky = leaky
+
+    def training_step(self, batch, batch_idx):
+        out = self.net(batch["x"])
+        return torch.nn.functional.cross_entropy(out[batch["train_mask"]], batch["y"][batch["train_mask"]])
+
+    def validation_step(self, batch, batch_idx):
+        mask = batch["train_mask"] if self.leaky else batch["val_mask"]
+        out = self.net(batch["x"])
+        self.log("val_loss", torch.nn.functional.cross_entropy(out[mask], batch["y"][mask]))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class OneGraph(torch.utils.data.Dataset):
+    def __init__(self, n=300):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+        self.x = torch.randn(n, 16, generator=g) + torch.nn.functional.one_hot(self.y, 16).float()
+        perm = torch.randperm(n, generator=g)
+        self.train_mask = torch.zeros(n, dtype=torch.bool)
+        self.val_mask = torch.zeros(n, dtype=torch.bool)
+        self.train_mask[perm[:120]] = True
+        self.val_mask[perm[120:200]] = True
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return {"x": self.x, "y": self.y, "train_mask": self.train_mask, "val_mask": self.val_mask}
+
+
+@pytest.mark.parametrize("leaky", [False, True])
+def test_train_val_masks_over_one_graph_are_info_validating_on_training_nodes_warns(tmp_path, leaky):
+    def loader():
+        return DataLoader(OneGraph(), batch_size=None)
+
+    check = fit(tmp_path, MaskedNodes(leaky), loader(), loader(), max_epochs=3)
+    assert check.figures["fraction"] == 1.0  # the same nodes in both loaders
+    if leaky:
+        assert loud(check) == ["train-val-overlap"]
+        assert check.figures["validation_predictions_seen_in_training"] == 1.0
+    else:
+        assert loud(check) == [] and [f.code for f in check.findings] == ["train-val-overlap"]
+        assert check.figures["validation_predictions_seen_in_training"] == 0.0
+        assert (
+            "train/val masks" in check.findings[0].message and "80 predictions" in check.findings[0].message
+        )

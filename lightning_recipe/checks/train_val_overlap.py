@@ -388,6 +388,7 @@ class TrainValOverlapCheck(RecipeCallback):
             return None
         try:
             clone = copy_module(module, trainer)
+            clone.eval()  # both steps see the same forward pass (no dropout)
             with preserved_rng(), torch.no_grad():
                 seed_rngs(0)
                 train = capture_step(clone, "training_step", batch).main_call
@@ -397,12 +398,12 @@ class TrainValOverlapCheck(RecipeCallback):
             return None
         a = getattr(train, "target", None)
         b = getattr(val, "target", None)
-        if (
-            not (isinstance(a, Tensor) and isinstance(b, Tensor))
-            or not b.is_floating_point()
-            or b.numel() == 0
-        ):
-            return None  # class labels repeat by nature: the same labels say nothing
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or b.numel() == 0:
+            return None
+        if not b.is_floating_point():
+            # class labels repeat by nature: compare which samples' predictions each loss reads
+            # (one graph whose nodes are split by train/val masks reads disjoint rows)
+            return self._rows_apart(getattr(train, "input", None), getattr(val, "input", None))
         seen = torch.isin(b.detach().reshape(-1), a.detach().reshape(-1).to(b.device)).float().mean()
         share = float(seen)
         self.figures["validation_targets_seen_in_training"] = share
@@ -411,6 +412,26 @@ class TrainValOverlapCheck(RecipeCallback):
         return (
             f"on the same batch only {share:.0%} of the target values of the validation loss are "
             "among those of the training loss"
+        )
+
+    def _rows_apart(self, a: Any, b: Any) -> str | None:
+        """Why the validation loss reads other samples than the training loss, or ``None``: the
+        rows of the prediction that reach each loss (on the same batch, the same forward pass),
+        fingerprinted; continuous predictions of two different samples never coincide."""
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or not b.is_floating_point():
+            return None
+        if a.dim() == 0 or b.dim() == 0 or a.shape[1:] != b.shape[1:] or b.shape[0] == 0:
+            return None
+        fa = self.fingerprint(a.detach().reshape(a.shape[0], -1))
+        fb = self.fingerprint(b.detach().reshape(b.shape[0], -1).to(a.device))
+        share = float(torch.isin(fb, fa).float().mean())
+        self.figures["validation_predictions_seen_in_training"] = share
+        if share >= 0.5:
+            return None
+        return (
+            f"on the same batch only {share:.0%} of the {b.shape[0]} predictions the validation loss "
+            f"reads are among the {a.shape[0]} the training loss reads (the step selects its samples "
+            "itself, e.g. train/val masks over the nodes of one graph)"
         )
 
     # ------------------------------------------------------------------ resume

@@ -245,7 +245,10 @@ class FirstLayerFilterMonitor(RecipeCallback):
                 "image-shaped input; pass image_shape=(C, H, W) if the input is a flattened image"
             )
         else:
-            reason = "no Conv1d/Conv2d/Linear layer ran on the first training batch"
+            reason = (
+                "there is no Conv1d/Conv2d and no torch.nn.Linear ran on the first training batch, so "
+                "there is no image-shaped first layer to show"
+            )
         self.skip(trainer, reason, once=True)
 
     def _detach(self) -> None:
