@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 _LOG: dict[str, list[str]] = {"internal": [], "skipped": [], "raised": [], "trainers": []}
+_RESTORE: list[Any] = []
 
 
 def _enabled() -> bool:
@@ -50,6 +51,7 @@ def _patch() -> None:
 
     __init__.__wrapped__ = original_init  # type: ignore[attr-defined]
     trainer_mod.Trainer.__init__ = __init__  # type: ignore[method-assign]
+    _RESTORE.append(lambda: setattr(trainer_mod.Trainer, "__init__", original_init))
 
     original_report = RecipeCallback.report
 
@@ -62,11 +64,17 @@ def _patch() -> None:
         return original_report(self, trainer, code, *args, **kwargs)
 
     RecipeCallback.report = report  # type: ignore[method-assign]
+    _RESTORE.append(lambda: setattr(RecipeCallback, "report", original_report))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if _enabled():
         _patch()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _RESTORE:  # an in-process session (a test of this plugin) leaves the classes as they were
+        _RESTORE.pop()()
 
 
 @pytest.hookimpl(hookwrapper=True)
