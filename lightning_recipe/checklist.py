@@ -294,10 +294,16 @@ def _key_generic(fig: dict, found: list) -> tuple[str, float | None]:
     numeric figures."""
     worst = sorted(found, key=lambda f: -_SEVERITY_RANK.get(f.get("severity"), 0))
     for source in [*(f.get("evidence") or {} for f in worst if f.get("code") not in META_CODES), fig]:
-        pairs = [(k, v) for k, v in source.items() if _num(v) is not None and k not in ("step", "epoch")]
+        pairs = [(k, v) for k, v in source.items() if _num(v) is not None and k not in _NOT_KEY]
         if pairs:
             return ", ".join(f"{k} {fmt(v)}" for k, v in pairs[:3]), _num(pairs[0][1])
-    return "", None
+    # nothing measured in numbers: what the diagnostic says about this model (why it does not apply)
+    words = [v for k, v in fig.items() if isinstance(v, str) and v and k != "skipped"]
+    return (words[0], None) if words else ("", None)
+
+
+#: figures that are no key number (bookkeeping)
+_NOT_KEY = ("step", "epoch", "seconds")
 
 
 _SEVERITY_RANK = {"info": 0, "warning": 1, "error": 2}

@@ -125,6 +125,18 @@ def test_unknown_callback_without_findings_is_placed_by_its_name_and_numbers():
     assert stage_of_code("update-ratio-high") == "tune"
 
 
+def test_a_diagnostic_that_measured_no_number_shows_what_it_says_instead_of_its_timing():
+    # a check that does not apply to this model (an image input for a table check) keeps only a
+    # sentence and its timing: the sentence is the key, never "seconds 0.0045"
+    figures = {
+        "TargetInInputCheck": {"note": "input of shape (64, 1, 8, 8) is not a table of features: not judged"},
+        "FutureLeakCheck": {"aligned": "no sequence input", "seconds": 0.0045},
+    }
+    rows = {r.name: r for r in build(report([], figures)).rows}
+    assert rows["TargetInInputCheck"].key.startswith("input of shape (64, 1, 8, 8) is not a table")
+    assert rows["FutureLeakCheck"].key == "no sequence input"
+
+
 def test_internal_error_and_broken_figures_never_break_the_checklist():
     r = report(
         [finding("internal-error", "info", "GradientMonitor", "GradientMonitor failed: boom")],
