@@ -46,6 +46,8 @@ import lightning_recipe as lr
 from lightning_recipe.suite import SUITE
 
 LOG_EVERY = 50
+#: where the benchmark trains (``--accelerator``)
+ACCELERATOR = "cpu"
 
 
 class Block(nn.Module):
@@ -144,7 +146,7 @@ def run(kind: str, callbacks: list[Callback], steps: int, logdir: Path) -> dict[
     train, val = data(steps)
     trainer = L.Trainer(
         max_steps=steps,
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=1,
         logger=TensorBoardLogger(str(logdir), name=kind),
         callbacks=[clock, *callbacks],
@@ -244,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=201)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where to train")
     parser.add_argument("--only", nargs="*", help="callback names (suite.SUITE) to measure besides plain")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--logdir", type=Path, default=Path("/tmp/lightning_recipe_bench"))
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
+    global ACCELERATOR
+    ACCELERATOR = args.accelerator
     if args.sequence:
         seq = sequence_one_shot(args.repeats)
         if args.json:
