@@ -19,6 +19,9 @@ from lightning_recipe.findings import Severity
 from lightning_recipe.monitors._ride_along import StepCapture, batch_indices, planned_steps
 
 TAG = "recipe/label_noise"
+#: captured steps a warning needs: the pair must stay split over several late steps, not in one
+#: or two snapshots of a short run (docs/thresholds.md#label-noise)
+MIN_CAPTURES = 4
 #: rows kept per captured step as candidate examples (the most confidently "other" ones)
 _PER_STEP = 8
 #: images in the grid are shrunk to at most this side
@@ -294,9 +297,20 @@ class LabelNoiseMonitor(RecipeCallback):
             return False
         self.figures.update(stats)
         self._verdict = stats
-        return (
+        confused = (
             stats["pair_confusion"] >= self.min_pair_confusion and stats["pair_excess"] >= self.min_pair_share
         )
+        if confused and self._steps_seen < MIN_CAPTURES:
+            # a snapshot of a short run: a pair still being learned looks the same (a healthy CNN
+            # 10 steps into an 18-step run: 0.34); the finding needs a pair that stays split
+            i, j = stats["pair"]
+            self.figures["note"] = (
+                f"classes {i} and {j} confused ({stats['pair_confusion']:.0%} of the pair's probability on "
+                f"the other) on only {self._steps_seen} step(s) captured late in training, fewer than "
+                f"{MIN_CAPTURES}: too early to tell label noise from a pair still being learned"
+            )
+            return False
+        return confused
 
     def _report(self, trainer: Any) -> None:
         s = self._verdict
@@ -430,6 +444,9 @@ def pair_statistics(
     best.pop("_key")
     diag = torch.diagonal(m)[valid]
     best["mean_true_class_prob"] = float(diag.mean())
+    others = [float(m[k, k]) for k in valid if k not in best["pair"]]
+    # how well the classes outside the pair are learned (the flip bug: everything but the pair)
+    best["others_true_class_prob"] = sum(others) / len(others) if others else None
     return best if math.isfinite(best["pair_confusion"]) else None
 
 
