@@ -13,19 +13,20 @@ ensemble added at its peak), and the wall time.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
-from torch import nn
+from sharded_memory import Net as ShardedNet
+from sharded_memory import peak_mb
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_recipe import _sharded
@@ -35,33 +36,8 @@ MB = 2**20
 VERDICT_KEYS = ("single_loss", "snapshot_ensemble_loss", "averaged_loss")
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class Net(L.LightningModule):
-    def __init__(self, hidden: int, layers: int, shard: bool = True) -> None:
-        super().__init__()
-        self.shard = shard
-        blocks: list[nn.Module] = [nn.Linear(16, hidden), nn.ReLU()]
-        for _ in range(layers):
-            blocks += [nn.Linear(hidden, hidden), nn.ReLU()]
-        self.net = nn.Sequential(*blocks, nn.Linear(hidden, 4))
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        if not self.shard:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for m in self.net:
-            if isinstance(m, nn.Linear):
-                fully_shard(m, mesh=mesh)
-        fully_shard(self, mesh=mesh)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self.net(x), y)
+class Net(ShardedNet):
+    """``sharded_memory.Net`` with a validation step (the ensemble is evaluated on it) and SGD."""
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

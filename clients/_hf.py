@@ -59,3 +59,22 @@ class DictDataset:
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[i] for k, v in self.columns.items()}
+
+
+def train(
+    recipe: Any, model: Any, columns: dict, lr: float = 1e-3, epochs: int = 3, n_train: int = 320
+) -> None:
+    """Fit ``model`` (a Hugging Face model) the way the tutorials do, through :func:`module`, on
+    ``columns`` (tensors with one row per sample): the first ``n_train`` rows train, the rest
+    validate, batches of 32, ``epochs`` epochs with the suite ``recipe(monitor="val_loss")``."""
+    import _harness
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    train_set = DictDataset({k: v[:n_train] for k, v in columns.items()})
+    val_set = DictDataset({k: v[n_train:] for k, v in columns.items()})
+    net = module(model, lr=lr, warmup=3, total=epochs * 6)
+    trainer = pl.Trainer(
+        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
+    )
+    trainer.fit(net, DataLoader(train_set, batch_size=32, shuffle=True), DataLoader(val_set, batch_size=32))

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import _harness
 
+CLASSES, DIM = 8, 16
 
-def fit(recipe):
+
+def fit_with(recipe, make_loss, make_miner=None):
+    """An embedding MLP trained with ``make_loss()`` (and, if given, the pairs ``make_miner()``
+    mines) in a LightningModule as the library's docs combine them, on Gaussian clusters."""
     import lightning.pytorch as pl
     import torch
-    from pytorch_metric_learning import distances, losses, miners, reducers
     from torch.utils.data import DataLoader, TensorDataset
 
     pl.seed_everything(0)
     g = torch.Generator().manual_seed(0)
-    classes, per, dim = 8, 48, 16
-    centers = 3 * torch.randn(classes, dim, generator=g)
-    y = torch.arange(classes).repeat_interleave(per)
-    x = centers[y] + torch.randn(len(y), dim, generator=g)
+    centers = 3 * torch.randn(CLASSES, DIM, generator=g)
+    y = torch.arange(CLASSES).repeat_interleave(48)
+    x = centers[y] + torch.randn(len(y), DIM, generator=g)
     x = (x - x.mean(0)) / x.std(0)  # standardised features, as a user would feed them
     perm = torch.randperm(len(y), generator=g)
     x, y = x[perm], y[perm]
@@ -28,11 +30,9 @@ def fit(recipe):
     class Embedder(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
-            distance = distances.CosineSimilarity()
-            reducer = reducers.ThresholdReducer(low=0)
-            self.loss_func = losses.TripletMarginLoss(margin=0.2, distance=distance, reducer=reducer)
-            self.miner = miners.MultiSimilarityMiner(epsilon=0.2)
+            self.net = torch.nn.Sequential(torch.nn.Linear(DIM, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+            self.loss_func = make_loss()  # a submodule: a loss with parameters trains with the model
+            self.miner = make_miner() if make_miner is not None else None
 
         def forward(self, x):
             return self.net(x)
@@ -40,8 +40,10 @@ def fit(recipe):
         def training_step(self, batch, batch_idx):
             data, labels = batch
             embeddings = self(data)
-            indices_tuple = self.miner(embeddings, labels)
-            loss = self.loss_func(embeddings, labels, indices_tuple)
+            if self.miner is not None:
+                loss = self.loss_func(embeddings, labels, self.miner(embeddings, labels))
+            else:
+                loss = self.loss_func(embeddings, labels)
             self.log("train_loss", loss)
             return loss
 
@@ -56,6 +58,18 @@ def fit(recipe):
         **_harness.trainer_kwargs(_harness.workdir(), max_epochs=3), callbacks=recipe(monitor="val_loss")
     )
     trainer.fit(Embedder(), DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+
+
+def fit(recipe):
+    from pytorch_metric_learning import distances, losses, miners, reducers
+
+    fit_with(
+        recipe,
+        lambda: losses.TripletMarginLoss(
+            margin=0.2, distance=distances.CosineSimilarity(), reducer=reducers.ThresholdReducer(low=0)
+        ),
+        lambda: miners.MultiSimilarityMiner(epsilon=0.2),
+    )
 
 
 if __name__ == "__main__":

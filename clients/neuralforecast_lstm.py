@@ -6,52 +6,20 @@ series in the library's long format (``unique_id``, ``ds``, ``y``), as its docs 
 from __future__ import annotations
 
 import _harness
-
-
-def frame():
-    import numpy as np
-    import pandas as pd
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for uid in range(8):
-        t = np.arange(120)
-        y = 10 + uid + 3 * np.sin(2 * np.pi * t / 12 + uid) + 0.05 * t + rng.normal(0, 0.3, len(t))
-        rows.append(pd.DataFrame({"unique_id": f"s{uid}", "ds": t, "y": y}))
-    return pd.concat(rows, ignore_index=True)
+from neuralforecast_nhits import fit_model
 
 
 def fit(recipe):
-    from neuralforecast import NeuralForecast
     from neuralforecast.losses.pytorch import DistributionLoss
     from neuralforecast.models import LSTM
 
-    root = _harness.workdir()
-    model = LSTM(
-        h=12,
-        input_size=24,
-        max_steps=30,
-        val_check_steps=10,
-        batch_size=8,
+    return fit_model(
+        recipe,
+        LSTM,
         encoder_hidden_size=32,
         decoder_hidden_size=32,
         loss=DistributionLoss(distribution="Normal", level=[80]),
-        random_seed=0,
-        scaler_type="standard",
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        log_every_n_steps=1,
-        callbacks=recipe(monitor="valid_loss"),
     )
-    nf = NeuralForecast(models=[model], freq=1)
-    nf.fit(df=frame(), val_size=24)
-    # NeuralForecast.fit trains deep copies of the models (and so of their callbacks): the
-    # findings are on the copies
-    return nf.models[0].trainer_kwargs["callbacks"]
 
 
 if __name__ == "__main__":

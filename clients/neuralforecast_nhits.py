@@ -21,19 +21,17 @@ def frame():
     return pd.concat(rows, ignore_index=True)
 
 
-def fit(recipe):
+def fit_model(recipe, model_cls, **model_kwargs):
+    """Train ``model_cls(**model_kwargs)`` through ``NeuralForecast.fit`` on :func:`frame` with the
+    suite, the Trainer arguments passed as the model's keyword arguments (the library's way)."""
     from neuralforecast import NeuralForecast
-    from neuralforecast.models import NHITS
 
-    root = _harness.workdir()
-    model = NHITS(
+    model = model_cls(
         h=12,
         input_size=24,
         max_steps=30,
         val_check_steps=10,
         batch_size=8,
-        windows_batch_size=64,
-        mlp_units=[[32, 32]] * 3,
         random_seed=0,
         scaler_type="standard",
         accelerator="cpu",
@@ -41,15 +39,22 @@ def fit(recipe):
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        default_root_dir=root,
+        default_root_dir=_harness.workdir(),
         log_every_n_steps=1,
         callbacks=recipe(monitor="valid_loss"),
+        **model_kwargs,
     )
     nf = NeuralForecast(models=[model], freq=1)
     nf.fit(df=frame(), val_size=24)
     # NeuralForecast.fit trains deep copies of the models (and so of their callbacks): the
     # findings are on the copies
     return nf.models[0].trainer_kwargs["callbacks"]
+
+
+def fit(recipe):
+    from neuralforecast.models import NHITS
+
+    return fit_model(recipe, NHITS, windows_batch_size=64, mlp_units=[[32, 32]] * 3)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import _harness
 
 
-def frame():
+def frame(task: str = "classification"):
     import numpy as np
     import pandas as pd
 
@@ -23,16 +23,18 @@ def frame():
         }
     )
     logit = 0.08 * (df.age - 40) + 1.5 * df.score + (df.city == "a") * 1.0 - (df.plan == "pro") * 0.8
-    df["target"] = (logit + rng.normal(0, 0.5, n) > 0).astype(int)
+    noise = rng.normal(0, 0.5, n)
+    df["target"] = (logit + noise > 0).astype(int) if task == "classification" else 3.0 * logit + 20.0 + noise
     return df
 
 
-def fit(recipe):
+def fit_model(recipe, model_config, task: str):
+    """Train ``model_config`` through ``TabularModel.fit`` on :func:`frame` with the suite, as the
+    library's quick-start configures data, trainer and optimizer."""
     from pytorch_tabular import TabularModel
     from pytorch_tabular.config import DataConfig, OptimizerConfig, TrainerConfig
-    from pytorch_tabular.models import CategoryEmbeddingModelConfig
 
-    df = frame()
+    df = frame(task)
     train, val = df.iloc[:384], df.iloc[384:]
     data_config = DataConfig(
         target=["target"], continuous_cols=["age", "income", "score"], categorical_cols=["city", "plan"]
@@ -48,7 +50,6 @@ def fit(recipe):
         seed=0,
         trainer_kwargs={"enable_model_summary": False, "log_every_n_steps": 1},
     )
-    model_config = CategoryEmbeddingModelConfig(task="classification", layers="32-16", learning_rate=1e-3)
     tabular_model = TabularModel(
         data_config=data_config,
         model_config=model_config,
@@ -57,6 +58,13 @@ def fit(recipe):
         verbose=False,
     )
     tabular_model.fit(train=train, validation=val, callbacks=recipe(monitor="valid_loss"))
+
+
+def fit(recipe):
+    from pytorch_tabular.models import CategoryEmbeddingModelConfig
+
+    config = CategoryEmbeddingModelConfig(task="classification", layers="32-16", learning_rate=1e-3)
+    fit_model(recipe, config, "classification")
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@ inside ``forward``: ``outputs.loss``), in a LightningModule, on synthetic token 
 from __future__ import annotations
 
 import _harness
-from _hf import DictDataset, module
+from _hf import train
 
 
 def fit(recipe):
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForSequenceClassification
 
     pl.seed_everything(0)
@@ -26,8 +25,6 @@ def fit(recipe):
     mask = (torch.arange(length)[None] < lengths[:, None]).long()
     ids = ids * mask
     cols = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    train = DictDataset({k: v[:320] for k, v in cols.items()})
-    val = DictDataset({k: v[320:] for k, v in cols.items()})
     config = BertConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -38,12 +35,7 @@ def fit(recipe):
         num_labels=2,
     )
     model = BertForSequenceClassification(config)
-    epochs = 3
-    net = module(model, lr=1e-3, warmup=3, total=epochs * 6)
-    trainer = pl.Trainer(
-        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
-    )
-    trainer.fit(net, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    train(recipe, model, cols, lr=1e-3)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ on synthetic sequences with a learnable pattern."""
 from __future__ import annotations
 
 import _harness
-from _hf import DictDataset, module
+from _hf import train
 
 
 def fit(recipe):
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
     from transformers import GPT2Config, GPT2LMHeadModel
 
     pl.seed_everything(0)
@@ -21,16 +20,9 @@ def fit(recipe):
     step = torch.randint(1, 4, (n, 1), generator=g)
     ids = (start + step * torch.arange(length)[None]) % vocab  # arithmetic progressions
     cols = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-    train = DictDataset({k: v[:320] for k, v in cols.items()})
-    val = DictDataset({k: v[320:] for k, v in cols.items()})
     config = GPT2Config(vocab_size=vocab, n_positions=length, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)
-    epochs = 3
-    net = module(model, lr=2e-3, warmup=3, total=epochs * 6)
-    trainer = pl.Trainer(
-        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
-    )
-    trainer.fit(net, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    train(recipe, model, cols, lr=2e-3)
 
 
 if __name__ == "__main__":

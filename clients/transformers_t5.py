@@ -5,13 +5,12 @@ on a synthetic copy-and-reverse task."""
 from __future__ import annotations
 
 import _harness
-from _hf import DictDataset, module
+from _hf import train
 
 
 def fit(recipe):
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
     from transformers import T5Config, T5ForConditionalGeneration
 
     pl.seed_everything(0)
@@ -24,8 +23,6 @@ def fit(recipe):
     ids = ids * mask
     labels = labels.masked_fill(mask.flip(1) == 0, -100)
     cols = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    train = DictDataset({k: v[:320] for k, v in cols.items()})
-    val = DictDataset({k: v[320:] for k, v in cols.items()})
     config = T5Config(
         vocab_size=vocab,
         d_model=32,
@@ -37,12 +34,7 @@ def fit(recipe):
         decoder_start_token_id=0,
         pad_token_id=0,
     )
-    epochs = 3
-    net = module(T5ForConditionalGeneration(config), lr=1e-3, warmup=3, total=epochs * 6)
-    trainer = pl.Trainer(
-        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
-    )
-    trainer.fit(net, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    train(recipe, T5ForConditionalGeneration(config), cols, lr=1e-3)
 
 
 if __name__ == "__main__":

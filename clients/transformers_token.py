@@ -4,13 +4,12 @@ token, -100 on padding and special tokens, loss inside ``forward``), on syntheti
 from __future__ import annotations
 
 import _harness
-from _hf import DictDataset, module
+from _hf import train
 
 
 def fit(recipe):
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
     from transformers import BertConfig, BertForTokenClassification
 
     pl.seed_everything(0)
@@ -25,8 +24,6 @@ def fit(recipe):
     ids = ids * mask
     labels = labels.masked_fill(mask == 0, -100)
     cols = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    train = DictDataset({k: v[:320] for k, v in cols.items()})
-    val = DictDataset({k: v[320:] for k, v in cols.items()})
     config = BertConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -36,12 +33,7 @@ def fit(recipe):
         max_position_embeddings=64,
         num_labels=tags,
     )
-    epochs = 3
-    net = module(BertForTokenClassification(config), lr=1e-3, warmup=3, total=epochs * 6)
-    trainer = pl.Trainer(
-        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
-    )
-    trainer.fit(net, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    train(recipe, BertForTokenClassification(config), cols, lr=1e-3)
 
 
 if __name__ == "__main__":

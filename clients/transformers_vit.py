@@ -5,13 +5,12 @@ strided Conv2d, ``pixel_values`` / ``labels`` dict batches, ``outputs.loss``), o
 from __future__ import annotations
 
 import _harness
-from _hf import DictDataset, module
+from _hf import train
 
 
 def fit(recipe):
     import lightning.pytorch as pl
     import torch
-    from torch.utils.data import DataLoader
     from transformers import ViTConfig, ViTForImageClassification
 
     pl.seed_everything(0)
@@ -23,8 +22,6 @@ def fit(recipe):
         r, c = divmod(k, 2)
         x[labels == k, :, r * 8 : r * 8 + 8, c * 8 : c * 8 + 8] += 1.0
     cols = {"pixel_values": x, "labels": labels}
-    train = DictDataset({k: v[:320] for k, v in cols.items()})
-    val = DictDataset({k: v[320:] for k, v in cols.items()})
     config = ViTConfig(
         image_size=16,
         patch_size=4,
@@ -35,12 +32,7 @@ def fit(recipe):
         intermediate_size=64,
         num_labels=4,
     )
-    epochs = 3
-    net = module(ViTForImageClassification(config), lr=1e-3, warmup=3, total=epochs * 6)
-    trainer = pl.Trainer(
-        **_harness.trainer_kwargs(_harness.workdir(), max_epochs=epochs), callbacks=recipe(monitor="val_loss")
-    )
-    trainer.fit(net, DataLoader(train, batch_size=32, shuffle=True), DataLoader(val, batch_size=32))
+    train(recipe, ViTForImageClassification(config), cols, lr=1e-3)
 
 
 if __name__ == "__main__":

@@ -299,7 +299,8 @@ def _key_generic(fig: dict, found: list) -> tuple[str, float | None]:
             return ", ".join(f"{k} {fmt(v)}" for k, v in pairs[:3]), _num(pairs[0][1])
     # nothing measured in numbers: what the diagnostic says about this model (why it does not apply)
     words = [v for k, v in fig.items() if isinstance(v, str) and v and k != "skipped"]
-    return (words[0], None) if words else ("", None)
+    note = fig.get("note")
+    return (note if isinstance(note, str) and note else words[0] if words else ""), None
 
 
 #: figures that are no key number (bookkeeping)

@@ -197,17 +197,19 @@ def test_our_own_hook_failing_inside_the_step_is_still_an_internal_error(tmp_pat
 
 
 def test_detect_anomaly_runs_the_probes_without_anomaly_mode(tmp_path):
-    # Trainer(detect_anomaly=True) makes NaN gradients raise in the run's own backward; the probes'
-    # backward on copies measures them instead of failing internally
-    class NanAfterInit(Base):
+    # Trainer(detect_anomaly=True) makes NaN gradients raise in the run's own backward (the fit
+    # stops there, as the user asked); the probes' backward on copies, which runs first, measures
+    # them instead of failing internally (the conftest fails the test on an internal error)
+    class NanLoss(Base):
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self(x), y) * (float("nan") if self.global_step > 0 else 1.0)
+            return F.cross_entropy(self(x), y) * torch.tensor(float("nan"))
 
     x, y = blobs()
     callbacks = lr.recipe_callbacks(print_report=False)
     t = trainer(tmp_path, callbacks, max_steps=1, detect_anomaly=True)
-    t.fit(NanAfterInit(), *loaders(x, y))
+    with pytest.raises(RuntimeError, match="returned nan values"):
+        t.fit(NanLoss(), *loaders(x, y))
     assert not torch.is_anomaly_enabled()
     figures = {type(cb).__name__: cb.figures for cb in callbacks}
     assert figures["RegularizationCheck"] and figures["GradientCheck"]

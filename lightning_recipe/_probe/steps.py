@@ -52,7 +52,7 @@ def user_call(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep  # not torchmetrics, torch_geometric
 #: our frames that only hand a call on (the loss capture's torch-function mode): an error raised
 #: below them is the call's own
 _PASS_THROUGH = frozenset({"__torch_function__", "__torch_dispatch__"})
